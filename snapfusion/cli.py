@@ -1,0 +1,247 @@
+"""The ``snapfusion`` command. Each sub-command parses typed options, builds a config and calls one library function.
+
+Errors a user can cause (``SnapFusionError``) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EMBEDDED = Path(__file__).parent / "assets" / "models"
+DEFAULT_MODELS = ("snapfusion", "base")  # the first one shipped is the default
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from snapfusion.errors import SnapFusionError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SnapFusionError("--device cuda was asked for, but no CUDA device is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise SnapFusionError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return name
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def resolve_model(name: str | None, *, device: str = "cpu"):
+    """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
+    from snapfusion.errors import WeightsError
+    from snapfusion.pipeline import INDEX, Pipeline
+    from snapfusion.sd15 import load_sd
+
+    if name is None:
+        shipped = [m for m in DEFAULT_MODELS if (EMBEDDED / m / INDEX).is_file()]
+        if not shipped:
+            raise WeightsError(f"no embedded model found under {EMBEDDED} (the package is incomplete)")
+        name = shipped[0]
+    if name in DEFAULT_MODELS:
+        folder = EMBEDDED / name
+        if not (folder / INDEX).is_file():
+            raise WeightsError(f"embedded model '{name}' is not shipped in this version ({folder})")
+        return Pipeline.load(folder, device=device)
+    path = Path(name)
+    if not path.exists():
+        raise WeightsError(f"model not found: {path} (expected 'base', 'snapfusion' or a path)")
+    if (path / INDEX).is_file() and json.loads((path / INDEX).read_text()).get("kind") == "pipeline":
+        return Pipeline.load(path, device=device)
+    return load_sd(path, device=device)
+
+
+# ---- generate ------------------------------------------------------------------------------------------------
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from snapfusion.pipeline import Timings, image_grid, to_pil
+
+    torch.set_grad_enabled(False)
+    device = _device(a.device)
+    pipe = resolve_model(a.model, device=device)
+    if a.dtype != "fp32":
+        pipe.to(device, _dtype(a.dtype))
+    prompts = [a.prompt] * a.num_images
+    seeds = [a.seed + i for i in range(a.num_images)]
+    steps = a.steps or pipe.config.steps
+    timings = Timings()
+    with tqdm(total=steps, desc="denoising", disable=a.quiet) as bar:
+        images = pipe.generate(prompts, seeds, steps=steps, guidance=a.guidance, sampler=a.sampler,
+                               height=a.height or a.size, width=a.width or a.size,
+                               negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
+                               timings=timings)
+    pics = to_pil(images)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(pics) == 1:
+        pics[0].save(out)
+    else:
+        image_grid(pics).save(out)
+    t = timings.as_dict()
+    print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {a.guidance if a.guidance is not None else pipe.config.guidance}, "
+          f"seed {a.seed}) in {t['total']:.2f} s: text {t['text_encoder']:.2f} s, "
+          f"UNet {t['unet_total']:.2f} s ({t['unet_per_step'] * 1000:.0f} ms/step), decoder {t['decoder']:.2f} s")
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+def _loop_cfg(a: argparse.Namespace):
+    from snapfusion.train.loop import loop_config
+
+    return loop_config(run_dir=a.run_dir, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
+                       warmup_steps=a.warmup_steps, ema_decay=a.ema_decay, mixed_precision=a.mixed_precision,
+                       log_every=a.log_every, sample_every=a.sample_every, checkpoint_every=a.checkpoint_every,
+                       max_minutes=a.max_minutes, seed=a.seed, num_workers=a.num_workers)
+
+
+def _data_cfg(a: argparse.Namespace):
+    from snapfusion.data import SceneConfig
+
+    return SceneConfig(num_emoji=a.num_emoji)
+
+
+def cmd_train_autoencoder(a: argparse.Namespace) -> None:
+    from snapfusion.train.stages import train_autoencoder
+    from snapfusion.train.tasks import AutoencoderTaskConfig
+
+    train_autoencoder(_loop_cfg(a), AutoencoderTaskConfig(data=_data_cfg(a)), resume=a.resume)
+
+
+def cmd_train_text(a: argparse.Namespace) -> None:
+    from snapfusion.train.stages import train_text
+    from snapfusion.train.tasks import TextTaskConfig
+
+    train_text(_loop_cfg(a), TextTaskConfig(data=_data_cfg(a)), resume=a.resume)
+
+
+def cmd_train_unet(a: argparse.Namespace) -> None:
+    from snapfusion.models.presets import base_unet
+    from snapfusion.train.stages import train_unet
+    from snapfusion.train.tasks import UNetTaskConfig
+
+    cfg = UNetTaskConfig(model=base_unet(), vae=a.vae, text_encoder=a.text_encoder, image_size=a.image_size,
+                         data=_data_cfg(a))
+    train_unet(_loop_cfg(a), cfg, resume=a.resume)
+
+
+def cmd_assemble(a: argparse.Namespace) -> None:
+    from snapfusion.train.stages import assemble_pipeline
+
+    out = assemble_pipeline(a.text_encoder, a.vae, a.unet, a.out, name=a.name, with_encoder=a.with_encoder)
+    print(f"wrote pipeline {out}")
+
+
+def cmd_convert_sd(a: argparse.Namespace) -> None:
+    import torch
+
+    from snapfusion.sd15 import load_sd
+
+    pipe = load_sd(a.path)
+    pipe.save(a.out, dtype=torch.float16 if a.fp16 else None)
+    print(f"wrote {a.out}")
+
+
+# ---- argument parsing ----------------------------------------------------------------------------------------
+
+def _add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("--run-dir", required=True, help="checkpoints, logs and samples go here")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
+    p.add_argument("--max-steps", type=int, default=steps, help="total optimizer steps (default %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop cleanly with a checkpoint after this long")
+    p.add_argument("--batch-size", type=int, default=batch, help="per process (default %(default)s)")
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--num-emoji", type=int, default=None, help="train on the first N atlas emoji (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snapfusion", description="SnapFusion: fast text-to-image diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text -> PNG with the embedded model or a local SD-v1.5",
+                       epilog='example: snapfusion generate "a red apple left of a cat on a blue background"')
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="'base', 'snapfusion', a pipeline folder, a diffusers SD folder "
+                   "or an SD .safetensors file (default: the embedded model)")
+    g.add_argument("--out", default="snapfusion.png", help="output PNG (a grid if --num-images > 1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--steps", type=int, default=None, help="default: the model's")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
+    g.add_argument("--size", type=int, default=None, help="square image side in pixels (default: the model's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes")
+    _add_train_options(t, steps=6000, batch=32, lr=2e-4)
+    t.set_defaults(func=cmd_train_autoencoder)
+    t = sub.add_parser("train-text", help="pretrain the CLIP text tower contrastively (then it stays frozen)")
+    _add_train_options(t, steps=4000, batch=256, lr=5e-4)
+    t.set_defaults(func=cmd_train_text)
+    t = sub.add_parser("train-unet", help="train the eps-prediction UNet (frozen text tower and autoencoder)")
+    _add_train_options(t, steps=40000, batch=64, lr=2e-4)
+    t.add_argument("--vae", required=True, help="folder of the trained autoencoder (its final/ export)")
+    t.add_argument("--text-encoder", required=True, help="folder of the trained text encoder")
+    t.add_argument("--image-size", type=int, default=512)
+    t.set_defaults(func=cmd_train_unet)
+
+    s = sub.add_parser("assemble", help="put trained parts together into a pipeline folder (fp16)")
+    s.add_argument("--text-encoder", required=True)
+    s.add_argument("--vae", required=True)
+    s.add_argument("--unet", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--name", default="base")
+    s.add_argument("--with-encoder", action="store_true", help="also ship the VAE encoder")
+    s.set_defaults(func=cmd_assemble)
+
+    c = sub.add_parser("convert-sd", help="convert a local SD-v1.x (diffusers folder or .safetensors) to our format")
+    c.add_argument("path")
+    c.add_argument("--out", required=True)
+    c.add_argument("--fp16", action="store_true")
+    c.set_defaults(func=cmd_convert_sd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from snapfusion.errors import SnapFusionError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SnapFusionError as err:
+        print(f"snapfusion: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("snapfusion: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""CLIP text side of SD-v1.5: the BPE tokenizer (vocabulary shipped in snapfusion/assets/tokenizer) and the
+text tower (transformers' ``CLIPTextModel``, built from a config, never from a hub).
+
+The encoder's output is ``last_hidden_state`` (B, 77, D), the cross-attention context SD-v1.5 uses. Its state-dict
+names are transformers' ``CLIPTextModel`` names (``text_model.encoder.layers.0.self_attn.q_proj.weight`` ...), so
+a diffusers/transformers ``text_encoder/`` folder loads without renaming.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from snapfusion.config import load_json
+from snapfusion.errors import ConfigError, WeightsError
+from snapfusion.weights import WEIGHTS_STEM, load_into, load_safetensors, read_config, resolve_weights, save_pretrained
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77  # CLIP's context length
+POSITION_IDS_KEY = "text_model.embeddings.position_ids"  # a buffer some files hold and others do not
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer: prompts -> LongTensor (B, 77) = [BOS, tokens..., EOS, EOS-padding] (SD-v1.5)."""
+
+    def __init__(self, folder: str | os.PathLike = TOKENIZER_DIR, *, max_length: int = MAX_LENGTH):
+        from tokenizers import Regex, Tokenizer as _Backend, decoders, normalizers, pre_tokenizers, processors
+        from tokenizers.models import BPE
+
+        folder = Path(folder)
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        for path in (vocab, merges):
+            if not path.is_file():
+                raise WeightsError(f"tokenizer file not found: {path}")
+        self.max_length = max_length
+        # CLIP byte-level BPE: words end in "</w>", no continuation prefix; unknown symbols map to EOS.
+        bpe = BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            unk_token=EOS, fuse_unk=False)
+        backend = _Backend(bpe)
+        # CLIP's cleaning: collapse whitespace, lower-case (NFC stands in for ftfy's fix_text).
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # CLIP's word pattern (simple_tokenizer.py), then bytes -> printable unicode symbols.
+        words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([BOS, EOS])
+        self.bos_id, self.eos_id = backend.token_to_id(BOS), backend.token_to_id(EOS)
+        if (self.bos_id, self.eos_id) != (49406, 49407):
+            raise WeightsError(f"{vocab}: expected {BOS}=49406 and {EOS}=49407, got {self.bos_id}, {self.eos_id}")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, self.bos_id), (EOS, self.eos_id)])
+        backend.enable_truncation(max_length=max_length)  # keeps BOS and EOS, drops tokens past 75
+        backend.enable_padding(length=max_length, pad_id=self.eos_id, pad_token=EOS)  # SD-v1.5 pads with EOS
+        self.backend = backend
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids (B, max_length) for one prompt or a list of prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        encodings = self.backend.encode_batch(prompts)
+        return torch.tensor([e.ids for e in encodings], dtype=torch.long)  # (B, 77)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a token-id row, special tokens dropped (for logs and tests)."""
+        return self.backend.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The fields of transformers' ``CLIPTextConfig`` that define the text tower."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_positions: int = MAX_LENGTH
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    projection_dim: int = 768  # CLIPTextModelWithProjection only; kept so the config round-trips
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"TextEncoderConfig: hidden_size {self.hidden_size} not divisible by "
+                              f"num_heads {self.num_heads}")
+        if self.vocab_size < 49408:
+            raise ConfigError(f"TextEncoderConfig: vocab_size {self.vocab_size} < 49408 cannot hold CLIP's tokens")
+
+    @classmethod
+    def sd15(cls) -> "TextEncoderConfig":
+        """CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14), SD-v1.5's text encoder: 123M parameters."""
+        return cls()
+
+    @classmethod
+    def small(cls) -> "TextEncoderConfig":
+        """A small tower for our own domain model: width 256, 4 layers, same tokenizer."""
+        return cls(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, projection_dim=256)
+
+    @classmethod
+    def tiny(cls) -> "TextEncoderConfig":
+        """A toy tower for tests (the token embedding still covers all 49,408 tokens)."""
+        return cls(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, projection_dim=32)
+
+
+def clip_text_config(cfg: TextEncoderConfig):
+    """transformers ``CLIPTextConfig`` for ``cfg`` (token ids left at defaults: they only affect the pooled output)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        projection_dim=cfg.projection_dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions, hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps)
+
+
+def config_from_transformers(data: dict, *, where: str = "text_encoder/config.json") -> TextEncoderConfig:
+    """Our config from a transformers ``CLIPTextModel`` config.json dict."""
+    if data.get("model_type", "clip_text_model") != "clip_text_model":
+        raise ConfigError(f"{where}: expected model_type 'clip_text_model', got {data.get('model_type')!r}")
+    names = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+             "num_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
+             "max_positions": "max_position_embeddings", "hidden_act": "hidden_act",
+             "projection_dim": "projection_dim", "layer_norm_eps": "layer_norm_eps"}
+    missing = [theirs for theirs in names.values() if theirs not in data and theirs != "layer_norm_eps"]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    from snapfusion.config import from_dict
+
+    return from_dict(TextEncoderConfig, {ours: data[theirs] for ours, theirs in names.items() if theirs in data},
+                     where=where)
+
+
+class TextEncoder(nn.Module):
+    """Token ids (B, 77) -> last_hidden_state (B, 77, D), the context of SD's cross-attention."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.config = config
+        # keys text_model.embeddings.*, text_model.encoder.layers.*: the names in CLIPTextModel files on disk
+        self.text_model = CLIPTextModel(clip_text_config(config))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model(input_ids=input_ids).last_hidden_state  # (B, 77, D)
+
+
+KIND = "text-encoder"
+
+
+def save_text_encoder(folder: str | os.PathLike, model: TextEncoder, *, dtype: torch.dtype | None = None) -> None:
+    """Save as ``folder/{config.json, model.safetensors}`` (kind "text-encoder")."""
+    save_pretrained(folder, model, model.config, kind=KIND, dtype=dtype)
+
+
+def load_text_encoder(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> TextEncoder:
+    """Load a folder written by ``save_text_encoder``."""
+    config = read_config(folder, TextEncoderConfig, kind=KIND)
+    path = resolve_weights(folder, WEIGHTS_STEM)
+    return _build(config, load_safetensors(path), str(path)).to(device)
+
+
+def load_transformers_text_encoder(folder: str | os.PathLike, *, device: str | torch.device = "cpu") -> TextEncoder:
+    """Load a diffusers/transformers ``text_encoder/`` folder (config.json + model.safetensors, maybe sharded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"text encoder folder not found: {folder}")
+    config = config_from_transformers(load_json(folder / "config.json"), where=str(folder / "config.json"))
+    path = resolve_weights(folder, "model")
+    state = load_safetensors(path)
+    if not any(k.startswith("text_model.") for k in state):  # transformers >= 5 saves without the prefix
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    return _build(config, state, str(path)).to(device)
+
+
+def _build(config: TextEncoderConfig, state: dict[str, torch.Tensor], source: str) -> TextEncoder:
+    model = TextEncoder(config)
+    state = dict(state)
+    position_ids = state.pop(POSITION_IDS_KEY, None)  # non-persistent buffer in current transformers
+    if position_ids is not None and not torch.equal(position_ids.long().flatten(),
+                                                    torch.arange(config.max_positions)):
+        raise WeightsError(f"{source}: '{POSITION_IDS_KEY}' is not 0..{config.max_positions - 1}")
+    load_into(model, state, source=source)
+    return model

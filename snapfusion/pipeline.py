@@ -1,0 +1,246 @@
+"""Prompt -> pixels: tokenizer -> text encoder (cond + uncond) -> sampler over the UNet -> VAE decoder -> PNG.
+
+A pipeline folder holds ``model_index.json`` (kind "pipeline": sampling defaults) and one sub-folder per
+network (``text_encoder/``, ``unet/``, ``vae_decoder/``, optionally ``vae_encoder/``), each in our
+``save_pretrained`` layout. The tokenizer is CLIP's, shipped in ``snapfusion/assets/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from snapfusion.config import from_dict, load_json, save_json, to_dict
+from snapfusion.errors import ConfigError, SnapFusionError, WeightsError
+from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, save_autoencoder
+from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
+from snapfusion.models.unet import UNet
+from snapfusion.sampling import Denoiser, guided, initial_noise, sample_ddim, sample_dpmpp_2m
+from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, dpm_timesteps
+
+Sampler = Literal["ddim", "dpmpp_2m"]
+Spacing = Literal["leading", "trailing", "linspace"]
+INDEX = "model_index.json"
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Sampling defaults stored with a pipeline (overridable per call)."""
+
+    name: str = "model"
+    resolution: int = 512             # default image side in pixels
+    steps: int = 50
+    guidance: float = 7.5             # classifier-free guidance scale; 1.0 = no uncond pass
+    sampler: Sampler = "ddim"
+    timestep_spacing: Spacing = "leading"   # SD-v1.5's DDIM config; step-distilled students use "trailing"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class Timings:
+    """Seconds spent per component during one ``generate`` call (device-synchronised)."""
+
+    text_encoder: float = 0.0
+    unet_total: float = 0.0
+    unet_steps: int = 0
+    decoder: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        per_step = self.unet_total / self.unet_steps if self.unet_steps else 0.0
+        return {**dataclasses.asdict(self), "unet_per_step": per_step}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """Validate user prompts: strings, not too long; empty is allowed (unconditional)."""
+    out = []
+    for p in prompts:
+        if not isinstance(p, str):
+            raise SnapFusionError(f"prompt must be text, got {type(p).__name__}")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise SnapFusionError(f"prompt is {len(p)} characters; the limit is {MAX_PROMPT_CHARS} (CLIP reads 75 tokens)")
+        out.append(p)
+    return out
+
+
+def check_size(height: int, width: int, factor: int) -> None:
+    """Image sizes must be positive multiples of the latent grid (8 px per latent for KL-f8 times UNet downsampling)."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor or v > 4096:
+            raise SnapFusionError(f"{name} must be a positive multiple of {factor} up to 4096, got {v!r}")
+
+
+class Pipeline:
+    """A text-to-image latent diffusion model: text encoder, UNet, VAE decoder, schedule and sampling defaults."""
+
+    def __init__(self, text_encoder: TextEncoder, unet: UNet, decoder: Decoder, config: PipelineConfig, *,
+                 tokenizer: Tokenizer | None = None, encoder: Encoder | None = None):
+        if unet.config.context_dim != text_encoder.config.hidden_size:
+            raise ConfigError(f"UNet context_dim {unet.config.context_dim} != text encoder width "
+                              f"{text_encoder.config.hidden_size}")
+        self.text_encoder, self.unet, self.decoder, self.encoder = text_encoder, unet, decoder, encoder
+        self.tokenizer = tokenizer or Tokenizer()
+        self.config = config
+        self.schedule = NoiseSchedule(config.schedule)
+
+    # ---- loading and saving -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             with_encoder: bool = False) -> "Pipeline":
+        """Load a pipeline folder written by ``save``."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise WeightsError(f"model folder not found: {folder}")
+        data = load_json(folder / INDEX)
+        if data.get("kind") != "pipeline":
+            raise WeightsError(f"{folder / INDEX}: expected kind 'pipeline', found {data.get('kind')!r}")
+        config = from_dict(PipelineConfig, data["config"], where=str(folder / INDEX))
+        text = load_text_encoder(folder / "text_encoder", device=device).to(dtype)
+        unet = UNet.load(folder / "unet", device=device, dtype=dtype)
+        decoder = load_autoencoder(folder / "vae_decoder", Decoder, device=device, dtype=dtype)
+        encoder = None
+        if with_encoder:
+            encoder = load_autoencoder(folder / "vae_encoder", Encoder, device=device, dtype=dtype)
+        return cls(text, unet, decoder, config, encoder=encoder).eval()
+
+    def save(self, folder: str | Path, *, dtype: torch.dtype | None = torch.float16) -> Path:
+        """Write the pipeline folder (fp16 weights by default, each file under 16 MiB)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_text_encoder(folder / "text_encoder", self.text_encoder, dtype=dtype)
+        self.unet.save(folder / "unet", dtype=dtype)
+        save_autoencoder(folder / "vae_decoder", self.decoder, dtype=dtype)
+        if self.encoder is not None:
+            save_autoencoder(folder / "vae_encoder", self.encoder, dtype=dtype)
+        save_json({"kind": "pipeline", "config": to_dict(self.config)}, folder / INDEX)
+        return folder
+
+    def eval(self) -> "Pipeline":
+        for m in (self.text_encoder, self.unet, self.decoder, self.encoder):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        return self
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
+        for m in (self.text_encoder, self.unet, self.decoder, self.encoder):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel times the UNet's total downsampling: sizes must be multiples of this."""
+        n_down = sum(1 for s in self.unet.config.down if s.resample)
+        return self.decoder.config.downscale * 2 ** n_down
+
+    # ---- the three stages ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> context (B, 77, D) in the pipeline's dtype."""
+        ids = self.tokenizer(list(prompts)).to(self.device)
+        return self.text_encoder(ids).to(self.dtype)
+
+    def denoiser(self, skip=None) -> Denoiser:
+        """The schedule wrapper around the UNet (optionally with blocks skipped by name)."""
+        network = (lambda z, t, c: self.unet(z, t, c, skip=skip)) if skip else self.unet
+        return Denoiser(network, self.schedule, self.unet.config.prediction_type, input_dtype=self.dtype)
+
+    def timesteps(self, steps: int, sampler: Sampler) -> torch.Tensor:
+        T = self.schedule.num_train_timesteps
+        spacing = self.config.timestep_spacing
+        if sampler == "ddim":
+            return ddim_timesteps(steps, spacing, steps_offset=1 if spacing == "leading" else 0, num_train_timesteps=T)
+        if sampler == "dpmpp_2m":
+            return dpm_timesteps(steps, spacing, steps_offset=1 if spacing == "leading" else 0, num_train_timesteps=T)
+        raise ConfigError(f"sampler {sampler!r} is not one of ['ddim', 'dpmpp_2m']")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> images in [0, 1], (B, 3, H, W) fp32."""
+        images = self.decoder.images_from_latents(latents.to(self.dtype)).float()
+        return ((images + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, steps: int | None = None,
+                 guidance: float | None = None, sampler: Sampler | None = None, height: int | None = None,
+                 width: int | None = None, negative_prompt: str = "", skip=None,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 timings: Timings | None = None) -> torch.Tensor:
+        """Generate images in [0, 1] (B, 3, H, W); image i depends only on (prompt_i, seed_i) and the settings."""
+        cfg = self.config
+        prompts = check_prompts(prompts)
+        seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != len(prompts):
+            raise SnapFusionError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        steps = cfg.steps if steps is None else steps
+        guidance = cfg.guidance if guidance is None else float(guidance)
+        sampler = sampler or cfg.sampler
+        height, width = height or cfg.resolution, width or cfg.resolution
+        check_size(height, width, self.latent_factor)
+        if not np.isfinite(guidance) or guidance < 0:
+            raise SnapFusionError(f"guidance must be a finite number >= 0, got {guidance}")
+        timesteps = self.timesteps(steps, sampler)
+        timings = timings if timings is not None else Timings()
+        dev = self.device
+        t0 = time.perf_counter()
+        cond = self.encode_text(prompts)  # (B, 77, D)
+        uncond = self.encode_text([negative_prompt])[:1] if guidance != 1.0 else None  # (1, 77, D)
+        _sync(dev)
+        t1 = time.perf_counter()
+        down = self.decoder.config.downscale
+        shape = (self.unet.config.in_channels, height // down, width // down)
+        z = initial_noise(shape, seeds, dev)  # (B, 4, H/8, W/8) fp32
+        model_fn = guided(self.denoiser(skip), cond, uncond, None if guidance == 1.0 else guidance)
+        run = sample_ddim if sampler == "ddim" else sample_dpmpp_2m
+        latents = run(model_fn, z, timesteps, self.schedule, callback=callback)
+        _sync(dev)
+        t2 = time.perf_counter()
+        images = self.decode(latents)
+        _sync(dev)
+        t3 = time.perf_counter()
+        timings.text_encoder += t1 - t0
+        timings.unet_total += t2 - t1
+        timings.unet_steps += len(timesteps) - 1
+        timings.decoder += t3 - t2
+        timings.total += t3 - t0
+        return images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL RGB images."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile equally sized images into one grid image."""
+    if not images:
+        raise SnapFusionError("no images to put in a grid")
+    cols = cols or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,345 @@
+"""Training stages of the base model, each a ``Task`` for the one loop: autoencoder, text tower, UNet.
+
+Each task owns its model construction, data, per-sample loss and saving; the loop owns everything else.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from snapfusion.config import to_dict
+from snapfusion.data import SceneConfig, SceneDataset, collate_scenes, load_prompt_set
+from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Decoder, Encoder, load_autoencoder,
+                                           save_autoencoder)
+from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
+from snapfusion.models.unet import UNet
+from snapfusion.models.unet_config import UNetConfig
+from snapfusion.schedule import NoiseSchedule, ScheduleConfig
+from snapfusion.weights import load_into, load_safetensors, resolve_weights, WEIGHTS_STEM
+
+STREAM_LENGTH = 2**40  # the training stream is procedural: effectively endless
+
+
+def _images_to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1] on ``device``."""
+    return images.to(device, non_blocking=True).float().div(127.5).sub(1.0)
+
+
+def _crop(items: list[dict], crop: int | None) -> list[dict]:
+    """Deterministic random crops (offset from the caption hash and image size) for autoencoder training."""
+    if not crop:
+        return items
+    out = []
+    for it in items:
+        img = it["image"]
+        h, w = img.shape[1:]
+        rng = np.random.default_rng([zlib.crc32(it["caption"].encode()), h])
+        y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+        out.append({**it, "image": img[:, y:y + crop, x:x + crop]})
+    return out
+
+
+# ---- losses: small callables returning per-sample values (STYLE habit 6) ------------------------------------
+
+def sobel_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample L1 between image gradients (edges stay sharp without a perceptual network)."""
+    k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device, dtype=x.dtype)
+    kernels = torch.stack([k, k.t()])[:, None].repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
+    gx = F.conv2d(x, kernels, groups=x.shape[1])
+    gy = F.conv2d(y, kernels, groups=y.shape[1])
+    return (gx - gy).abs().flatten(1).mean(1)
+
+
+def kl_per_sample(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) summed over latent elements, per sample."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP), per sample; a, b are L2-normalised (B, D)."""
+    logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (B, B)
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target, reduction="none") +
+                  F.cross_entropy(logits.t(), target, reduction="none"))
+
+
+def eps_mse_min_snr(pred: torch.Tensor, eps: torch.Tensor, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample eps MSE with Min-SNR-gamma weights min(SNR, gamma) / SNR (Hang et al. 2023); gamma 0 = plain."""
+    mse = (pred.float() - eps.float()).pow(2).flatten(1).mean(1)
+    if gamma <= 0:
+        return mse
+    return mse * torch.clamp(snr, max=gamma) / snr
+
+
+# ---- the autoencoder -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AutoencoderTaskConfig:
+    model: AutoencoderConfig = field(default_factory=lambda: AutoencoderConfig(
+        encoder_widths=(32, 64, 128, 128), decoder_widths=(32, 64, 128, 128), norm_groups=16, scaling_factor=1.0))
+    image_size: int = 512         # render size; training uses random crops of ``crop``
+    crop: int = 256
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    edge_weight: float = 0.5
+    kl_weight: float = 1e-6       # SD's KL-f8 uses a tiny KL term: latents stay close to a unit Gaussian
+    data: SceneConfig = field(default_factory=SceneConfig)
+    seed: int = 0
+
+
+class AutoencoderTask:
+    name = "autoencoder"
+
+    def __init__(self, cfg: AutoencoderTaskConfig):
+        self.cfg = cfg
+
+    def describe(self) -> dict:
+        return to_dict(self.cfg)
+
+    def build(self) -> nn.Module:
+        return AutoencoderKL(self.cfg.model)
+
+    def dataset(self):
+        return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
+
+    def collate(self, items):
+        return collate_scenes(_crop(items, self.cfg.crop))
+
+    def loss(self, model, batch, generator):
+        c = self.cfg
+        x = _images_to_unit(batch["image"], generator.device)
+        posterior = _unwrap(model).encode(x)
+        recon = _unwrap(model).decode(posterior.sample(generator))
+        recon, x = recon.float(), x.float()
+        l1 = (recon - x).abs().flatten(1).mean(1)
+        mse = (recon - x).pow(2).flatten(1).mean(1)
+        edge = sobel_l1(recon, x)
+        kl = kl_per_sample(posterior.mean.float(), posterior.logvar.float())
+        total = c.l1_weight * l1 + c.mse_weight * mse + c.edge_weight * edge + c.kl_weight * kl
+        psnr = 10 * torch.log10(4.0 / mse.mean().clamp(min=1e-10))  # images span [-1, 1]: peak-to-peak 2
+        return total, {"l1": l1.mean().item(), "kl": kl.mean().item(), "psnr": psnr.item()}
+
+    def save(self, model, folder: Path) -> None:
+        save_autoencoder(folder, _unwrap(model))
+
+    def load(self, model, folder: Path) -> None:
+        load_into(_unwrap(model), load_safetensors(resolve_weights(folder, WEIGHTS_STEM)), source=str(folder))
+
+    @torch.no_grad()
+    def sample_grid(self, model, path: Path) -> None:
+        from snapfusion.pipeline import image_grid, to_pil
+
+        model = _unwrap(model)
+        device = next(model.parameters()).device
+        ds = SceneDataset("test", self.cfg.image_size, 123, 8, self.cfg.data)
+        x = _images_to_unit(torch.stack([ds[i]["image"] for i in range(4)]), device)
+        recon = model.decode(model.encode(x).mode()).float()
+        pics = to_pil(torch.cat([x, recon]).add(1).div(2))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(pics, cols=4).save(path)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def latent_scaling_factor(encoder: Encoder, images: torch.Tensor) -> float:
+    """1 / std of the raw latents of ``images`` in [-1, 1] (how SD's 0.18215 was chosen)."""
+    raw = encoder.encode(images).mode().float()
+    return float(1.0 / raw.std())
+
+
+# ---- the text tower (CLIP-style contrastive pretraining, then frozen) ------------------------------------
+
+class ImageTower(nn.Module):
+    """A small conv net image encoder used only to pretrain the text tower contrastively."""
+
+    def __init__(self, dim: int, width: int = 64):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width, 8 * width]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                       nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Linear(chans[-1], dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.body(x).mean((2, 3)))  # (B, dim)
+
+
+class ContrastivePair(nn.Module):
+    """Text tower + image tower + projections + temperature."""
+
+    def __init__(self, text: TextEncoderConfig, embed_dim: int):
+        super().__init__()
+        self.text = TextEncoder(text)
+        self.text_proj = nn.Linear(text.hidden_size, embed_dim, bias=False)
+        self.image = ImageTower(embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+    def forward(self, ids: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.text.text_model(input_ids=ids).pooler_output  # (B, D) at the first EOS token
+        t = F.normalize(self.text_proj(pooled).float(), dim=-1)
+        i = F.normalize(self.image(images).float(), dim=-1)
+        return t, i
+
+
+@dataclass(frozen=True)
+class TextTaskConfig:
+    model: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, projection_dim=128))
+    embed_dim: int = 128
+    image_size: int = 128         # the image tower sees small renders: enough for identity and layout
+    data: SceneConfig = field(default_factory=SceneConfig)
+    seed: int = 1
+
+
+class TextTask:
+    name = "text"
+
+    def __init__(self, cfg: TextTaskConfig):
+        self.cfg = cfg
+        self.tokenizer = Tokenizer()
+
+    def describe(self) -> dict:
+        return to_dict(self.cfg)
+
+    def build(self) -> nn.Module:
+        return ContrastivePair(self.cfg.model, self.cfg.embed_dim)
+
+    def dataset(self):
+        return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
+
+    def collate(self, items):
+        batch = collate_scenes(items)
+        batch["ids"] = self.tokenizer(batch["caption"])
+        return batch
+
+    def loss(self, model, batch, generator):
+        device = generator.device
+        t, i = model(batch["ids"].to(device), _images_to_unit(batch["image"], device))
+        loss = contrastive_loss(t, i, _unwrap(model).logit_scale)
+        acc = ((t @ i.t()).argmax(1) == torch.arange(len(t), device=device)).float().mean()
+        return loss, {"retrieval_acc": acc.item(), "temperature": _unwrap(model).logit_scale.exp().item()}
+
+    def save(self, model, folder: Path) -> None:
+        from snapfusion.weights import save_pretrained
+
+        model = _unwrap(model)
+        save_text_encoder(folder / "text_encoder", model.text)
+        save_pretrained(folder / "towers", model, self.cfg, kind="text-contrastive")
+
+    def load(self, model, folder: Path) -> None:
+        load_into(_unwrap(model), load_safetensors(resolve_weights(folder / "towers", WEIGHTS_STEM)),
+                  source=str(folder))
+
+    def sample_grid(self, model, path: Path) -> None:
+        pass  # nothing visual: retrieval accuracy is logged every step
+
+
+# ---- the UNet (eps-prediction latent diffusion, 10% empty captions for guidance) -------------------------
+
+@dataclass(frozen=True)
+class UNetTaskConfig:
+    model: UNetConfig
+    vae: str                      # folder of the trained autoencoder (kind "vae" or "vae-encoder")
+    text_encoder: str             # folder of the frozen text tower
+    image_size: int = 512
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    uncond_prob: float = 0.1      # SD: 10% empty captions so that classifier-free guidance works
+    min_snr_gamma: float = 5.0    # 0 = plain eps MSE (SD); 5 speeds up convergence (Hang et al. 2023)
+    data: SceneConfig = field(default_factory=SceneConfig)
+    sample_prompts: int = 8
+    seed: int = 2
+
+
+class UNetTask:
+    name = "unet"
+
+    def __init__(self, cfg: UNetTaskConfig):
+        self.cfg = cfg
+        self.tokenizer = Tokenizer()
+        self.schedule = NoiseSchedule(cfg.schedule)
+        self.encoder = _load_encoder(Path(cfg.vae)).eval().requires_grad_(False)
+        self.text = load_text_encoder(cfg.text_encoder).eval().requires_grad_(False)
+        self._decoder_folder = Path(cfg.vae)
+
+    def describe(self) -> dict:
+        return to_dict(self.cfg)
+
+    def build(self) -> nn.Module:
+        return UNet(self.cfg.model)
+
+    def dataset(self):
+        return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
+
+    def collate(self, items):
+        batch = collate_scenes(items)
+        rng = np.random.default_rng(zlib.crc32("\n".join(batch["caption"]).encode()))
+        captions = ["" if rng.random() < self.cfg.uncond_prob else c for c in batch["caption"]]
+        batch["ids"] = self.tokenizer(captions)
+        return batch
+
+    def loss(self, model, batch, generator):
+        device = generator.device
+        self.encoder.to(device)
+        self.text.to(device)
+        with torch.no_grad():
+            x0 = self.encoder.latents_from_images(_images_to_unit(batch["image"], device), generator)
+            context = self.text(batch["ids"].to(device))  # (B, 77, D)
+        B = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
+        eps = torch.randn(x0.shape, device=device, generator=generator)
+        z = self.schedule.add_noise(x0, eps, t)
+        pred = model(z, t, context)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        loss = eps_mse_min_snr(pred, eps, (alpha / sigma) ** 2, self.cfg.min_snr_gamma)
+        return loss, {}
+
+    def save(self, model, folder: Path) -> None:
+        _unwrap(model).save(folder)
+
+    def load(self, model, folder: Path) -> None:
+        load_into(_unwrap(model), load_safetensors(resolve_weights(folder, WEIGHTS_STEM)), source=str(folder))
+
+    @torch.no_grad()
+    def sample_grid(self, model, path: Path) -> None:
+        from snapfusion.pipeline import Pipeline, PipelineConfig, image_grid, to_pil
+
+        unet = _unwrap(model)
+        device = next(unet.parameters()).device
+        decoder = load_autoencoder(self._decoder_folder, _vae_cls(self._decoder_folder)).to(device)
+        decoder = getattr(decoder, "decoder", decoder)
+        pipe = Pipeline(self.text.to(device), unet, decoder, PipelineConfig(schedule=self.cfg.schedule),
+                        tokenizer=self.tokenizer)
+        records = load_prompt_set("test")[: self.cfg.sample_prompts]
+        was_training = unet.training
+        unet.eval()
+        images = pipe.generate([r["prompt"] for r in records], [r["seed"] for r in records], steps=25,
+                               guidance=5.0, height=self.cfg.image_size, width=self.cfg.image_size)
+        unet.train(was_training)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(to_pil(images), cols=4).resize((1024, 512 * ((len(records) + 3) // 4) // 2)).save(path)
+        (path.with_suffix(".txt")).write_text("\n".join(r["prompt"] for r in records) + "\n")
+
+
+def _vae_cls(folder: Path) -> type[nn.Module]:
+    from snapfusion.config import load_json
+
+    kind = load_json(folder / "config.json").get("kind")
+    return {"vae": AutoencoderKL, "vae-encoder": Encoder, "vae-decoder": Decoder}.get(kind, AutoencoderKL)
+
+
+def _load_encoder(folder: Path) -> Encoder:
+    model = load_autoencoder(folder, _vae_cls(folder))
+    return model.encoder if isinstance(model, AutoencoderKL) else model

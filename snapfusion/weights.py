@@ -1,0 +1,214 @@
+"""Safe weight I/O: safetensors only, explicit key-by-key loading with shape checks, atomic sharded saves.
+
+No pickle anywhere. A missing path fails at once with the path in the message; a corrupt or truncated file,
+a missing or unexpected key and a shape mismatch each raise ``WeightsError`` naming the file or the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from snapfusion.errors import WeightsError
+
+INDEX_SUFFIX = ".index.json"
+DEFAULT_MAX_SHARD_BYTES = 15 * 1024 * 1024  # shipped files stay under 16 MiB
+
+
+def _require_file(path: Path) -> Path:
+    if not path.exists():
+        raise WeightsError(f"weight file not found: {path}")
+    if not path.is_file():
+        raise WeightsError(f"not a file: {path}")
+    return path
+
+
+def load_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load one ``.safetensors`` file, or every shard named by a ``*.safetensors.index.json``."""
+    path = Path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _load_sharded(path, device)
+    _require_file(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightsError(f"corrupt or truncated safetensors file: {path} ({size} bytes)")
+    header_len = int.from_bytes(path.open("rb").read(8), "little")
+    if header_len <= 0 or 8 + header_len > size:
+        raise WeightsError(f"corrupt or truncated safetensors file: {path} (bad header length)")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = json.loads(path.open("rb").read(8 + header_len)[8:])
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                raise WeightsError(f"truncated safetensors file: {path} ({size} bytes, needs {8 + header_len + end})")
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except WeightsError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for malformed files
+        raise WeightsError(f"corrupt safetensors file: {path} ({type(err).__name__}: {err})") from None
+
+
+def _load_sharded(index_path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    _require_file(index_path)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise WeightsError(f"malformed shard index {index_path}: {err}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = load_safetensors(index_path.parent / shard, device=device)
+        state.update(part)
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise WeightsError(f"{index_path}: keys listed in the index are missing from the shards: {missing[:5]}")
+    return state
+
+
+def save_safetensors(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Save ``state`` atomically to ``path`` (``name.safetensors``), sharded when it exceeds ``max_shard_bytes``.
+
+    Sharded output is ``name-00001-of-0000N.safetensors`` plus ``name.safetensors.index.json``. Returns the files.
+    """
+    path = Path(path)
+    if not path.name.endswith(".safetensors"):
+        raise ValueError(f"expected a .safetensors path, got {path}")
+    tensors = {}
+    for k, v in state.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    shards = _plan_shards(tensors, max_shard_bytes)
+    for old in _existing_outputs(path):  # never leave a stale shard set behind
+        old.unlink()
+    if len(shards) == 1:
+        _atomic_save(tensors, path, metadata)
+        return [path]
+    stem = path.name[: -len(".safetensors")]
+    written, weight_map = [], {}
+    for i, keys in enumerate(shards):
+        shard_path = path.with_name(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        _atomic_save({k: tensors[k] for k in keys}, shard_path, metadata)
+        weight_map.update({k: shard_path.name for k in keys})
+        written.append(shard_path)
+    index = path.with_name(path.name + INDEX_SUFFIX)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return [*written, index]
+
+
+def _plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_bytes is not None and shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+def _existing_outputs(path: Path) -> list[Path]:
+    stem = path.name[: -len(".safetensors")]
+    found = [p for p in path.parent.glob(f"{stem}-*-of-*.safetensors")]
+    for p in (path, path.with_name(path.name + INDEX_SUFFIX)):
+        if p.exists():
+            found.append(p)
+    return found
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def resolve_weights(folder: str | os.PathLike, stem: str) -> Path:
+    """Return ``folder/stem.safetensors`` or its shard index, whichever exists; a clear error if neither."""
+    folder = Path(folder)
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors{INDEX_SUFFIX}"
+    if single.is_file():
+        return single
+    if index.is_file():
+        return index
+    if not folder.exists():
+        raise WeightsError(f"model folder not found: {folder}")
+    raise WeightsError(f"no weights in {folder}: expected {single.name} or {index.name}")
+
+
+def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "weights") -> None:
+    """Copy ``state`` into ``module`` key by key; missing/unexpected keys and shape mismatches raise, naming the key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise WeightsError(f"{source}: missing key '{missing[0]}' ({len(missing)} missing in all)")
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected key '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+    for k, target in own.items():
+        value = state[k]
+        if tuple(value.shape) != tuple(target.shape):
+            raise WeightsError(
+                f"{source}: shape mismatch for '{k}': file has {tuple(value.shape)}, model expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for k, target in own.items():
+            target.copy_(state[k].to(dtype=target.dtype, device=target.device))
+
+
+CONFIG_NAME = "config.json"
+WEIGHTS_STEM = "model"
+
+
+def save_pretrained(
+    folder: str | os.PathLike,
+    module: torch.nn.Module,
+    config: object,
+    *,
+    kind: str,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Save ``module`` as ``folder/model.safetensors`` (sharded if large) plus ``folder/config.json``."""
+    from snapfusion.config import save_json, to_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(module.state_dict(), folder / f"{WEIGHTS_STEM}.safetensors", dtype=dtype,
+                     max_shard_bytes=max_shard_bytes)
+    save_json({"kind": kind, "config": to_dict(config)}, folder / CONFIG_NAME)
+    return folder
+
+
+def read_config(folder: str | os.PathLike, cls: type, *, kind: str):
+    """Read ``folder/config.json`` written by ``save_pretrained`` and check that it holds a ``kind`` model."""
+    from snapfusion.config import from_dict, load_json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"model folder not found: {folder}")
+    data = load_json(folder / CONFIG_NAME)
+    if data.get("kind") != kind or "config" not in data:
+        raise WeightsError(f"{folder / CONFIG_NAME}: expected a '{kind}' config, found kind {data.get('kind')!r}")
+    return from_dict(cls, data["config"], where=str(folder / CONFIG_NAME))
