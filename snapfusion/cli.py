@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--fp16", action="store_true")
     c.set_defaults(func=cmd_convert_sd)
+
+    # Commands of the compression stages live beside their library code; each module adds its sub-parsers here.
     return parser
 
 

@@ -196,7 +196,8 @@ class Pipeline:
         steps = cfg.steps if steps is None else steps
         guidance = cfg.guidance if guidance is None else float(guidance)
         sampler = sampler or cfg.sampler
-        height, width = height or cfg.resolution, width or cfg.resolution
+        height = cfg.resolution if height is None else height
+        width = cfg.resolution if width is None else width
         check_size(height, width, self.latent_factor)
         if not np.isfinite(guidance) or guidance < 0:
             raise SnapFusionError(f"guidance must be a finite number >= 0, got {guidance}")

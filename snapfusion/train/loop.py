@@ -146,7 +146,7 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
     if ema is not None:
         ema.to(acc.device)
     unwrapped = acc.unwrap_model(model)
-    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index + step * 7919)
+    gen = torch.Generator(device=acc.device)
     logger = _Logger(run_dir, main)
     t_start, t_last, n_seen = time.time(), time.time(), 0
     stop_reason = "max_steps"
@@ -166,6 +166,7 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
         for batch in loader:
             if step >= cfg.max_steps:
                 break
+            gen.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + acc.process_index)  # noise depends on step only
             lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models on the CPU, offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
+from snapfusion.models.text import TextEncoder, TextEncoderConfig  # noqa: E402
+from snapfusion.models.unet import UNet  # noqa: E402
+from snapfusion.models.unet_config import tiny_sd15  # noqa: E402
+from snapfusion.pipeline import Pipeline, PipelineConfig  # noqa: E402
+
+TINY_TEXT = TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, projection_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> Pipeline:
+    """A random-weight pipeline with SD's structure at toy size (64 px images, 8 px latents)."""
+    torch.manual_seed(0)
+    text = TextEncoder(TINY_TEXT)
+    unet = UNet(dataclasses.replace(tiny_sd15(), context_dim=32))
+    vae = AutoencoderKL(AutoencoderConfig.tiny())
+    return Pipeline(text, unet, vae.decoder, PipelineConfig(name="tiny", resolution=64, steps=4, guidance=3.0),
+                    encoder=vae.encoder).eval()

@@ -1,0 +1,62 @@
+"""The command line: generate from a pipeline folder, and one-line errors with exit status 2 for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from snapfusion.cli import main
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tiny_pipeline, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe") / "tiny"
+    tiny_pipeline.save(folder)
+    return folder
+
+
+def test_generate_writes_png(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--model", str(pipeline_dir), "--out", str(out), "--steps", "2",
+                 "--quiet", "--device", "cpu"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert "ms/step" in capsys.readouterr().out
+
+
+def test_generate_grid(pipeline_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "a cat", "--model", str(pipeline_dir), "--out", str(out), "--steps", "1",
+                 "--num-images", "4", "--quiet"]) == 0
+    assert Image.open(out).size == (128, 128)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "not found"),
+    (["--size", "63"], "multiple of"),
+    (["--steps", "-3"], "steps"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_input_is_one_line(pipeline_dir, tmp_path, capsys, args, message):
+    argv = ["generate", "a cat", "--model", str(pipeline_dir), "--out", str(tmp_path / "x.png"), "--quiet", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("snapfusion: error:") and message in err and "\n" not in err
+
+
+def test_corrupt_weights_exit_2_without_traceback(pipeline_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_dir, broken)
+    (broken / "vae_decoder" / "model.safetensors").write_bytes(b"\x00" * 10)
+    proc = subprocess.run([sys.executable, "-m", "snapfusion.cli", "generate", "x", "--model", str(broken),
+                           "--out", str(tmp_path / "y.png"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "vae_decoder" in proc.stderr
+
+
+def test_help_has_an_example():
+    proc = subprocess.run([sys.executable, "-m", "snapfusion.cli", "generate", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "example:" in proc.stdout
