@@ -69,8 +69,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     torch.set_grad_enabled(False)
     device = _device(a.device)
-    pipe = resolve_model(a.model, device=device)
-    if a.dtype != "fp32":
+    if a.backend == "onnxruntime":
+        from snapfusion.export.commands import load_backend
+
+        pipe = load_backend(a.model, device)  # the same generate(); the networks run in onnxruntime
+    else:
+        pipe = resolve_model(a.model, device=device)
+    if a.dtype != "fp32" and a.backend == "torch":
         pipe.to(device, _dtype(a.dtype))
     prompts = [a.prompt] * a.num_images
     seeds = [a.seed + i for i in range(a.num_images)]
@@ -92,6 +97,32 @@ def cmd_generate(a: argparse.Namespace) -> None:
     print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {a.guidance if a.guidance is not None else pipe.config.guidance}, "
           f"seed {a.seed}) in {t['total']:.2f} s: text {t['text_encoder']:.2f} s, "
           f"UNet {t['unet_total']:.2f} s ({t['unet_per_step'] * 1000:.0f} ms/step), decoder {t['decoder']:.2f} s")
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import torch
+
+    from snapfusion.eval.runner import run_eval_command
+    from snapfusion.pipeline import to_pil
+
+    torch.set_grad_enabled(False)
+    device = _device(a.device)
+    pipe = resolve_model(a.model, device=device)
+    steps = a.steps or pipe.config.steps
+    sampler = a.sampler or pipe.config.sampler
+
+    def generate_fn(prompts, seeds, guidance):
+        return to_pil(pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
+                                    height=a.size, width=a.size))
+
+    guidance = a.guidance if a.guidance is not None or a.guidance_sweep else pipe.config.guidance
+    result = run_eval_command(generate_fn, prompts=a.prompts, steps=steps, sampler=sampler, guidance=guidance,
+                              guidance_sweep=a.guidance_sweep, num_images=a.num_images, batch_size=a.batch_size,
+                              out_dir=a.out, device=device, model=a.model or pipe.config.name,
+                              num_emoji=a.num_emoji)
+    print(json.dumps(result.get("results", result), indent=1)[:4000])
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -194,7 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: --model is a folder from 'snapfusion export --format onnx'")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="CLIP score, domain FID and attribute accuracy of a model on held-out prompts",
+                       epilog="example: snapfusion eval --model base --num-images 200 --guidance-sweep 1,2,4,7.5")
+    e.add_argument("--model", default=None, help="as for generate (default: the embedded model)")
+    e.add_argument("--prompts", default="test", help="a shipped prompt set name (test, test200) or a .jsonl file")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")
+    e.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
+    e.add_argument("--num-images", type=int, default=1000)
+    e.add_argument("--num-emoji", type=int, default=None,
+                   help="keep only prompts whose emoji are among the first N (the base model trains on 40)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
+    e.add_argument("--out", default="eval_out", help="folder for the JSON, grid and curve")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes")
     _add_train_options(t, steps=6000, batch=32, lr=2e-4)
@@ -225,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert_sd)
 
     # Commands of the compression stages live beside their library code; each module adds its sub-parsers here.
+    from snapfusion.export.commands import register as register_export  # export, bench
+    register_export(sub)
+    from snapfusion.evolve.commands import register as register_evolve
+    register_evolve(sub)
+    from snapfusion.distill.commands import register as register_distill
+    register_distill(sub)
+    from snapfusion.decoder.commands import register as add_decoder_commands
+    add_decoder_commands(sub)
     return parser
 
 
@@ -234,14 +292,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    import torch
+
+    grad_enabled = torch.is_grad_enabled()  # commands may switch autograd off; restore it for in-process callers
     try:
         args.func(args)
     except SnapFusionError as err:
         print(f"snapfusion: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an unreadable input or unwritable output path
+        print(f"snapfusion: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("snapfusion: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_grad_enabled(grad_enabled)
     return 0
 
 

@@ -110,7 +110,9 @@ class Pipeline:
         config = from_dict(PipelineConfig, data["config"], where=str(folder / INDEX))
         text = load_text_encoder(folder / "text_encoder", device=device).to(dtype)
         unet = UNet.load(folder / "unet", device=device, dtype=dtype)
-        decoder = load_autoencoder(folder / "vae_decoder", Decoder, device=device, dtype=dtype)
+        from snapfusion.decoder.io import load_decoder  # any decoder kind: SD layout, channel-reduced, tiny
+
+        decoder = load_decoder(folder / "vae_decoder", device=device, dtype=dtype)
         encoder = None
         if with_encoder:
             encoder = load_autoencoder(folder / "vae_encoder", Encoder, device=device, dtype=dtype)
@@ -122,7 +124,9 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         save_text_encoder(folder / "text_encoder", self.text_encoder, dtype=dtype)
         self.unet.save(folder / "unet", dtype=dtype)
-        save_autoencoder(folder / "vae_decoder", self.decoder, dtype=dtype)
+        from snapfusion.decoder.io import save_decoder
+
+        save_decoder(folder / "vae_decoder", self.decoder, dtype=dtype)
         if self.encoder is not None:
             save_autoencoder(folder / "vae_encoder", self.encoder, dtype=dtype)
         save_json({"kind": "pipeline", "config": to_dict(self.config)}, folder / INDEX)

@@ -18,7 +18,7 @@ from snapfusion.errors import WeightsError
 from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_transformers_text_encoder
 from snapfusion.models.unet import UNet
-from snapfusion.models.unet_config import sd15
+from snapfusion.models.unet_config import UNetConfig, sd15
 from snapfusion.pipeline import Pipeline, PipelineConfig
 from snapfusion.schedule import ScheduleConfig
 from snapfusion.weights import load_into, load_safetensors
@@ -49,18 +49,22 @@ def load_diffusers_sd(folder: str | Path, *, device: str | torch.device = "cpu")
     return Pipeline(text, unet, vae.decoder, SD15_PIPELINE, tokenizer=tokenizer, encoder=vae.encoder).eval()
 
 
-def load_single_file_sd(path: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:
-    """SD-v1.x from an original single-file ``.safetensors`` checkpoint (model.diffusion_model.*, ...)."""
+def load_single_file_sd(path: str | Path, *, device: str | torch.device = "cpu", unet_config: UNetConfig | None = None,
+                        vae_config: AutoencoderConfig | None = None,
+                        text_config: TextEncoderConfig | None = None) -> Pipeline:
+    """SD-v1.x from an original single-file ``.safetensors`` checkpoint; configs default to SD-v1.5's."""
     path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Stable Diffusion checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         raise WeightsError(f"only .safetensors checkpoints are loaded (no pickle): {path}")
     state = load_safetensors(path)
-    unet_cfg = sd15()
+    unet_cfg = unet_config or sd15()
     unet = UNet(unet_cfg)
     load_into(unet, ldm_to_ours(state, unet_cfg), source=str(path))
-    vae = AutoencoderKL(AutoencoderConfig.sd15())
+    vae = AutoencoderKL(vae_config or AutoencoderConfig.sd15())
     load_into(vae, vae_from_ldm(state, source=str(path)), source=str(path))
-    text = TextEncoder(TextEncoderConfig.sd15())
+    text = TextEncoder(text_config or TextEncoderConfig.sd15())
     load_into(text, text_from_ldm(state, source=str(path)), source=str(path))
     return Pipeline(text.to(device), unet.to(device), vae.decoder.to(device), SD15_PIPELINE,
                     encoder=vae.encoder.to(device)).eval()

@@ -60,3 +60,24 @@ def test_help_has_an_example():
     proc = subprocess.run([sys.executable, "-m", "snapfusion.cli", "generate", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "example:" in proc.stdout
+
+
+def test_eval_command_writes_protocol_json_grid_and_curve(pipeline_dir, tmp_path):
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(pipeline_dir), "--prompts", "test200", "--num-images", "4", "--steps", "1",
+                 "--guidance-sweep", "1,3", "--size", "64", "--batch-size", "2", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    files = {p.name for p in out.rglob("*")}
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
+    import json
+
+    report = json.loads(next(p for p in out.rglob("*.json")).read_text())
+    text = json.dumps(report)
+    for key in ("clip_score", "fid", "attribute", "seed", "steps", "sampler"):
+        assert key in text, key
+
+
+def test_eval_needs_one_guidance_option(pipeline_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(pipeline_dir), "--guidance", "2", "--guidance-sweep", "1,2",
+                 "--out", str(tmp_path)]) == 2
+    assert "exactly one" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from snapfusion.data import vocab as V
+from snapfusion.data.vocab import POSITION_CENTER, POSITIONS
 from snapfusion.eval.probe import AttributeProbe, BackgroundReading, Detection, decode
 
 CHECKS = ("presence", "count", "color", "position", "background")  # "all" = every one of these
@@ -23,7 +23,7 @@ def _matches(d: Detection, obj: dict[str, Any]) -> bool:
 
 
 def _nearest_slot(x: float, y: float) -> str:
-    return min(V.POSITIONS, key=lambda p: (V.POSITION_CENTER[p][0] - x) ** 2 + (V.POSITION_CENTER[p][1] - y) ** 2)
+    return min(POSITIONS, key=lambda p: (POSITION_CENTER[p][0] - x) ** 2 + (POSITION_CENTER[p][1] - y) ** 2)
 
 
 def _position_ok(attr: dict[str, Any], found: list[list[Detection]]) -> bool:

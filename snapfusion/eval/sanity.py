@@ -61,6 +61,8 @@ def sanity_figures(ev: Evaluators, images: torch.Tensor, captions: list[str], sc
     feats = _features(ev, images, lambda x, i: x)
     out: dict[str, Any] = {"sample_images": len(images), "reference_images": ev.reference.count,
                            "fid_clean": fid_from_features(feats, ev.reference)}
+    if len(feats) > 1000:
+        out["fid_clean_first_1000"] = fid_from_features(feats[:1000], ev.reference)  # small-sample bias
     out["fid_blur"] = {str(s): fid_from_features(_features(ev, images, lambda x, i: gaussian_blur(x, s)),
                                                  ev.reference) for s in blurs}
     out["fid_noise"] = {str(s): fid_from_features(_features(ev, images, lambda x, i: add_noise(x, s, seed=i)),

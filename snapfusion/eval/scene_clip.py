@@ -132,10 +132,12 @@ class SceneClip(nn.Module):
         spatial = self.spatial(fmap).flatten(1)  # (B, spatial_channels * g * g): keeps where things are
         return F.normalize(self.image_proj(torch.cat([spatial, pooled], 1)), dim=-1)
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_tower(self.tokenize(captions))), dim=-1)
+    def encode_text(self, captions: list[str] | torch.Tensor) -> torch.Tensor:
+        """Captions (or their (B, L) word ids from ``tokenize``) -> (B, embed_dim) unit vectors."""
+        ids = self.tokenize(captions) if isinstance(captions, list) else captions
+        return F.normalize(self.text_proj(self.text_tower(ids)), dim=-1)
 
-    def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, captions: list[str] | torch.Tensor) -> torch.Tensor:
         """Per-pair symmetric InfoNCE loss (B,) with the learnable temperature (CLIP §2.3)."""
         img, txt = self.encode_image(images), self.encode_text(captions)
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T  # (B, B)

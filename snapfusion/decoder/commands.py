@@ -1,0 +1,171 @@
+"""``snapfusion reduce-decoder``, ``distill-decoder`` and ``eval-decoder`` (SnapFusion §3.2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _student_spec(a: argparse.Namespace):
+    from snapfusion.decoder.task import StudentSpec
+    from snapfusion.decoder.tiny import TinyDecoderConfig
+
+    tiny = TinyDecoderConfig(widths=tuple(a.tiny_widths), blocks=tuple(a.tiny_blocks))
+    return StudentSpec(kind=a.student, ratio=a.ratio, init=a.init, norm_groups=a.norm_groups, tiny=tiny)
+
+
+def _latent_source(a: argparse.Namespace):
+    from snapfusion.decoder.task import LatentSource
+
+    return LatentSource(sampler=a.sampler, steps=a.latent_steps, guidance_min=a.guidance_range[0],
+                        guidance_max=a.guidance_range[1], resolution=a.resolution,
+                        num_emoji=a.num_emoji, pool=getattr(a, "latent_pool", 0))
+
+
+def cmd_reduce(a: argparse.Namespace) -> None:
+    from snapfusion.decoder.evaluate import parameter_count
+    from snapfusion.decoder.io import load_decoder, save_decoder
+    from snapfusion.decoder.reduce import reduce_decoder
+    from snapfusion.decoder.task import load_teacher
+
+    ours = Path(a.teacher) / "config.json"  # a decoder/VAE folder; else a pipeline, 'base' or an SD-v1.5 path
+    teacher = load_decoder(a.teacher) if ours.is_file() else load_teacher(a.teacher).decoder
+    student = reduce_decoder(teacher.float(), a.ratio, method=a.init, norm_groups=a.norm_groups)
+    save_decoder(a.out, student)
+    n_t, n_s = parameter_count(teacher), parameter_count(student)
+    print(f"wrote {a.out}: decoder widths {teacher.config.decoder_widths} -> {student.config.decoder_widths}, "
+          f"norm groups {student.config.norm_groups}, {n_t:,} -> {n_s:,} parameters ({n_t / n_s:.2f}x fewer)")
+
+
+def cmd_distill(a: argparse.Namespace) -> None:
+    from snapfusion.cli import _loop_cfg
+    from snapfusion.decoder.task import DecoderDistillConfig, DecoderDistillTask, export_final
+    from snapfusion.train.loop import train
+
+    cfg = DecoderDistillConfig(teacher=a.teacher, student=_student_spec(a), latents=_latent_source(a), seed=a.data_seed,
+                               latent_cache=a.latent_cache)
+    train(_loop_cfg(a), DecoderDistillTask(cfg), resume=a.resume)
+    final = export_final(a.run_dir)
+    if final is not None:
+        print(f"exported {final}")
+
+
+def cmd_latents(a: argparse.Namespace) -> None:
+    from snapfusion.cli import _device
+    from snapfusion.decoder.task import load_teacher, write_latent_cache
+
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop
+    torch.backends.cudnn.allow_tf32 = True
+    pipe = load_teacher(a.teacher).to(_device(a.device))
+    n = write_latent_cache(pipe, _latent_source(a), a.data_seed, a.out, teacher=a.teacher,
+                           batch_size=a.batch_size)
+    print(f"wrote {a.out}: {n} latents (use with distill-decoder --latent-cache {a.out} --latent-pool {n} and the "
+          f"same latent options)")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import torch
+
+    from snapfusion.cli import _device
+    from snapfusion.decoder.evaluate import heldout_latents, parameter_count, pipeline_metrics, psnr_report
+    from snapfusion.decoder.io import load_decoder
+    from snapfusion.decoder.task import load_teacher
+
+    torch.set_grad_enabled(False)
+    device = _device(a.device)
+    pipe = load_teacher(a.teacher).to(device)
+    students = {s: load_decoder(s, device=device).eval() for s in a.students}
+    latents = heldout_latents(pipe, a.count, _latent_source(a), batch_size=a.batch_size, num_emoji=a.num_emoji)
+    report = {"teacher": a.teacher, "heldout_images": len(latents),
+              "parameters": {"teacher": parameter_count(pipe.decoder),
+                             **{s: parameter_count(m) for s, m in students.items()}},
+              "trained_steps": {s: _trained_steps(s) for s in a.students},
+              "psnr_vs_teacher": psnr_report(students, pipe.decoder, latents)}
+    if a.pipeline_metrics:
+        decoders = {"teacher": pipe.decoder, **students}
+        report["pipeline"] = pipeline_metrics(pipe, decoders, a.pipeline_metrics, batch_size=a.batch_size)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+def _trained_steps(folder: str) -> int | None:
+    """The training step a distill-decoder export came from (final/step.json), if known."""
+    path = Path(folder) / "step.json"
+    return json.loads(path.read_text()).get("step") if path.is_file() else None
+
+
+def _add_latent_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", default="base", help="'base', a pipeline folder or an SD-v1.5 folder/.safetensors")
+    p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default="dpmpp_2m", help="teacher sampler for latents")
+    p.add_argument("--latent-steps", type=int, default=12, help="teacher sampling steps (default %(default)s)")
+    p.add_argument("--guidance-range", type=float, nargs=2, default=(1.0, 10.5), metavar=("MIN", "MAX"),
+                   help="per-sample guidance scale drawn from U[MIN, MAX] (default 1.0 10.5)")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the teacher's)")
+
+
+def _add_student_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", choices=["reduced", "tiny"], default="reduced",
+                   help="channel-reduced teacher decoder, or the TAESD-style conv baseline")
+    p.add_argument("--ratio", type=float, default=0.5, help="decoder width ratio (default %(default)s)")
+    p.add_argument("--init", choices=["l1", "first", "random"], default="l1",
+                   help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
+    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the teacher's if "
+                   "they divide every reduced width)")
+    p.add_argument("--tiny-widths", type=int, nargs="+", default=[64, 64, 48, 24],
+                   help="tiny: widths per level (default: about the halved base decoder's CPU latency)")
+    p.add_argument("--tiny-blocks", type=int, nargs="+", default=[3, 3, 2, 1], help="tiny: conv blocks per level")
+
+
+def register(sub) -> None:
+    """Add the decoder commands to the ``snapfusion`` sub-parsers."""
+    from snapfusion.cli import _add_train_options
+
+    r = sub.add_parser("reduce-decoder", help="build a channel-reduced decoder initialised from a teacher's",
+                       epilog="example: snapfusion reduce-decoder --teacher base --ratio 0.5 --out halved")
+    r.add_argument("--teacher", default="base", help="a decoder/VAE folder, a pipeline, 'base' or an SD-v1.5 path")
+    r.add_argument("--out", required=True)
+    r.add_argument("--ratio", type=float, default=0.5)
+    r.add_argument("--init", choices=["l1", "first", "random"], default="l1")
+    r.add_argument("--norm-groups", type=int, default=None)
+    r.set_defaults(func=cmd_reduce)
+
+    d = sub.add_parser("distill-decoder", help="distill a small decoder from the teacher's on generated latents",
+                       epilog="example: snapfusion distill-decoder --teacher base --run-dir runs/dec --max-minutes 8")
+    _add_train_options(d, steps=20000, batch=8, lr=2e-4)
+    _add_latent_options(d)
+    _add_student_options(d)
+    d.add_argument("--data-seed", type=int, default=5, help="seed of the prompt/seed/guidance stream")
+    d.add_argument("--latent-pool", type=int, default=0, help="cycle over this many cached teacher latents per "
+                   "process (0: every latent fresh; default %(default)s)")
+    d.add_argument("--latent-cache", default=None, help="a decoder-latents file made with the same latent options")
+    d.set_defaults(func=cmd_distill)
+
+    c = sub.add_parser("decoder-latents", help="generate the teacher latents of distill-decoder's pool once",
+                       epilog="example: snapfusion decoder-latents --latent-pool 2048 --out lat.safetensors")
+    _add_latent_options(c)
+    c.add_argument("--latent-pool", type=int, required=True, help="how many latents (the pool size)")
+    c.add_argument("--num-emoji", type=int, default=None, help="prompts use the first N atlas emoji")
+    c.add_argument("--data-seed", type=int, default=5)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--out", required=True, help="a .safetensors file")
+    c.set_defaults(func=cmd_latents)
+
+    e = sub.add_parser("eval-decoder", help="PSNR of distilled decoders against the teacher's on held-out latents",
+                       epilog="example: snapfusion eval-decoder runs/dec/final --teacher base --count 64")
+    e.add_argument("students", nargs="+", help="decoder folders (vae-decoder or tiny-decoder kind)")
+    _add_latent_options(e)
+    e.add_argument("--count", type=int, default=64, help="held-out test-split prompts (default %(default)s)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--num-emoji", type=int, default=None, help="only test prompts with the first N atlas emoji")
+    e.add_argument("--pipeline-metrics", type=int, default=0, metavar="N",
+                   help="also domain FID / CLIP / attribute accuracy of the full pipeline on N test prompts")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", default=None, help="also write the JSON report here")
+    e.set_defaults(func=cmd_eval)

@@ -1,0 +1,283 @@
+"""v-prediction fine-tuning and CFG-aware step distillation as ``Task``s of the one training loop (SnapFusion §4).
+
+Both reuse the base model's UNet stage (train.tasks.UNetTask) for data: rendered scenes, 10% empty captions,
+frozen VAE encoder and text tower. The teacher is a frozen UNet held by the task, outside the trained module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from snapfusion.config import from_dict, load_json, to_dict
+from snapfusion.data import SceneConfig, load_prompt_set
+from snapfusion.distill.evaluate import Row, mse_to, sample_rows, write_comparison
+from snapfusion.distill.losses import distill_loss, guidance_scales, v_loss, with_rescaled_ori
+from snapfusion.distill.teacher import step_grid
+from snapfusion.errors import ConfigError, WeightsError
+from snapfusion.models.autoencoder import Decoder, load_autoencoder
+from snapfusion.models.unet import KIND as UNET_KIND
+from snapfusion.models.unet import UNet, UNetConfig
+from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig
+from snapfusion.sampling import Denoiser, guided
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _images_to_unit, _unwrap
+from snapfusion.weights import read_config
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the frozen parts and the teacher UNet come from."""
+
+    pipeline: str                      # pipeline folder: text_encoder/, vae_decoder/, unet/, maybe vae_encoder/
+    teacher_unet: str | None = None    # UNet folder replacing the pipeline's unet/ (e.g. a v fine-tune's final/)
+    vae_encoder: str | None = None     # autoencoder or encoder folder, if the pipeline ships no vae_encoder/
+
+    def unet_folder(self) -> Path:
+        """The teacher UNet's folder."""
+        return Path(self.teacher_unet) if self.teacher_unet else Path(self.pipeline) / "unet"
+
+    def encoder_folder(self) -> Path:
+        """The VAE encoder's folder (needed to encode training images)."""
+        folder = Path(self.vae_encoder) if self.vae_encoder else Path(self.pipeline) / "vae_encoder"
+        if not (folder / "config.json").is_file():
+            raise WeightsError(f"no VAE encoder at {folder}: assemble the pipeline with --with-encoder or pass "
+                               f"--vae-encoder (an autoencoder or encoder folder)")
+        return folder
+
+    def pipeline_config(self) -> PipelineConfig:
+        """The pipeline's sampling defaults (its schedule is the training schedule)."""
+        data = load_json(Path(self.pipeline) / INDEX)
+        if data.get("kind") != "pipeline":
+            raise WeightsError(f"{Path(self.pipeline) / INDEX}: expected kind 'pipeline', found {data.get('kind')!r}")
+        return from_dict(PipelineConfig, data["config"], where=str(Path(self.pipeline) / INDEX))
+
+
+@dataclass(frozen=True)
+class VFinetuneConfig:
+    """v-prediction fine-tuning (L_ori) of the source's UNet, starting from its weights (SnapFusion §4)."""
+
+    source: ModelSource
+    image_size: int = 512
+    uncond_prob: float = 0.1           # as the base model: 10% empty captions keep guidance working
+    data: SceneConfig = field(default_factory=SceneConfig)
+    sample_prompts: int = 8
+    sample_steps: int = 16             # grid and fidelity check: both models at this many trailing DDIM steps
+    sample_guidance: float | None = None   # None: the pipeline's default
+    seed: int = 3
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Direct step distillation: one student DDIM step = two teacher DDIM steps (SnapFusion §4)."""
+
+    source: ModelSource                # the teacher: a v fine-tuned base, or an already distilled 2n-step model
+    student_unet: str | None = None    # UNet folder to start the student from; None: the teacher's weights
+    student_steps: int = 8             # the teacher runs twice as many (16 -> 8)
+    cfg_prob: float = 0.1              # p: probability of the CFG-aware loss in an iteration, else vanilla
+    guidance_range: tuple[float, float] = (2.0, 14.0)   # w ~ U[2, 14] for the CFG-aware loss
+    ori_weight: float = 0.2            # gamma of gamma * L_ori (rescaled to L_dstl's scale)
+    image_size: int = 512
+    uncond_prob: float = 0.1
+    data: SceneConfig = field(default_factory=SceneConfig)
+    sample_prompts: int = 8
+    sample_guidance: float | None = None
+    seed: int = 4
+
+    def __post_init__(self) -> None:
+        low, high = self.guidance_range
+        if not 0.0 <= self.cfg_prob <= 1.0:
+            raise ConfigError(f"cfg_prob must be in [0, 1], got {self.cfg_prob}")
+        if not 1.0 <= low <= high:
+            raise ConfigError(f"guidance range must satisfy 1 <= low <= high, got {self.guidance_range}")
+        if self.ori_weight < 0:
+            raise ConfigError(f"ori_weight (gamma) must be >= 0, got {self.ori_weight}")
+
+
+def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig) -> UNetTask:
+    """The base model's UNet stage, reused for its data, frozen encoder and text tower."""
+    return UNetTask(UNetTaskConfig(model=model, vae=str(source.encoder_folder()),
+                                   text_encoder=str(Path(source.pipeline) / "text_encoder"),
+                                   image_size=cfg.image_size, schedule=source.pipeline_config().schedule,
+                                   uncond_prob=cfg.uncond_prob, data=cfg.data, sample_prompts=cfg.sample_prompts,
+                                   seed=cfg.seed))
+
+
+@torch.no_grad()
+def _encode(data: UNetTask, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training latents x0 (B, 4, h, w) and text contexts (B, 77, D), as the base model's UNet stage."""
+    device = generator.device
+    data.encoder.to(device)
+    data.text.to(device)
+    x0 = data.encoder.latents_from_images(_images_to_unit(batch["image"], device), generator)
+    return x0, data.text(batch["ids"].to(device))
+
+
+class _Tap:
+    """Calls a network and keeps its last raw output: the student's unguided v_hat(c) for L_ori, no second pass."""
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        self.last = self.network(z, t, context)  # (B or 2B, C, H, W); guided() puts cond first
+        return self.last
+
+
+class _Sampler:
+    """Sample grids and the fidelity check shared by both tasks."""
+
+    def __init__(self, data: UNetTask, source: ModelSource, cfg: VFinetuneConfig | DistillConfig):
+        self.data, self.source, self.cfg = data, source, cfg
+        self.pipe_cfg = source.pipeline_config()
+
+    @torch.no_grad()
+    def compare(self, models: list[tuple[str, UNet, int]], path: Path) -> dict:
+        """Rows of (name, UNet, steps) on the test prompts; MSE of every row to the first; grid + JSON at path."""
+        device = next(models[0][1].parameters()).device
+        decoder = load_autoencoder(Path(self.source.pipeline) / "vae_decoder", Decoder, device=device)
+        pcfg = dataclasses.replace(self.pipe_cfg, timestep_spacing="trailing")
+        text = self.data.text.to(device)
+        rows = [Row(name, Pipeline(text, unet, decoder, pcfg, tokenizer=self.data.tokenizer), steps)
+                for name, unet, steps in models]
+        records = load_prompt_set("test", self.cfg.data.num_emoji)[: self.cfg.sample_prompts]
+        prompts = [r["prompt"] for r in records]
+        guidance = self.cfg.sample_guidance if self.cfg.sample_guidance is not None else self.pipe_cfg.guidance
+        modes = [(unet, unet.training) for _, unet, _ in models]
+        for unet, _ in modes:
+            unet.eval()
+        images = sample_rows(rows, prompts, [r["seed"] for r in records], guidance=guidance,
+                             size=self.cfg.image_size)
+        for unet, was_training in modes:
+            unet.train(was_training)
+        metrics = {"guidance": guidance, "mse_to_" + rows[0].name: mse_to(images, rows[0].name)}
+        write_comparison(images, metrics, prompts, path)
+        return metrics
+
+
+# ---- v-prediction fine-tuning ------------------------------------------------------------------------------
+
+class VFinetuneTask:
+    """eps -> v: the same network trained with L_ori = ||v_hat - v||^2 from the source UNet's weights."""
+
+    name = "finetune-v"
+
+    def __init__(self, cfg: VFinetuneConfig):
+        self.cfg = cfg
+        source_config = read_config(cfg.source.unet_folder(), UNetConfig, kind=UNET_KIND)
+        self.model_config = dataclasses.replace(source_config, prediction_type="v_prediction")
+        self.data = _data_task(cfg.source, self.model_config, cfg)
+        self.schedule = self.data.schedule
+        self.sampler = _Sampler(self.data, cfg.source, cfg)
+
+    def describe(self) -> dict:
+        return to_dict(self.cfg)
+
+    def build(self) -> nn.Module:
+        model = UNet(self.model_config)
+        model.load_state_dict(UNet.load(self.cfg.source.unet_folder()).state_dict())
+        return model
+
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    def loss(self, model, batch, generator):
+        x0, context = _encode(self.data, batch, generator)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device,
+                          generator=generator)  # (B,)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        z = self.schedule.add_noise(x0, eps, t)  # (B, 4, h, w)
+        pred = Denoiser(model, self.schedule, "v_prediction")(z, t, context)
+        return v_loss(pred, x0, eps, t, self.schedule), {}
+
+    def save(self, model, folder: Path) -> None:
+        self.data.save(model, folder)
+
+    def load(self, model, folder: Path) -> None:
+        self.data.load(model, folder)
+
+    def sample_grid(self, model, path: Path) -> None:
+        unet = _unwrap(model)
+        source = UNet.load(self.cfg.source.unet_folder(), device=next(unet.parameters()).device)
+        n = self.cfg.sample_steps
+        self.sampler.compare([(f"source@{n}", source, n), (f"v@{n}", unet, n)], path)
+
+
+# ---- step distillation ---------------------------------------------------------------------------------------
+
+class DistillTask:
+    """Student n steps vs teacher 2n steps; per iteration L_cfg with probability p else L_vani, plus gamma L_ori."""
+
+    name = "distill"
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg = cfg
+        self.teacher = UNet.load(cfg.source.unet_folder()).eval().requires_grad_(False)
+        self.student_folder = Path(cfg.student_unet) if cfg.student_unet else cfg.source.unet_folder()
+        self.student_config = read_config(self.student_folder, UNetConfig, kind=UNET_KIND)
+        if self.student_config.context_dim != self.teacher.config.context_dim:
+            raise ConfigError(f"student context_dim {self.student_config.context_dim} != teacher's "
+                              f"{self.teacher.config.context_dim} ({self.student_folder})")
+        self.data = _data_task(cfg.source, self.student_config, cfg)
+        self.schedule = self.data.schedule
+        self.grid = step_grid(cfg.student_steps, self.schedule.num_train_timesteps)
+        self.sampler = _Sampler(self.data, cfg.source, cfg)
+        self._uncond: torch.Tensor | None = None
+
+    def describe(self) -> dict:
+        return {**to_dict(self.cfg), "student_grid": self.grid.student.tolist(),
+                "teacher_grid": self.grid.teacher.tolist()}
+
+    def build(self) -> nn.Module:
+        return UNet.load(self.student_folder)
+
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    @torch.no_grad()
+    def _uncond_context(self, device: torch.device) -> torch.Tensor:
+        if self._uncond is None or self._uncond.device != device:
+            self._uncond = self.data.text(self.data.tokenizer([""]).to(device))  # (1, 77, D)
+        return self._uncond
+
+    def loss(self, model, batch, generator):
+        c = self.cfg
+        x0, cond = _encode(self.data, batch, generator)  # (B, 4, h, w), (B, 77, D)
+        uncond = self._uncond_context(x0.device)
+        B = x0.shape[0]
+        t, t_mid, t_end = self.grid.sample(B, generator)  # (B,) each: student step t -> t_end
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        z = self.schedule.add_noise(x0, eps, t)
+        cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
+        w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
+        tap = _Tap(model)
+        student = Denoiser(tap, self.schedule, self.student_config.prediction_type)
+        teacher = Denoiser(self.teacher.to(x0.device), self.schedule, self.teacher.config.prediction_type)
+        l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, t, t_mid,
+                              t_end, self.schedule)
+        l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
+        total = with_rescaled_ori(l_dstl, l_ori, c.ori_weight)
+        return total, {"cfg_aware": float(cfg_aware), "l_dstl": l_dstl.mean().item(), "l_ori": l_ori.mean().item()}
+
+    def save(self, model, folder: Path) -> None:
+        self.data.save(model, folder)
+
+    def load(self, model, folder: Path) -> None:
+        self.data.load(model, folder)
+
+    def sample_grid(self, model, path: Path) -> None:
+        unet = _unwrap(model)
+        teacher = self.teacher.to(next(unet.parameters()).device)
+        n = self.cfg.student_steps
+        self.sampler.compare([(f"teacher@{2 * n}", teacher, 2 * n), (f"teacher@{n}", teacher, n),
+                              (f"student@{n}", unet, n)], path)

@@ -1,0 +1,1 @@
+"""Efficient UNet (SnapFusion §3.1): robust training, per-block latency table, architecture evolution."""

@@ -1,0 +1,215 @@
+"""Architecture evolution (SnapFusion Alg. 1) with robust training between steps; resumable after a kill.
+
+Each iteration k: (1) robust-train the current UNet for ``train_steps`` (the one training loop, its own run dir);
+(2) score every candidate: ΔCLIP against the current model on a fixed prompt subset, ΔLatency from the lookup
+table, value = ΔCLIP / ΔLatency; (3) while the predicted latency is over budget remove the lowest-value blocks,
+otherwise add the highest-value copies that keep it within budget; (4) save the new UNet, append every action to
+``evolve.jsonl`` and write ``state.json``. A killed run resumes at the first iteration without a ``state.json``
+entry (the training chunk itself resumes from its checkpoint; scoring is deterministic and simply reruns).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from snapfusion.config import from_dict, save_json, to_dict
+from snapfusion.errors import SnapFusionError
+from snapfusion.evolve.actions import Action, EvalConfig, Scorer, candidates, edited_unet, score
+from snapfusion.evolve.latency import predict_ms
+from snapfusion.models.unet import UNet
+from snapfusion.models.unet_config import UNetConfig
+
+LOG, STATE = "evolve.jsonl", "state.json"
+TrainChunk = Callable[[UNet, Path], UNet]  # (current UNet, run dir of the chunk) -> trained UNet
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    budget_fraction: float = 0.3   # latency budget = this x the starting UNet's predicted per-step latency
+    iterations: int = 8            # evolution steps (each: train chunk, score, act)
+    actions_per_step: int = 1      # actions applied per step, best value first
+    allow_add: bool = True         # under budget: add copies of the highest-value blocks
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_minutes: float = 0.0       # > 0: stop cleanly after the iteration that passes this wall time
+
+
+def _read_state(run_dir: Path) -> dict | None:
+    path = run_dir / STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _trim_log(run_dir: Path, done: int) -> None:
+    """Drop log records of iterations after the last completed one (a kill between log and state)."""
+    path = run_dir / LOG
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < done]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    with (run_dir / LOG).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _save_unet(unet: UNet, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def score_candidates(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: EvalConfig, table: dict,
+                     op: str) -> tuple[float, float, list[dict]]:
+    """(CLIP of the current UNet, its predicted ms, one row per candidate with ΔCLIP, ΔLatency and value)."""
+    base_clip = score(pipe, records, scorer, ev, unet=unet)
+    base_ms, _ = predict_ms(unet.config, table)
+    rows = []
+    for action in candidates(unet.config, op, unet.state_dict()):
+        if op == "remove":
+            clip = score(pipe, records, scorer, ev, unet=unet, skip={action.block})
+            new_cfg, _ = _edit_config(unet.config, action)
+        else:
+            model, _, _ = edited_unet(unet, action)
+            clip, new_cfg = score(pipe, records, scorer, ev, unet=model), model.config
+            action = Action("add", action.block, _new_name(unet.config, model.config))
+        ms, estimated = predict_ms(new_cfg, table)
+        d_clip, d_ms = clip - base_clip, ms - base_ms
+        value = d_clip / d_ms if d_ms != 0 else float("inf") * (1 if d_clip >= 0 else -1)
+        rows.append({"op": action.op, "block": action.block, "new_block": action.new_block, "clip": clip,
+                     "delta_clip": d_clip, "latency_ms": ms, "delta_ms": d_ms, "value": value,
+                     "estimated_signatures": estimated})
+    return base_clip, base_ms, rows
+
+
+def _edit_config(cfg: UNetConfig, action: Action):
+    from snapfusion.evolve.actions import apply_action
+
+    return apply_action(cfg, action)
+
+
+def _new_name(old: UNetConfig, new: UNetConfig) -> str:
+    from snapfusion.models.unet_config import block_names
+
+    (name,) = set(block_names(new)) - set(block_names(old))
+    return name
+
+
+def choose(rows: list[dict], over_budget: bool, budget_ms: float, current_ms: float, k: int) -> list[dict]:
+    """Alg. 1: over budget, the k lowest-value removals; under, the k highest-value additions that fit the budget."""
+    if over_budget:
+        return sorted((r for r in rows if r["delta_ms"] < 0), key=lambda r: r["value"])[:k]
+    fits = [r for r in rows if r["delta_ms"] > 0 and r["delta_clip"] > 0 and current_ms + r["delta_ms"] <= budget_ms]
+    return sorted(fits, key=lambda r: -r["value"])[:k]
+
+
+def _apply_rows(unet: UNet, rows: list[dict], table: dict) -> tuple[UNet, list[dict]]:
+    """Apply the chosen actions one after the other (skipping any that a previous one made invalid)."""
+    from snapfusion.errors import ConfigError
+
+    applied = []
+    for row in rows:
+        try:
+            new_unet, sliced, fresh = edited_unet(unet, Action(row["op"], row["block"]))
+        except ConfigError as err:
+            applied.append({**row, "applied": False, "reason": str(err)})
+            continue
+        unet = new_unet
+        applied.append({**row, "applied": True, "sliced_tensors": len(sliced), "fresh_tensors": len(fresh),
+                        "latency_after_ms": predict_ms(unet.config, table)[0]})
+    return unet, applied
+
+
+def evolve(run_dir: str | Path, start: UNet, pipe, records: list[dict], scorer: Scorer, table: dict,
+           cfg: EvolveConfig, train_chunk: TrainChunk | None = None) -> dict:
+    """Run (or resume) evolution from ``start``; returns the final state; writes ``final/`` and the log."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(run_dir)
+    if state is None:
+        start_ms, _ = predict_ms(start.config, table)
+        state = {"iteration": 0, "unet": None, "budget_ms": cfg.budget_fraction * start_ms, "start_ms": start_ms,
+                 "done": False}
+        save_json({"evolve": to_dict(cfg), "table_meta": table["meta"]}, run_dir / "evolve_config.json")
+    unet = start if state["unet"] is None else UNet.load(run_dir / state["unet"], device=_device_of(start))
+    _trim_log(run_dir, state["iteration"])
+    t0 = time.time()
+    while not state["done"] and state["iteration"] < cfg.iterations:
+        k = state["iteration"]
+        if train_chunk is not None:
+            unet = train_chunk(unet, run_dir / f"iter_{k:03d}" / "train")
+        unet.eval().requires_grad_(False)
+        current_ms, _ = predict_ms(unet.config, table)
+        over = current_ms > state["budget_ms"]
+        op = "remove" if over else "add"
+        rows: list[dict] = []
+        clip = score(pipe, records, scorer, cfg.eval, unet=unet)
+        if over or cfg.allow_add:
+            clip, current_ms, rows = score_candidates(pipe, unet, records, scorer, cfg.eval, table, op)
+        chosen = choose(rows, over, state["budget_ms"], current_ms, cfg.actions_per_step)
+        unet, applied = _apply_rows(unet, chosen, table)
+        for row in applied:
+            _log(run_dir, {"iteration": k, "type": "action", **row})
+        _log(run_dir, {"iteration": k, "type": "step", "clip": clip, "latency_ms": current_ms,
+                       "budget_ms": state["budget_ms"], "over_budget": over, "candidates": rows,
+                       "latency_after_ms": predict_ms(unet.config, table)[0],
+                       "config": to_dict(unet.config)})
+        folder = f"iter_{k:03d}/unet"
+        _save_unet(unet, run_dir / folder)
+        state = {**state, "iteration": k + 1, "unet": folder, "done": not over and not applied}
+        save_json(state, run_dir / STATE)
+        if cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes:
+            break
+    if state["done"] or state["iteration"] >= cfg.iterations:
+        _save_unet(unet, run_dir / "final")
+        plot_trajectory(run_dir)
+    return state
+
+
+def _device_of(model: UNet) -> torch.device:
+    return next(model.parameters()).device
+
+
+def read_log(run_dir: str | Path) -> list[dict]:
+    """Records of ``evolve.jsonl``."""
+    path = Path(run_dir) / LOG
+    if not path.is_file():
+        raise SnapFusionError(f"no evolution log at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_trajectory(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Latency against CLIP score of each evolution step (SnapFusion Fig. 5-style trajectory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in read_log(run_dir) if r["type"] == "step"]
+    out = Path(out) if out else Path(run_dir) / "trajectory.png"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["latency_ms"] for r in steps], [r["clip"] for r in steps], "o-")
+    for r in steps:
+        ax.annotate(str(r["iteration"]), (r["latency_ms"], r["clip"]), fontsize=7)
+    if steps:
+        ax.axvline(steps[0]["budget_ms"], color="gray", linestyle="--", label="budget")
+        ax.legend()
+    ax.set_xlabel("predicted UNet latency per forward (ms, lookup table)")
+    ax.set_ylabel("CLIP score (search prompts)")
+    ax.set_title("architecture evolution trajectory")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def config_of(record: dict) -> UNetConfig:
+    """The UNet config stored in a step record."""
+    return from_dict(UNetConfig, record["config"], where="evolve.jsonl")

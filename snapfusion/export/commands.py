@@ -1,0 +1,107 @@
+"""``snapfusion export`` and ``snapfusion bench``, and the ``--backend onnxruntime`` loader of ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from snapfusion.errors import SnapFusionError
+
+
+def load_backend(model: str | None, device: str):
+    """The ONNX Runtime pipeline of an export folder (``generate --backend onnxruntime``)."""
+    from snapfusion.export.ort import OrtPipeline, providers_for
+
+    if not model:
+        raise SnapFusionError("--backend onnxruntime needs --model pointing to a folder written by "
+                              "'snapfusion export --format onnx'")
+    return OrtPipeline.load(model, providers=providers_for(device))
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    import torch
+
+    from snapfusion.cli import resolve_model
+    from snapfusion.export.components import ExportConfig
+
+    torch.set_grad_enabled(False)
+    cfg = ExportConfig(format=a.format, precision=a.precision, opset=a.opset, batch=a.batch, resolution=a.size,
+                       parity=not a.no_parity, parity_steps=a.parity_steps, min_psnr=a.min_psnr,
+                       max_rel_diff=a.max_rel_diff)
+    pipe = resolve_model(a.model, device="cpu")  # fp32 on the CPU: the reference the parity check compares with
+    if cfg.format == "onnx":
+        from snapfusion.export.onnx_export import export_onnx
+        from snapfusion.export.ort import OrtPipeline
+        from snapfusion.export.parity import check_parity
+
+        out = export_onnx(pipe, a.out, cfg)
+        print(f"wrote {out} (ONNX, {cfg.precision}, opset {cfg.opset})")
+        if cfg.parity:
+            print(check_parity(pipe, OrtPipeline.load(out), cfg, out).summary())
+        return
+    from snapfusion.export.coreml_export import can_run_coreml, export_coreml, package_interface
+
+    out = export_coreml(pipe, a.out, cfg)
+    print(f"wrote {out} (Core ML, {cfg.precision})")
+    for package in sorted(Path(out).glob("*.mlpackage")):
+        print(f"  {package.name}: {package_interface(package)}")
+    if cfg.parity and not can_run_coreml():
+        print("parity: not run (Core ML packages run only on macOS); interfaces checked above")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from snapfusion.bench import BenchConfig, dumps, markdown_table, run_bench
+    from snapfusion.cli import _device
+
+    cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
+                      dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
+                      runs=a.runs, warmup=a.warmup)
+    result = run_bench(cfg)
+    table = markdown_table([result])
+    print(table, end="")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(dumps(result))
+    if a.markdown:
+        Path(a.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.markdown).write_text(table)
+
+
+def register(sub) -> None:
+    """Add ``export`` and ``bench`` to the ``snapfusion`` command."""
+    e = sub.add_parser("export", help="export text encoder, UNet and decoder to ONNX or Core ML, with parity check",
+                       epilog="example: snapfusion export --model base --format onnx --precision fp16 --out base-onnx")
+    e.add_argument("--model", default=None, help="'base', a pipeline folder or an SD-v1.5 path (default: embedded)")
+    e.add_argument("--format", choices=["onnx", "coreml"], default="onnx")
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="weights: fp32, fp16, or int8 (dynamic/linear weight quantization) (default %(default)s)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--batch", type=int, default=2, help="Core ML: fixed UNet batch (default %(default)s)")
+    e.add_argument("--size", type=int, default=0, help="Core ML shapes and parity image side (default: model's)")
+    e.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
+    e.add_argument("--parity-steps", type=int, default=0,
+                   help="steps of the parity image (default: the model's, at most 8)")
+    e.add_argument("--min-psnr", type=float, default=0.0, help="fail below this PSNR (default: 35/30/20 dB "
+                   "for fp32/fp16/int8)")
+    e.add_argument("--max-rel-diff", type=float, default=0.0, help="fail above this per-network max|diff|/max|ref| "
+                   "(default: 1e-3/2e-2/0.2)")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="per-component latency (median/min/max), peak memory, FLOPs, compute floor",
+                       epilog="example: snapfusion bench --preset snapfusion --device cuda --dtype fp16 --steps 8")
+    b.add_argument("--model", default=None, help="a pipeline (torch) or an ONNX export folder (onnxruntime)")
+    b.add_argument("--preset", choices=["sd15", "snapfusion", "base", "base-snapfusion", "tiny"], default=None,
+                   help="random-weight architecture instead of --model")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
+    b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="torch backend")
+    b.add_argument("--size", type=int, default=512)
+    b.add_argument("--steps", type=int, default=8)
+    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--json", default=None, help="write the full result here")
+    b.add_argument("--markdown", default=None, help="write the table here")
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,77 @@
+"""The evaluation runner end to end with a render-the-scene 'generator' and tiny random evaluators."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from snapfusion.data import Scene, render
+from snapfusion.data.prompts import make_prompt_set
+from snapfusion.errors import SnapFusionError
+from snapfusion.eval.evaluators import Evaluators
+from snapfusion.eval.frechet import gaussian_stats
+from snapfusion.eval.probe import AttributeProbe, ProbeConfig
+from snapfusion.eval.runner import evaluate, parse_guidance_sweep, run_eval_command
+from snapfusion.eval.scene_clip import SceneClip, SceneClipConfig
+from snapfusion.data import vocab
+
+
+def _tiny_evaluators(tmp_path):
+    torch.manual_seed(0)
+    v = vocab()
+    clip = SceneClip(SceneClipConfig(words=("a", "star"), widths=(8, 8), groups=4, embed_dim=8,
+                                     spatial_channels=2, text_width=16, text_layers=1, text_heads=2, image_size=32))
+    probe = AttributeProbe(ProbeConfig(objects=v.objects, shapes=v.shapes, colors=v.colors, sizes=v.sizes,
+                                       widths=(8, 8, 8), downsamples=2, groups=4, image_size=64))
+    return Evaluators(clip.eval(), probe.eval(), gaussian_stats(torch.randn(50, 8)), "test00000000", tmp_path)
+
+
+def _renderer(calls):
+    by_prompt = {}
+
+    def generate(prompts, seeds, guidance):
+        calls.append((len(prompts), guidance))
+        return [render(Scene.from_dict(by_prompt[p]), 64) for p in prompts]
+
+    return generate, by_prompt
+
+
+def test_evaluate_writes_protocol_grid_and_curve(tmp_path):
+    records = make_prompt_set("test", 6, seed=5)
+    calls = []
+    gen, by_prompt = _renderer(calls)
+    by_prompt.update({r["prompt"]: r["scene"] for r in records})
+    ev = _tiny_evaluators(tmp_path)
+    rep = evaluate(gen, records, guidance_scales=(1.0, 3.0), steps=8, sampler="ddim", num_images=5, batch_size=2,
+                   out_dir=tmp_path / "out", evaluators=ev, progress=False)
+    assert calls == [(2, 1.0), (2, 1.0), (1, 1.0), (2, 3.0), (2, 3.0), (1, 3.0)]
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["seeds"] == [r["seed"] for r in records[:5]] and saved["evaluator_version"] == "test00000000"
+    assert saved["sampler"] == "ddim" and saved["steps"] == 8 and len(saved["results"]) == 2
+    assert saved["results"][0]["resolution"] == [64, 64]
+    for key in ("clip_score", "domain_fid", "attributes"):
+        assert key in saved["results"][0]
+    assert (tmp_path / "out" / "grid_w1.png").is_file() and (tmp_path / "out" / "fid_clip_curve.png").is_file()
+    again = evaluate(gen, records, guidance_scales=(1.0, 3.0), steps=8, sampler="ddim", num_images=5, batch_size=5,
+                     out_dir=tmp_path / "out2", evaluators=ev, progress=False)  # batch size must not matter
+    for a, b in zip(rep["results"], again["results"]):
+        assert a["clip_score"] == pytest.approx(b["clip_score"], abs=1e-4)
+        assert a["domain_fid"] == pytest.approx(b["domain_fid"], rel=1e-6)
+
+
+def test_bad_options_are_clear_errors(tmp_path):
+    assert parse_guidance_sweep("1, 2,4.5") == (1.0, 2.0, 4.5)
+    with pytest.raises(SnapFusionError, match="x"):
+        parse_guidance_sweep("1,x")
+    with pytest.raises(SnapFusionError, match="exactly one"):
+        run_eval_command(lambda *a: [], steps=8, sampler="ddim", out_dir=tmp_path)
+    with pytest.raises(SnapFusionError, match="missing.jsonl"):
+        run_eval_command(lambda *a: [], prompts=str(tmp_path / "missing.jsonl"), steps=8, sampler="ddim",
+                         guidance=2.0, out_dir=tmp_path, evaluators_dir=None)
+    records = make_prompt_set("test", 3, seed=5)
+    with pytest.raises(SnapFusionError, match="returned 0 images"):
+        evaluate(lambda p, s, g: [], records, guidance_scales=(1.0,), steps=8, sampler="ddim", num_images=3,
+                 batch_size=2, out_dir=tmp_path, evaluators=_tiny_evaluators(tmp_path), progress=False)

@@ -1,0 +1,206 @@
+"""Robust training, evolution actions and the evolution loop (tiny models, CPU)."""
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from snapfusion.errors import ConfigError
+from snapfusion.evolve.actions import Action, EvalConfig, candidates, edited_unet
+from snapfusion.evolve.baselines import bk_sdm
+from snapfusion.evolve.evolution import EvolveConfig, evolve, read_log
+from snapfusion.evolve.latency import signatures
+from snapfusion.evolve.robust import RobustConfig, draw_skips
+from snapfusion.evolve.run_commands import clip_scorer
+from snapfusion.models.unet import UNet
+from snapfusion.models.unet_config import block_names, tiny_sd15
+
+RECORDS = [{"prompt": p, "seed": s} for p, s in (("a red circle", 1), ("two cats", 2), ("a star", 3))]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(cfg, batch=2, side=8):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, side, side, generator=g), torch.tensor([10.0, 700.0][:batch]),
+            torch.randn(batch, 5, cfg.context_dim, generator=g))
+
+
+def test_draw_skips_rates_and_granularity():
+    names = block_names(tiny_sd15())
+    gen = torch.Generator().manual_seed(0)
+    cfg = RobustConfig(p_res=0.8, p_attn=0.5)
+    masks = [draw_skips(list(names), cfg, 64, gen) for _ in range(20)]
+    res = torch.stack([m.get("down.1.res.0", torch.zeros(64, dtype=torch.bool)) for m in masks]).float().mean()
+    attn = torch.stack([m.get("down.1.attn.0", torch.zeros(64, dtype=torch.bool)) for m in masks]).float().mean()
+    assert abs(res - 0.2) < 0.05 and abs(attn - 0.5) < 0.05
+    batch = draw_skips(list(names), RobustConfig(0.5, 0.5, "batch"), 64, gen)
+    assert isinstance(batch, set) and 0 < len(batch) < len(names)
+    assert draw_skips(list(names), RobustConfig(1.0, 1.0), 4, gen) == {}
+    with pytest.raises(ConfigError, match="p_attn"):
+        RobustConfig(p_attn=0.0)
+
+
+def test_exactly_inherited_removal_equals_skipping_the_block():
+    torch.manual_seed(0)
+    unet = UNet(tiny_sd15()).eval()
+    z, t, ctx = _inputs(unet.config)
+    exact = 0
+    for action in candidates(unet.config, "remove", unet.state_dict()):
+        model, sliced, fresh = edited_unet(unet, action)
+        assert all(".conv_shortcut." in k for k in fresh)  # a block that now changes width gets a new 1x1 conv
+        if sliced or fresh:
+            continue  # rewired skips: an approximation of skipping, by design (docs/efficient_unet.md)
+        exact += 1
+        with torch.no_grad():
+            torch.testing.assert_close(model(z, t, ctx), unet(z, t, ctx, skip={action.block}))
+    assert exact >= 10  # every attn block and the mid res blocks
+
+
+def test_added_copy_starts_from_its_source():
+    torch.manual_seed(0)
+    unet = UNet(tiny_sd15())
+    adds = candidates(unet.config, "add", unet.state_dict())
+    assert Action("add", "up.2.attn.1", "up.2.attn.3") in adds
+    assert not any(a.block.startswith("down.") and ".res." in a.block for a in adds)  # needs a spare up res block
+    model, sliced, fresh = edited_unet(unet, Action("add", "up.2.attn.1"))
+    assert not sliced and not fresh and "up.2.attn.3" in block_names(model.config)
+    for (k1, v1), (k2, v2) in zip(model.get_submodule("up.2.attn.3").state_dict().items(),
+                                  unet.get_submodule("up.2.attn.1").state_dict().items()):
+        torch.testing.assert_close(v1, v2)
+
+
+def test_bk_sdm_removes_one_layer_per_stage():
+    cfg, removed = bk_sdm(tiny_sd15())
+    assert "down.0.res.1" in removed and "up.1.res.1" in removed and "mid.attn.0" not in removed
+    assert sum(n.startswith("down.") for n in block_names(cfg)) == 7
+
+
+def _table(cfg):
+    blocks = {n: {"signature": s, "ms": 1.0 + (2.0 if s.startswith("attn") else 0.0)}
+              for n, s in signatures(cfg, 8).items()}
+    return {"kind": "latency-table", "meta": {"latent": 8}, "blocks": blocks, "pieces": {"conv_in": 1.0},
+            "whole_ms": 1.0}
+
+
+def _scorer(images, prompts):
+    return images.mean((1, 2, 3)) * 100  # any per-image score: the loop only compares them
+
+
+@pytest.mark.slow
+def test_evolution_runs_logs_and_resumes(tiny_pipeline, tmp_path):
+    start = tiny_pipeline.unet
+    ev = EvalConfig(num_prompts=3, steps=2, guidance=3.0, size=64, batch=3)
+    cfg = EvolveConfig(budget_fraction=0.85, iterations=2, eval=ev)
+    table = _table(start.config)
+
+    def chunk(unet, run_dir):  # stands in for robust training: a fixed nudge of the weights
+        with torch.no_grad():
+            unet.conv_out.bias.add_(0.01)
+        return unet
+
+    straight = evolve(tmp_path / "a", _copy(start), tiny_pipeline, RECORDS, _scorer, table, cfg, chunk)
+    calls = []
+
+    def dies_at_second(unet, run_dir):
+        calls.append(run_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return chunk(unet, run_dir)
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(tmp_path / "b", _copy(start), tiny_pipeline, RECORDS, _scorer, table, cfg, dies_at_second)
+    resumed = evolve(tmp_path / "b", _copy(start), tiny_pipeline, RECORDS, _scorer, table, cfg, chunk)
+    assert resumed == straight
+    log_a, log_b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["block"] for r in log_a if r["type"] == "action"] == [r["block"] for r in log_b if r["type"] == "action"]
+    actions = [r for r in log_a if r["type"] == "action"]
+    assert len(actions) == 2 and all(r["delta_ms"] < 0 and "delta_clip" in r for r in actions)
+    steps = [r for r in log_a if r["type"] == "step"]
+    assert steps[0]["latency_ms"] > steps[-1]["latency_after_ms"]
+    assert (tmp_path / "a" / "final" / "config.json").is_file() and (tmp_path / "a" / "trajectory.png").is_file()
+    final_a = UNet.load(tmp_path / "a" / "final")
+    final_b = UNet.load(tmp_path / "b" / "final")
+    assert final_a.config == final_b.config
+    torch.testing.assert_close(final_a.state_dict(), final_b.state_dict())
+
+
+def _copy(unet):
+    new = UNet(unet.config)
+    new.load_state_dict(unet.state_dict())
+    return new.eval()
+
+
+def test_clip_scorer_uses_scene_clip():
+    from snapfusion.eval.scene_clip import SceneClip, SceneClipConfig
+
+    torch.manual_seed(0)
+    clip = SceneClip(SceneClipConfig(image_size=32, widths=(8, 16), groups=4, embed_dim=16, spatial_channels=4,
+                                     words=("a", "red", "circle"), text_width=16, text_layers=1, text_heads=2))
+    scores = clip_scorer(SimpleNamespace(clip=clip))(torch.rand(2, 3, 64, 64), ["a red circle", "a circle"])
+    assert scores.shape == (2,) and bool(((scores >= 0) & (scores <= 100)).all())
+
+
+def _robust_task(tmp_path, p=0.5, granularity="sample"):
+    from snapfusion.evolve.robust import RobustTask, RobustTaskConfig
+    from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
+    from snapfusion.models.text import TextEncoder, save_text_encoder
+    from snapfusion.train.tasks import UNetTaskConfig
+    from tests.conftest import TINY_TEXT
+
+    torch.manual_seed(0)
+    save_autoencoder(tmp_path / "vae", AutoencoderKL(AutoencoderConfig.tiny()))
+    save_text_encoder(tmp_path / "text", TextEncoder(TINY_TEXT))
+    unet_cfg = dataclasses.replace(tiny_sd15(), context_dim=32)
+    UNet(unet_cfg).save(tmp_path / "init")
+    task_cfg = UNetTaskConfig(model=unet_cfg, vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"),
+                              image_size=64)
+    return RobustTask(RobustTaskConfig(unet=task_cfg, init=str(tmp_path / "init"),
+                                       robust=RobustConfig(p, p, granularity)))
+
+
+def test_robust_training_runs_in_the_loop_from_its_init(tmp_path):
+    from snapfusion.train import state as ckpt_io
+    from snapfusion.train.loop import loop_config, train
+
+    task = _robust_task(tmp_path)
+    init = UNet.load(tmp_path / "init").state_dict()
+    assert all(torch.equal(v, init[k]) for k, v in task.build().state_dict().items())
+    cfg = loop_config(run_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, warmup_steps=0, ema_decay=0.0,
+                      mixed_precision="no", num_workers=0, sample_every=0, log_every=1)
+    assert train(cfg, task)["step"] == 2
+    trained = UNet.load(ckpt_io.latest_checkpoint(tmp_path / "run") / "model").state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in trained.items())
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["task"]["robust"]["p_res"] == 0.5
+
+
+def test_granularity_measurement_reports_both(tmp_path):
+    from snapfusion.evolve.robust import granularity_measurement
+
+    task = _robust_task(tmp_path)
+    ds = task.dataset()
+    batch = task.collate([ds[i] for i in range(4)])
+    out = granularity_measurement(task, task.build().train(), batch, draws=3)
+    assert set(out) == {"sample", "batch"}
+    assert all(v["seconds_per_step"] > 0 and v["grad_relative_variance"] > 0 for v in out.values())
+
+
+def test_bk_sdm_command_writes_a_loadable_unet(tmp_path, capsys):
+    from snapfusion.cli import main
+
+    torch.manual_seed(0)
+    UNet(tiny_sd15()).save(tmp_path / "init")
+    assert main(["bk-sdm", "--init", str(tmp_path / "init"), "--out", str(tmp_path / "bk")]) == 0
+    model = UNet.load(tmp_path / "bk")
+    assert model.config == bk_sdm(tiny_sd15())[0]
+    assert "removed 14 blocks" in capsys.readouterr().out
+    assert main(["evolve", "--run-dir", str(tmp_path / "e"), "--table", str(tmp_path / "none.json"),
+                 "--model", str(tmp_path / "nope")]) == 2
