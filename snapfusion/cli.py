@@ -61,12 +61,24 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
 
 # ---- generate ------------------------------------------------------------------------------------------------
 
+def _first(*values):
+    """The first value that is not None (0 is a value: it must reach validation, not fall back to a default)."""
+    return next((v for v in values if v is not None), None)
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     import torch
+    from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
 
+    from snapfusion.errors import SnapFusionError
     from snapfusion.pipeline import Timings, image_grid, to_pil
 
+    if a.num_images < 1:
+        raise SnapFusionError(f"--num-images must be at least 1, got {a.num_images}")
+    if not a.prompt.strip():
+        raise SnapFusionError("the prompt is empty (use --guidance 1 with a blank prompt via the Python API for "
+                              "unconditional samples)")
     torch.set_grad_enabled(False)
     device = _device(a.device)
     if a.backend == "onnxruntime":
@@ -77,26 +89,32 @@ def cmd_generate(a: argparse.Namespace) -> None:
         pipe = resolve_model(a.model, device=device)
     if a.dtype != "fp32" and a.backend == "torch":
         pipe.to(device, _dtype(a.dtype))
+    if pipe.tokenizer.is_truncated(a.prompt):
+        print(f"snapfusion: warning: the prompt is longer than CLIP's {pipe.tokenizer.max_length - 2} tokens; "
+              "the rest is dropped", file=sys.stderr)
     prompts = [a.prompt] * a.num_images
     seeds = [a.seed + i for i in range(a.num_images)]
-    steps = a.steps or pipe.config.steps
+    steps = _first(a.steps, pipe.config.steps)
+    guidance = _first(a.guidance, pipe.config.guidance)
     timings = Timings()
     with tqdm(total=steps, desc="denoising", disable=a.quiet) as bar:
-        images = pipe.generate(prompts, seeds, steps=steps, guidance=a.guidance, sampler=a.sampler,
-                               height=a.height or a.size, width=a.width or a.size,
+        images = pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=a.sampler,
+                               height=_first(a.height, a.size), width=_first(a.width, a.size),
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
                                timings=timings)
     pics = to_pil(images)
+    meta = PngInfo()
+    for key, value in (("prompt", a.prompt), ("negative_prompt", a.negative_prompt), ("seed", seeds),
+                       ("steps", steps), ("guidance", guidance), ("sampler", a.sampler or pipe.config.sampler),
+                       ("model", a.model or pipe.config.name), ("software", "snapfusion")):
+        meta.add_text(key, json.dumps(value) if not isinstance(value, str) else value)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if len(pics) == 1:
-        pics[0].save(out)
-    else:
-        image_grid(pics).save(out)
+    (pics[0] if len(pics) == 1 else image_grid(pics)).save(out, pnginfo=meta)
     t = timings.as_dict()
-    print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {a.guidance if a.guidance is not None else pipe.config.guidance}, "
-          f"seed {a.seed}) in {t['total']:.2f} s: text {t['text_encoder']:.2f} s, "
-          f"UNet {t['unet_total']:.2f} s ({t['unet_per_step'] * 1000:.0f} ms/step), decoder {t['decoder']:.2f} s")
+    print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {guidance}, seed {a.seed}) in {t['total']:.2f} s: "
+          f"text encoder {t['text_encoder']:.2f} s, UNet {t['unet_total']:.2f} s "
+          f"({t['unet_per_step'] * 1000:.0f} ms/step), decoder {t['decoder']:.2f} s")
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------
@@ -212,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="'base', 'snapfusion', a pipeline folder, a diffusers SD folder "
                    "or an SD .safetensors file (default: the embedded model)")
-    g.add_argument("--out", default="snapfusion.png", help="output PNG (a grid if --num-images > 1)")
+    g.add_argument("-o", "--out", default="snapfusion.png", help="output PNG (a grid if --num-images > 1)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--num-images", "--batch", type=int, default=1, help="images of the prompt, seeds seed..seed+n-1")
     g.add_argument("--steps", type=int, default=None, help="default: the model's")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)

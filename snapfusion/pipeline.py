@@ -28,7 +28,7 @@ from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, d
 Sampler = Literal["ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing", "linspace"]
 INDEX = "model_index.json"
-MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_CHARS = 20_000  # a guard against absurd input; CLIP reads 75 tokens and truncates the rest
 
 
 @dataclass(frozen=True)

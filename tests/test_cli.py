@@ -20,7 +20,9 @@ def test_generate_writes_png(pipeline_dir, tmp_path, capsys):
     out = tmp_path / "a.png"
     assert main(["generate", "a red circle", "--model", str(pipeline_dir), "--out", str(out), "--steps", "2",
                  "--quiet", "--device", "cpu"]) == 0
-    assert Image.open(out).size == (64, 64)
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["prompt"] == "a red circle" and image.text["steps"] == "2" and image.text["seed"] == "[0]"
     assert "ms/step" in capsys.readouterr().out
 
 
@@ -36,12 +38,33 @@ def test_generate_grid(pipeline_dir, tmp_path):
     (["--size", "63"], "multiple of"),
     (["--steps", "-3"], "steps"),
     (["--device", "tpu"], "--device"),
+    (["--steps", "0"], "steps"),
+    (["--guidance", "-1"], "guidance"),
+    (["--guidance", "inf"], "guidance"),
+    (["--num-images", "0"], "num-images"),
 ])
 def test_bad_input_is_one_line(pipeline_dir, tmp_path, capsys, args, message):
     argv = ["generate", "a cat", "--model", str(pipeline_dir), "--out", str(tmp_path / "x.png"), "--quiet", *args]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("snapfusion: error:") and message in err and "\n" not in err
+
+
+def test_empty_prompt_and_unwritable_output(pipeline_dir, tmp_path, capsys):
+    assert main(["generate", "  ", "--model", str(pipeline_dir), "--quiet"]) == 2
+    assert "empty" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["generate", "a cat", "--model", str(pipeline_dir), "--steps", "1", "--quiet",
+                 "-o", str(blocker / "out.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("snapfusion: error:") and "\n" not in err
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipeline_dir, tmp_path, capsys):
+    assert main(["generate", "cat " * 100, "--model", str(pipeline_dir), "--steps", "1", "--quiet",
+                 "-o", str(tmp_path / "long.png")]) == 0
+    assert "warning" in capsys.readouterr().err
 
 
 def test_corrupt_weights_exit_2_without_traceback(pipeline_dir, tmp_path):

@@ -63,7 +63,7 @@ def test_bad_prompts(tiny_pipeline):
     with pytest.raises(SnapFusionError, match="prompt must be text"):
         tiny_pipeline.generate([None], [0])
     with pytest.raises(SnapFusionError, match="limit"):
-        tiny_pipeline.generate(["x" * 5000], [0])
+        tiny_pipeline.generate(["x" * 30_000], [0])
     with pytest.raises(SnapFusionError, match="seeds"):
         tiny_pipeline.generate(["a", "b"], [0])
 

@@ -180,3 +180,10 @@ def test_configs():
     small = TextEncoder(TextEncoderConfig.small()).eval()  # our domain model's tower: same 49,408-token vocab
     with torch.no_grad():
         assert small(Tokenizer()(["a red car"])).shape == (1, 77, 256)
+
+
+def test_is_truncated_boundary():
+    tok = Tokenizer()
+    assert not tok.is_truncated("a cat")
+    assert not tok.is_truncated("cat " * 75)  # exactly fills the 75 slots between BOS and EOS
+    assert tok.is_truncated("cat " * 76)

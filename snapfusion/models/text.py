@@ -73,6 +73,10 @@ class Tokenizer:
         encodings = self.backend.encode_batch(prompts)
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)  # (B, 77)
 
+    def is_truncated(self, prompt: str) -> bool:
+        """Whether ``prompt`` has more tokens than fit between BOS and EOS (CLIP then drops the rest)."""
+        return bool(self.backend.encode(prompt).overflowing)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a token-id row, special tokens dropped (for logs and tests)."""
         return self.backend.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
