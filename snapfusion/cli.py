@@ -180,7 +180,7 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     from snapfusion.train.tasks import UNetTaskConfig
 
     cfg = UNetTaskConfig(model=base_unet(), vae=a.vae, text_encoder=a.text_encoder, image_size=a.image_size,
-                         data=_data_cfg(a))
+                         data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers)
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
 
 
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae", required=True, help="folder of the trained autoencoder (its final/ export)")
     t.add_argument("--text-encoder", required=True, help="folder of the trained text encoder")
     t.add_argument("--image-size", type=int, default=512)
+    t.add_argument("--latent-pool", type=int, default=0,
+                   help="encode this many training scenes once and train on their latents (0: encode every batch)")
     t.set_defaults(func=cmd_train_unet)
 
     s = sub.add_parser("assemble", help="put trained parts together into a pipeline folder (fp16)")

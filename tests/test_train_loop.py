@@ -88,3 +88,39 @@ def test_optimizer_state_round_trip():
     assert opt2.param_groups[0]["lr"] == 0.1
     for (a, b) in zip(opt.state.values(), opt2.state.values()):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
+
+
+def test_latent_pool_matches_rendered_scenes_and_resumes(tmp_path):
+    """The pooled path trains on exactly the latents the on-the-fly path would encode, and resumes exactly."""
+    import dataclasses
+
+    from conftest import TINY_TEXT
+    from snapfusion.data import SceneDataset
+    from snapfusion.models.autoencoder import AutoencoderKL, save_autoencoder
+    from snapfusion.models.text import TextEncoder, save_text_encoder
+    from snapfusion.models.unet_config import tiny_sd15
+    from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _images_to_unit
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig.tiny())
+    save_autoencoder(tmp_path / "vae", vae)
+    save_text_encoder(tmp_path / "text", TextEncoder(TINY_TEXT))
+    cfg = UNetTaskConfig(model=dataclasses.replace(tiny_sd15(), context_dim=32), vae=str(tmp_path / "vae"),
+                         text_encoder=str(tmp_path / "text"), image_size=64, latent_pool=6, pool_workers=0)
+    task = UNetTask(cfg)
+    items = [task.dataset()[i] for i in (1, 7)]  # 7 wraps to pooled scene 1 with a new paraphrase
+    assert items[0]["index"] == items[1]["index"] == 1
+    batch = task.collate(items)
+    gen = torch.Generator().manual_seed(0)
+    task.latents(batch, gen)  # builds the pool
+    image = SceneDataset("train", 64, cfg.seed, 6, cfg.data)[1]["image"]
+    expected = vae.encoder.encode(_images_to_unit(image[None], torch.device("cpu"))).mean
+    torch.testing.assert_close(task._pool.mean[1:2].float(), expected, atol=2e-3, rtol=1e-2)
+
+    loop = lambda d, n: _cfg(d, n, checkpoint_every=100)  # noqa: E731
+    train(loop(tmp_path / "a", 3), UNetTask(cfg))
+    train(loop(tmp_path / "b", 2), UNetTask(cfg))
+    train(loop(tmp_path / "b", 3), UNetTask(cfg), resume=True)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapfusion.config import to_dict
-from snapfusion.data import SceneConfig, SceneDataset, collate_scenes, load_prompt_set
+from snapfusion.data import SceneConfig, SceneDataset, caption, collate_scenes, load_prompt_set, sample_scene
 from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Decoder, Encoder, load_autoencoder,
                                            save_autoencoder)
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
@@ -261,6 +261,48 @@ class UNetTaskConfig:
     data: SceneConfig = field(default_factory=SceneConfig)
     sample_prompts: int = 8
     seed: int = 2
+    latent_pool: int = 0          # > 0: encode this many training scenes once and train on their latents (the frozen
+                                  # encoder costs 3x a UNet forward per 512² image); 0: render and encode every batch
+    pool_workers: int = 8         # DataLoader workers that render the pool
+
+
+class PooledCaptions(torch.utils.data.Dataset):
+    """Item i: the index of pooled scene i mod P and a fresh paraphrase of its caption (new each pass over the pool)."""
+
+    def __init__(self, pool: int, seed: int, data: SceneConfig):
+        self.pool, self.seed, self.data = pool, seed, data
+
+    def __len__(self) -> int:
+        return STREAM_LENGTH
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j, epoch = i % self.pool, i // self.pool
+        scene = sample_scene(np.random.default_rng([self.seed, 0, j]), "train", self.data)  # = SceneDataset item j
+        text = caption(scene, np.random.default_rng([self.seed, 0, j, epoch]), self.data.caption_p_omit)
+        return {"index": j, "caption": text}
+
+
+class LatentPool:
+    """Posterior mean and std (fp16, on the training device) of the first P training scenes, encoded once."""
+
+    def __init__(self, encoder: Encoder, cfg: UNetTaskConfig, device: torch.device):
+        from torch.utils.data import DataLoader
+
+        ds = SceneDataset("train", cfg.image_size, cfg.seed, cfg.latent_pool, cfg.data)
+        loader = DataLoader(ds, batch_size=64, num_workers=cfg.pool_workers, collate_fn=collate_scenes)
+        means, stds = [], []
+        with torch.no_grad():
+            for batch in loader:
+                posterior = encoder.encode(_images_to_unit(batch["image"], device))
+                means.append(posterior.mean.half())
+                stds.append(posterior.std.half())
+        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (P, 4, h, w) each
+        self.scale = encoder.config.scaling_factor
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled diffusion latents of pooled scenes ``index`` (B,): a fresh posterior draw each time."""
+        mean, std = self.mean[index].float(), self.std[index].float()
+        return (mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)) * self.scale
 
 
 class UNetTask:
@@ -273,6 +315,7 @@ class UNetTask:
         self.encoder = _load_encoder(Path(cfg.vae)).eval().requires_grad_(False)
         self.text = load_text_encoder(cfg.text_encoder).eval().requires_grad_(False)
         self._decoder_folder = Path(cfg.vae)
+        self._pool: LatentPool | None = None
 
     def describe(self) -> dict:
         return to_dict(self.cfg)
@@ -281,21 +324,35 @@ class UNetTask:
         return UNet(self.cfg.model)
 
     def dataset(self):
+        if self.cfg.latent_pool > 0:
+            return PooledCaptions(self.cfg.latent_pool, self.cfg.seed, self.cfg.data)
         return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
 
     def collate(self, items):
-        batch = collate_scenes(items)
+        if self.cfg.latent_pool > 0:
+            batch = {"index": torch.tensor([it["index"] for it in items]), "caption": [it["caption"] for it in items]}
+        else:
+            batch = collate_scenes(items)
         rng = np.random.default_rng(zlib.crc32("\n".join(batch["caption"]).encode()))
         captions = ["" if rng.random() < self.cfg.uncond_prob else c for c in batch["caption"]]
         batch["ids"] = self.tokenizer(captions)
         return batch
 
-    def loss(self, model, batch, generator):
+    def latents(self, batch, generator: torch.Generator) -> torch.Tensor:
+        """Scaled diffusion latents of the batch's scenes: from the pool, or rendered images encoded now."""
         device = generator.device
         self.encoder.to(device)
+        if self.cfg.latent_pool <= 0:
+            return self.encoder.latents_from_images(_images_to_unit(batch["image"], device), generator)
+        if self._pool is None:
+            self._pool = LatentPool(self.encoder, self.cfg, device)
+        return self._pool.sample(batch["index"].to(device), generator)
+
+    def loss(self, model, batch, generator):
+        device = generator.device
         self.text.to(device)
         with torch.no_grad():
-            x0 = self.encoder.latents_from_images(_images_to_unit(batch["image"], device), generator)
+            x0 = self.latents(batch, generator)
             context = self.text(batch["ids"].to(device))  # (B, 77, D)
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
