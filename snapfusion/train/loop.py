@@ -100,8 +100,9 @@ class _Stop:
 
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        ema_params = list(ema.parameters())
+        params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters())]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused launch instead of one per tensor
         for e, b in zip(ema.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -171,10 +172,8 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
             for group in opt.param_groups:
                 group["lr"] = lr
             with acc.autocast():
-                per_sample, logs = task.loss(model, batch, gen)
+                per_sample, logs = task.loss(model, batch, gen)  # logs: floats or 0-d tensors, read only when logged
                 loss = per_sample.mean()
-            if not torch.isfinite(loss):
-                raise SnapFusionError(f"[{task.name}] loss is {loss.item()} at step {step}; last checkpoint kept")
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             opt.step()
@@ -184,20 +183,25 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
             step += 1
             n_seen += cfg.batch_size * acc.num_processes
             progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            timed_out = cfg.max_minutes > 0 and (time.time() - t_start) / 60 >= cfg.max_minutes
+            stop_now = _any_process(acc, stopper.requested or timed_out)
+            checkpoint_now = step % cfg.checkpoint_every == 0 or stop_now or step == cfg.max_steps
+            logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            if (checkpoint_now or logging_now) and not torch.isfinite(loss):  # a sync: only when needed
+                raise SnapFusionError(f"[{task.name}] loss is {loss.item()} at step {step}; last checkpoint kept")
+            if logging_now:
                 now = time.time()
                 record = {"step": step, "loss": acc.gather(loss.detach()[None]).mean().item(), "lr": lr,
                           "samples_per_s": n_seen / max(now - t_last, 1e-9),
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None, **logs}
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          **{k: float(v) for k, v in logs.items()}}
                 history.setdefault("history", []).append(record)
                 logger.log(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 t_last, n_seen = now, 0
             if main and cfg.sample_every and step % cfg.sample_every == 0:
                 task.sample_grid(ema if ema is not None else unwrapped, run_dir / "samples" / f"step_{step:07d}.png")
-            timed_out = cfg.max_minutes > 0 and (time.time() - t_start) / 60 >= cfg.max_minutes
-            stop_now = _any_process(acc, stopper.requested or timed_out)
-            if step % cfg.checkpoint_every == 0 or stop_now or step == cfg.max_steps:
+            if checkpoint_now:
                 save(step)
             if stop_now:
                 stop_reason = "signal" if stopper.requested else "max_minutes"

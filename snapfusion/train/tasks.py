@@ -125,7 +125,7 @@ class AutoencoderTask:
         kl = kl_per_sample(posterior.mean.float(), posterior.logvar.float())
         total = c.l1_weight * l1 + c.mse_weight * mse + c.edge_weight * edge + c.kl_weight * kl
         psnr = 10 * torch.log10(4.0 / mse.mean().clamp(min=1e-10))  # images span [-1, 1]: peak-to-peak 2
-        return total, {"l1": l1.mean().item(), "kl": kl.mean().item(), "psnr": psnr.item()}
+        return total, {"l1": l1.mean().detach(), "kl": kl.mean().detach(), "psnr": psnr.detach()}
 
     def save(self, model, folder: Path) -> None:
         save_autoencoder(folder, _unwrap(model))
@@ -230,7 +230,7 @@ class TextTask:
         t, i = model(batch["ids"].to(device), _images_to_unit(batch["image"], device))
         loss = contrastive_loss(t, i, _unwrap(model).logit_scale)
         acc = ((t @ i.t()).argmax(1) == torch.arange(len(t), device=device)).float().mean()
-        return loss, {"retrieval_acc": acc.item(), "temperature": _unwrap(model).logit_scale.exp().item()}
+        return loss, {"retrieval_acc": acc, "temperature": _unwrap(model).logit_scale.detach().exp()}
 
     def save(self, model, folder: Path) -> None:
         from snapfusion.weights import save_pretrained
