@@ -204,3 +204,17 @@ def test_bk_sdm_command_writes_a_loadable_unet(tmp_path, capsys):
     assert "removed 14 blocks" in capsys.readouterr().out
     assert main(["evolve", "--run-dir", str(tmp_path / "e"), "--table", str(tmp_path / "none.json"),
                  "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_evolve_training_chunk_trains_under_the_commands_no_grad(tmp_path):
+    from snapfusion.evolve.run_commands import _train_chunk
+
+    _robust_task(tmp_path)  # writes the tiny VAE, text tower and init UNet folders
+    a = SimpleNamespace(train_steps=1, batch_size=2, lr=1e-3, mixed_precision="no", seed=0, num_workers=0,
+                        model=str(tmp_path), vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"),
+                        image_size=64, num_emoji=None, p_res=0.5, p_attn=0.5, granularity="sample")
+    unet = UNet.load(tmp_path / "init")
+    with torch.no_grad():  # cmd_evolve runs the whole evolution, training chunks included, under no_grad
+        trained = _train_chunk(a, "cpu")(unet, tmp_path / "evo" / "iter_000" / "train")
+    before = unet.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())
