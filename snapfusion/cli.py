@@ -37,6 +37,7 @@ def _dtype(name: str):
 
 def resolve_model(name: str | None, *, device: str = "cpu"):
     """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
+    from snapfusion.config import load_json
     from snapfusion.errors import WeightsError
     from snapfusion.pipeline import INDEX, Pipeline
     from snapfusion.sd15 import load_sd
@@ -54,7 +55,7 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
     path = Path(name)
     if not path.exists():
         raise WeightsError(f"model not found: {path} (expected 'base', 'snapfusion' or a path)")
-    if (path / INDEX).is_file() and json.loads((path / INDEX).read_text()).get("kind") == "pipeline":
+    if (path / INDEX).is_file() and load_json(path / INDEX).get("kind") == "pipeline":
         return Pipeline.load(path, device=device)
     return load_sd(path, device=device)
 

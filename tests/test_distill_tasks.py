@@ -108,3 +108,23 @@ def test_bad_settings_are_one_line_errors(source, tmp_path, capsys):
     assert main(["finetune-v", "--run-dir", str(tmp_path / "r"), "--model", str(no_encoder)]) == 2
     err = capsys.readouterr().err
     assert "no VAE encoder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_pipeline_keeps_a_tiny_decoder(tiny_pipeline, tmp_path):
+    from snapfusion.decoder.io import with_decoder
+    from snapfusion.decoder.tiny import TinyDecoder, TinyDecoderConfig
+    from snapfusion.distill.stages import export_pipeline
+
+    tiny = TinyDecoder(TinyDecoderConfig(widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1),
+                                         scaling_factor=tiny_pipeline.decoder.config.scaling_factor))
+    with_decoder(tiny_pipeline, tiny).save(tmp_path / "pipe", dtype=None)
+    out = export_pipeline(ModelSource(pipeline=str(tmp_path / "pipe")), tmp_path / "pipe" / "unet",
+                          tmp_path / "exported", tiny_pipeline.config)
+    assert isinstance(Pipeline.load(out).decoder, TinyDecoder)
+
+
+def test_corrupt_model_index_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{not json")
+    assert main(["distill", "--run-dir", str(tmp_path / "r"), "--model", str(tmp_path / "pipe")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

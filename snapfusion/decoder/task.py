@@ -164,7 +164,9 @@ class DecoderDistillTask:
 
     def loss(self, model, batch, generator):
         pipe = self._teacher_on(generator.device)
-        with torch.no_grad():
+        # the frozen teacher runs in its own precision, not the loop's autocast: latents and targets stay a pure
+        # function of the sample index (the same as decoder-latents' cache and eval-decoder's)
+        with torch.no_grad(), torch.autocast(generator.device.type, enabled=False):
             latents = self.latents(pipe, batch)
             raw = latents / pipe.decoder.config.scaling_factor  # (B, 4, h, w) raw VAE latents
             target = pipe.decoder(raw).float()  # (B, 3, H, W), teacher image in [-1, 1]
@@ -238,8 +240,10 @@ def export_final(run_dir: str | Path) -> Path | None:
     from snapfusion.train import state as ckpt_io
     from snapfusion.train.stages import _replace_dir
 
+    from snapfusion.train.loop import is_main_process
+
     ckpt = ckpt_io.latest_checkpoint(Path(run_dir))
-    if ckpt is None:
+    if ckpt is None or not is_main_process():
         return None
     src = ckpt / "ema" if (ckpt / "ema").is_dir() else ckpt / "model"
     decoder = load_decoder(src)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
 def _source(a: argparse.Namespace):
     from snapfusion.cli import DEFAULT_MODELS, EMBEDDED
+    from snapfusion.config import load_json
     from snapfusion.distill.tasks import ModelSource
     from snapfusion.errors import WeightsError
     from snapfusion.pipeline import INDEX
 
     folder = EMBEDDED / a.model if a.model in DEFAULT_MODELS else Path(a.model)
     index = folder / INDEX
-    if not index.is_file() or json.loads(index.read_text()).get("kind") != "pipeline":
+    if not index.is_file() or load_json(index).get("kind") != "pipeline":  # malformed JSON: a one-line error
         raise WeightsError(f"--model {a.model}: no snapfusion pipeline folder at {folder} (missing {index})")
     return ModelSource(pipeline=str(folder), teacher_unet=a.teacher_unet, vae_encoder=a.vae_encoder)
 

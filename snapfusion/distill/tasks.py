@@ -15,11 +15,11 @@ from torch import nn
 
 from snapfusion.config import from_dict, load_json, to_dict
 from snapfusion.data import SceneConfig, load_prompt_set
+from snapfusion.decoder.io import load_decoder
 from snapfusion.distill.evaluate import Row, mse_to, sample_rows, write_comparison
 from snapfusion.distill.losses import distill_loss, guidance_scales, v_loss, with_rescaled_ori
 from snapfusion.distill.teacher import step_grid
 from snapfusion.errors import ConfigError, WeightsError
-from snapfusion.models.autoencoder import Decoder, load_autoencoder
 from snapfusion.models.unet import KIND as UNET_KIND
 from snapfusion.models.unet import UNet, UNetConfig
 from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig
@@ -139,7 +139,7 @@ class _Sampler:
     def compare(self, models: list[tuple[str, UNet, int]], path: Path) -> dict:
         """Rows of (name, UNet, steps) on the test prompts; MSE of every row to the first; grid + JSON at path."""
         device = next(models[0][1].parameters()).device
-        decoder = load_autoencoder(Path(self.source.pipeline) / "vae_decoder", Decoder, device=device)
+        decoder = load_decoder(Path(self.source.pipeline) / "vae_decoder", device=device)
         pcfg = dataclasses.replace(self.pipe_cfg, timestep_spacing="trailing")
         text = self.data.text.to(device)
         rows = [Row(name, Pipeline(text, unet, decoder, pcfg, tokenizer=self.data.tokenizer), steps)
@@ -262,7 +262,8 @@ class DistillTask:
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
         tap = _Tap(model)
         student = Denoiser(tap, self.schedule, self.student_config.prediction_type)
-        teacher = Denoiser(self.teacher.to(x0.device), self.schedule, self.teacher.config.prediction_type)
+        teacher = Denoiser(_outside_autocast(self.teacher.to(x0.device)), self.schedule,
+                           self.teacher.config.prediction_type)
         l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, t, t_mid,
                               t_end, self.schedule)
         l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
@@ -281,3 +282,12 @@ class DistillTask:
         n = self.cfg.student_steps
         self.sampler.compare([(f"teacher@{2 * n}", teacher, 2 * n), (f"teacher@{n}", teacher, n),
                               (f"student@{n}", unet, n)], path)
+
+
+def _outside_autocast(network):
+    """The frozen teacher in fp32 (TF32 matmuls on GPUs), not in the loop's bf16 autocast: its two DDIM steps give
+    the student's regression target, and bf16 rounding there is noise the student would learn."""
+    def run(z, t, context):
+        with torch.autocast(z.device.type, enabled=False):
+            return network(z.float(), t, None if context is None else context.float())
+    return run

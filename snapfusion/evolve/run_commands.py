@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import zlib
 from pathlib import Path
 
 
@@ -62,6 +64,8 @@ def cmd_robust_train(a: argparse.Namespace) -> None:
 
 def _train_chunk(a: argparse.Namespace, device: str):
     """The evolution's robust-training chunk: the one loop, started from the current UNet, resumable."""
+    import torch
+
     from snapfusion.evolve.robust import RobustTask
     from snapfusion.models.unet import UNet
     from snapfusion.train import state as ckpt_io
@@ -77,8 +81,13 @@ def _train_chunk(a: argparse.Namespace, device: str):
                           warmup_steps=0, ema_decay=0.0, mixed_precision=a.mixed_precision, log_every=25,
                           sample_every=0, checkpoint_every=max(50, a.train_steps // 2), seed=a.seed,
                           num_workers=a.num_workers)
-        task = RobustTask(_task_cfg(a, unet.config, str(init)))
-        train(cfg, task, resume=ckpt_io.latest_checkpoint(run_dir) is not None if run_dir.exists() else False)
+        task_cfg = _task_cfg(a, unet.config, str(init))
+        # each chunk (its own run dir) sees new scenes, not the first train_steps x batch of the stream again
+        task_cfg = dataclasses.replace(task_cfg, unet=dataclasses.replace(
+            task_cfg.unet, seed=task_cfg.unet.seed + zlib.crc32(run_dir.name.encode())))
+        task = RobustTask(task_cfg)
+        with torch.enable_grad():  # the evolution around it runs under no_grad (cmd_evolve)
+            train(cfg, task, resume=ckpt_io.latest_checkpoint(run_dir) is not None if run_dir.exists() else False)
         return UNet.load(ckpt_io.latest_checkpoint(run_dir) / "model", device=device)
 
     return chunk

@@ -210,7 +210,14 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
     logger.close()
     if main:
         print(f"[{task.name}] stopped at step {step} ({stop_reason}); checkpoint in {run_dir}", flush=True)
-    return {"step": step, "stop_reason": stop_reason, "history": history.get("history", [])}
+    return {"step": step, "stop_reason": stop_reason, "history": history.get("history", []), "is_main": main}
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files (rank 0 under accelerate/torchrun, or a single process)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _any_process(acc, flag: bool) -> bool:

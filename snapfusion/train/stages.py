@@ -26,7 +26,9 @@ from snapfusion.train.tasks import (AutoencoderTask, AutoencoderTaskConfig, Text
 
 
 def _final_source(cfg: LoopConfig, result: dict) -> Path | None:
-    """The EMA (else model) folder of the run's last checkpoint."""
+    """The EMA (else model) folder of the run's last checkpoint; None in processes other than the main one."""
+    if not result.get("is_main", True):
+        return None  # one writer: the main process exports, the other ranks are done
     ckpt = ckpt_io.latest_checkpoint(Path(cfg.run_dir))
     if ckpt is None:
         return None
