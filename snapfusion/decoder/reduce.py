@@ -4,7 +4,7 @@ Every decoder tensor dimension that carries feature channels belongs to a named 
 stream of a stage (``stream.up.1``), the hidden width inside one ResNet block (``hidden.up.1.res.2``), the
 attention's query/key and value widths. Reducing the decoder keeps, per space, a subset of the teacher's
 channels; the same index set is used wherever that space appears, so residual sums, GroupNorm groups and
-attention products stay consistent (``tests/test_decoder_reduce.py``: a full-width permutation computes the
+attention products stay consistent (``tests/test_decoder.py``: a full-width permutation computes the
 same function as the teacher).
 """
 
