@@ -120,16 +120,7 @@ def _pieces(unet: UNet) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def capture_inputs(unet: UNet, z: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> dict[str, tuple]:
     """Inputs of every block and non-block piece from one forward (the head's input under ``head``)."""
-    modules = unet.named_blocks() + _pieces(unet) + [("head", unet.norm_out)]
-    captured: dict[str, tuple] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: captured.__setitem__(name, args))
-             for name, m in modules]
-    try:
-        unet(z, t, ctx)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+    return unet.capture_block_inputs(z, t, ctx, extra=[*_pieces(unet), ("head", unet.norm_out)])
 
 
 class OrtRunner:

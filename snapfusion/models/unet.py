@@ -7,7 +7,7 @@ Module paths equal block names: ``model.get_submodule("down.1.attn.0")``. State-
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,11 +199,13 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, Cout, H, W)
 
     @torch.no_grad()
-    def capture_block_inputs(self, z: torch.Tensor, t, context: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Run once and return each block's positional inputs; ``block(*inputs)`` then reruns it alone."""
+    def capture_block_inputs(self, z: torch.Tensor, t, context: torch.Tensor,
+                             extra: Sequence[tuple[str, nn.Module]] = ()) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Run once and return each block's (and each ``extra`` module's) positional inputs; ``block(*inputs)``
+        then reruns it alone."""
         captured: dict[str, tuple[torch.Tensor, ...]] = {}
         hooks = [module.register_forward_pre_hook(lambda m, args, name=name: captured.__setitem__(name, args))
-                 for name, module in self.named_blocks()]
+                 for name, module in [*self.named_blocks(), *extra]]
         try:
             self(z, t, context)
         finally:
