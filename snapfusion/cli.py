@@ -13,6 +13,7 @@ from pathlib import Path
 
 EMBEDDED = Path(__file__).parent / "assets" / "models"
 DEFAULT_MODELS = ("snapfusion", "base")  # the first one shipped is the default
+SHIPPED_DECODERS = {"half": EMBEDDED / "parts" / "vae_decoder_half"}  # distilled from base's decoder (#6)
 
 
 def _device(name: str) -> str:
@@ -60,6 +61,19 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
     return load_sd(path, device=device)
 
 
+def swap_decoder(pipe, name: str | None, *, device: str = "cpu"):
+    """``pipe`` with its decoder replaced by a shipped one ('half') or a decoder folder; unchanged if ``name`` is None."""
+    if name is None:
+        return pipe
+    from snapfusion.decoder.io import load_decoder, with_decoder
+    from snapfusion.errors import WeightsError
+
+    folder = SHIPPED_DECODERS.get(name, Path(name))
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"decoder not found: {folder} (expected 'half' or a decoder folder)")
+    return with_decoder(pipe, load_decoder(folder, device=device, dtype=pipe.dtype))
+
+
 # ---- generate ------------------------------------------------------------------------------------------------
 
 def _first(*values):
@@ -82,12 +96,14 @@ def cmd_generate(a: argparse.Namespace) -> None:
                               "unconditional samples)")
     torch.set_grad_enabled(False)
     device = _device(a.device)
+    if a.backend == "onnxruntime" and a.decoder:
+        raise SnapFusionError("--decoder works with --backend torch; export a pipeline holding that decoder instead")
     if a.backend == "onnxruntime":
         from snapfusion.export.commands import load_backend
 
         pipe = load_backend(a.model, device)  # the same generate(); the networks run in onnxruntime
     else:
-        pipe = resolve_model(a.model, device=device)
+        pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
     if a.dtype != "fp32" and a.backend == "torch":
         pipe.to(device, _dtype(a.dtype))
     if pipe.tokenizer.is_truncated(a.prompt):
@@ -107,7 +123,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     meta = PngInfo()
     for key, value in (("prompt", a.prompt), ("negative_prompt", a.negative_prompt), ("seed", seeds),
                        ("steps", steps), ("guidance", guidance), ("sampler", a.sampler or pipe.config.sampler),
-                       ("model", a.model or pipe.config.name), ("software", "snapfusion")):
+                       ("model", a.model or pipe.config.name), ("decoder", a.decoder or "model's"),
+                       ("software", "snapfusion")):
         meta.add_text(key, json.dumps(value) if not isinstance(value, str) else value)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +145,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     torch.set_grad_enabled(False)
     device = _device(a.device)
-    pipe = resolve_model(a.model, device=device)
+    pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
     steps = a.steps or pipe.config.steps
     sampler = a.sampler or pipe.config.sampler
 
@@ -176,12 +193,24 @@ def cmd_train_text(a: argparse.Namespace) -> None:
 
 
 def cmd_train_unet(a: argparse.Namespace) -> None:
+    from snapfusion.errors import SnapFusionError
     from snapfusion.models.presets import base_unet
     from snapfusion.train.stages import train_unet
     from snapfusion.train.tasks import UNetTaskConfig
 
-    cfg = UNetTaskConfig(model=base_unet(), vae=a.vae, text_encoder=a.text_encoder, image_size=a.image_size,
-                         data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers)
+    vae, text, init, decoder = a.vae, a.text_encoder, a.init_unet, a.vae_decoder
+    if a.from_pipeline:  # continue training a pipeline's UNet on its own frozen text tower and autoencoder
+        root = EMBEDDED / a.from_pipeline if a.from_pipeline in DEFAULT_MODELS else Path(a.from_pipeline)
+        vae, text = vae or str(root / "vae_encoder"), text or str(root / "text_encoder")
+        init, decoder = init or str(root / "unet"), decoder or str(root / "vae_decoder")
+    if not vae or not text:
+        raise SnapFusionError("train-unet needs --vae and --text-encoder, or --from-pipeline")
+    for flag, folder in (("--vae", vae), ("--text-encoder", text), ("--init-unet", init), ("--vae-decoder", decoder)):
+        if folder and not Path(folder, "config.json").is_file():
+            raise SnapFusionError(f"{flag} {folder}: no config.json there")
+    cfg = UNetTaskConfig(model=base_unet(), vae=vae, text_encoder=text, image_size=a.image_size,
+                         data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
+                         init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise)
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
 
 
@@ -241,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--negative-prompt", default="")
+    g.add_argument("--decoder", default=None, help="'half' (the distilled channel-halved decoder of base) or a "
+                   "decoder folder, in place of the model's own")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -252,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: snapfusion eval --model base --num-images 200 --guidance-sweep 1,2,4,7.5")
     e.add_argument("--model", default=None, help="as for generate (default: the embedded model)")
     e.add_argument("--prompts", default="test", help="a shipped prompt set name (test, test200) or a .jsonl file")
+    e.add_argument("--decoder", default=None, help="as for generate: 'half' or a decoder folder")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")
@@ -273,8 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_text)
     t = sub.add_parser("train-unet", help="train the eps-prediction UNet (frozen text tower and autoencoder)")
     _add_train_options(t, steps=40000, batch=64, lr=2e-4)
-    t.add_argument("--vae", required=True, help="folder of the trained autoencoder (its final/ export)")
-    t.add_argument("--text-encoder", required=True, help="folder of the trained text encoder")
+    t.add_argument("--vae", default=None, help="folder of the trained autoencoder (its final/ export)")
+    t.add_argument("--text-encoder", default=None, help="folder of the trained text encoder")
+    t.add_argument("--offset-noise", type=float, default=0.0, help="per-channel noise offset, e.g. 0.1: lets the "
+                   "model move a channel's mean, i.e. a flat background's color (docs/base_model.md)")
+    t.add_argument("--init-unet", default=None, help="start from this UNet folder instead of random weights")
+    t.add_argument("--vae-decoder", default=None, help="decoder for sample grids when --vae is an encoder alone")
+    t.add_argument("--from-pipeline", default=None, metavar="MODEL",
+                   help="'base' or a pipeline folder: continue its UNet on its text encoder and autoencoder")
     t.add_argument("--image-size", type=int, default=512)
     t.add_argument("--latent-pool", type=int, default=0,
                    help="encode this many training scenes once and train on their latents (0: encode every batch)")

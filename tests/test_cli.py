@@ -104,3 +104,25 @@ def test_eval_needs_one_guidance_option(pipeline_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(pipeline_dir), "--guidance", "2", "--guidance-sweep", "1,2",
                  "--out", str(tmp_path)]) == 2
     assert "exactly one" in capsys.readouterr().err
+
+
+def test_generate_with_the_shipped_halved_decoder(tmp_path):
+    """--decoder half swaps in the distilled channel-halved decoder of the base model (issue 6's student)."""
+    from snapfusion.cli import SHIPPED_DECODERS, resolve_model, swap_decoder
+
+    base = resolve_model("base")
+    half = swap_decoder(base, "half")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(base.decoder) / n(half.decoder) > 3.5
+    assert half.unet is base.unet and half.text_encoder is base.text_encoder
+    out = tmp_path / "h.png"
+    assert main(["generate", "a red circle", "--model", "base", "--decoder", "half", "--size", "64", "--steps", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert Image.open(out).text["decoder"] == "half"
+    assert (SHIPPED_DECODERS["half"] / "config.json").is_file()
+
+
+def test_generate_with_a_missing_decoder_is_one_line(pipeline_dir, capsys):
+    assert main(["generate", "a cat", "--model", str(pipeline_dir), "--decoder", "/nonexistent/dec", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "decoder not found" in err and len(err.strip().splitlines()) == 1

@@ -148,3 +148,31 @@ def test_psnr_values():
     a = torch.full((2, 3, 4, 4), 0.5)
     torch.testing.assert_close(psnr(a, a + 0.1), torch.full((2,), 20.0))
     assert psnr(a, a).min() >= 99
+
+
+def test_tiny_decoder_pipeline_round_trips_through_onnxruntime(tiny_pipeline, tmp_path):
+    """An ONNX export of a pipeline holding a TAESD-style decoder loads in the onnxruntime backend."""
+    pytest.importorskip("onnxruntime")
+    from snapfusion.decoder.io import with_decoder
+    from snapfusion.decoder.tiny import TinyDecoder, TinyDecoderConfig
+    from snapfusion.export.components import ExportConfig
+    from snapfusion.export.onnx_export import export_onnx
+    from snapfusion.export.ort import OrtPipeline
+
+    tiny = TinyDecoder(TinyDecoderConfig(widths=(8, 8, 8, 8), blocks=(1, 1, 1, 1),
+                                         scaling_factor=tiny_pipeline.decoder.config.scaling_factor))
+    pipe = with_decoder(tiny_pipeline, tiny)
+    export_onnx(pipe, tmp_path / "onnx", ExportConfig(format="onnx"))
+    ort_pipe = OrtPipeline.load(tmp_path / "onnx")
+    assert isinstance(ort_pipe.decoder.config, TinyDecoderConfig)
+    a = ort_pipe.generate(["a cat"], [0], steps=1, guidance=2.0)
+    b = pipe.generate(["a cat"], [0], steps=1, guidance=2.0)
+    assert (a - b).abs().max() < 1e-3
+
+
+def test_reduce_decoder_leaves_the_teacher_untouched():
+    from snapfusion.decoder.reduce import reduce_decoder
+
+    teacher = Decoder(AutoencoderConfig.tiny()).half()
+    reduce_decoder(teacher, 0.5, method="l1")
+    assert next(teacher.parameters()).dtype == torch.float16

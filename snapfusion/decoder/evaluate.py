@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from copy import deepcopy
 import tempfile
 import time
 from pathlib import Path
@@ -91,7 +92,8 @@ def onnx_runner(module: nn.Module, example: torch.Tensor, *, threads: int | None
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "decoder.onnx"
-        torch.onnx.export(module.cpu().float().eval(), (example.cpu().float(),), str(path), input_names=["latents"],
+        copy = deepcopy(module).cpu().float().eval()  # the caller's module keeps its device and dtype
+        torch.onnx.export(copy, (example.cpu().float(),), str(path), input_names=["latents"],
                           output_names=["image"], opset_version=17, dynamo=False)
         opts = ort.SessionOptions()
         if threads:

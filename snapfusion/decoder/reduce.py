@@ -10,6 +10,7 @@ same function as the teacher).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Literal
@@ -163,5 +164,7 @@ def reduce_decoder(teacher: Decoder, ratio: float = 0.5, *, method: InitMethod =
                    norm_groups: int | None = None) -> Decoder:
     """A channel-reduced copy of ``teacher`` (every width times ``ratio``), initialised by ``method``."""
     student = Decoder(reduced_config(teacher.config, ratio, norm_groups=norm_groups))
-    init_from_teacher(student, teacher.float(), method)
+    source = teacher if all(t.dtype == torch.float32 for t in teacher.state_dict().values()) else \
+        copy.deepcopy(teacher).float()  # never cast the caller's module in place
+    init_from_teacher(student, source, method)
     return student

@@ -67,9 +67,12 @@ def _save_unet(unet: UNet, folder: Path) -> None:
 
 
 def score_candidates(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: EvalConfig, table: dict,
-                     op: str) -> tuple[float, float, list[dict]]:
-    """(CLIP of the current UNet, its predicted ms, one row per candidate with ΔCLIP, ΔLatency and value)."""
-    base_clip = score(pipe, records, scorer, ev, unet=unet)
+                     op: str, base_clip: float | None = None) -> tuple[float, float, list[dict]]:
+    """(CLIP of the current UNet, its predicted ms, one row per candidate with ΔCLIP, ΔLatency and value).
+
+    ``base_clip``: the current UNet's score if the caller has it (scoring is deterministic; not scored twice)."""
+    if base_clip is None:
+        base_clip = score(pipe, records, scorer, ev, unet=unet)
     base_ms, _ = predict_ms(unet.config, table)
     rows = []
     for action in candidates(unet.config, op, unet.state_dict()):
@@ -152,7 +155,7 @@ def evolve(run_dir: str | Path, start: UNet, pipe, records: list[dict], scorer: 
         rows: list[dict] = []
         clip = score(pipe, records, scorer, cfg.eval, unet=unet)
         if over or cfg.allow_add:
-            clip, current_ms, rows = score_candidates(pipe, unet, records, scorer, cfg.eval, table, op)
+            clip, current_ms, rows = score_candidates(pipe, unet, records, scorer, cfg.eval, table, op, clip)
         chosen = choose(rows, over, state["budget_ms"], current_ms, cfg.actions_per_step)
         unet, applied = _apply_rows(unet, chosen, table)
         for row in applied:

@@ -97,4 +97,11 @@ def write_manifest(pipe, out: Path, cfg: ExportConfig, *, kind: str) -> None:
     """``export.json``: every config the exported files need to run (pipeline, networks, export)."""
     save_json({"kind": kind, "pipeline": to_dict(pipe.config), "export": to_dict(cfg),
                "text_encoder": to_dict(pipe.text_encoder.config), "unet": to_dict(pipe.unet.config),
-               "decoder": to_dict(pipe.decoder.config)}, out / MANIFEST)
+               "decoder": to_dict(pipe.decoder.config), "decoder_kind": decoder_kind(pipe.decoder)}, out / MANIFEST)
+
+
+def decoder_kind(decoder) -> str:
+    """The folder kind of a decoder module, so that a reader parses its config with the right class."""
+    from snapfusion.decoder.tiny import KIND as TINY_KIND, TinyDecoder
+
+    return TINY_KIND if isinstance(decoder, TinyDecoder) else "vae-decoder"

@@ -75,7 +75,10 @@ class OrtPipeline(Pipeline):
         where = str(folder / MANIFEST)
         text = OrtNetwork(folder / f"{TEXT}.onnx", from_dict(TextEncoderConfig, data[TEXT], where=where), providers)
         unet = OrtNetwork(folder / f"{UNET}.onnx", from_dict(UNetConfig, data[UNET], where=where), providers)
-        decoder = OrtDecoder(folder / f"{DECODER}.onnx", from_dict(AutoencoderConfig, data["decoder"], where=where),
+        from snapfusion.decoder.tiny import KIND as TINY_KIND, TinyDecoderConfig
+
+        decoder_cls = TinyDecoderConfig if data.get("decoder_kind") == TINY_KIND else AutoencoderConfig
+        decoder = OrtDecoder(folder / f"{DECODER}.onnx", from_dict(decoder_cls, data["decoder"], where=where),
                              providers)
         return cls(text, unet, decoder, from_dict(PipelineConfig, data["pipeline"], where=where))
 

@@ -107,6 +107,9 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.copy_(b)
 
 
+STOP_SYNC_EVERY = 10  # steps between the processes' agreement on a stop request or --max-minutes (DDP)
+
+
 def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) ``task`` under ``cfg``; returns the final state (step, last losses)."""
     from accelerate import Accelerator
@@ -184,7 +187,9 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
             n_seen += cfg.batch_size * acc.num_processes
             progress.update(1)
             timed_out = cfg.max_minutes > 0 and (time.time() - t_start) / 60 >= cfg.max_minutes
-            stop_now = _any_process(acc, stopper.requested or timed_out)
+            # Under DDP the processes agree on stopping through an all-reduce, a host sync: only every few steps
+            stop_now = (_any_process(acc, stopper.requested or timed_out)
+                        if acc.num_processes == 1 or step % STOP_SYNC_EVERY == 0 else False)
             checkpoint_now = step % cfg.checkpoint_every == 0 or stop_now or step == cfg.max_steps
             logging_now = step % cfg.log_every == 0 or step == cfg.max_steps
             if (checkpoint_now or logging_now) and not torch.isfinite(loss):  # a sync: only when needed

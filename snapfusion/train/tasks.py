@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapfusion.config import to_dict
+from snapfusion.errors import ConfigError
 from snapfusion.data import SceneConfig, SceneDataset, caption, collate_scenes, load_prompt_set, sample_scene
 from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Decoder, Encoder, load_autoencoder,
                                            save_autoencoder)
@@ -264,6 +265,11 @@ class UNetTaskConfig:
     latent_pool: int = 0          # > 0: encode this many training scenes once and train on their latents (the frozen
                                   # encoder costs 3x a UNet forward per 512² image); 0: render and encode every batch
     pool_workers: int = 8         # DataLoader workers that render the pool
+    offset_noise: float = 0.0     # > 0: add offset * N(0, 1) per sample and channel to the noise (docs/base_model.md:
+                                  # SD's schedule leaks each channel's mean at t = T, so without it the model
+                                  # cannot choose a flat background's color at sampling time)
+    init_unet: str = ""           # folder of a UNet to start from (a fresh run only; --resume reads the checkpoint)
+    vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
 
 
 class PooledCaptions(torch.utils.data.Dataset):
@@ -314,14 +320,19 @@ class UNetTask:
         self.schedule = NoiseSchedule(cfg.schedule)
         self.encoder = _load_encoder(Path(cfg.vae)).eval().requires_grad_(False)
         self.text = load_text_encoder(cfg.text_encoder).eval().requires_grad_(False)
-        self._decoder_folder = Path(cfg.vae)
+        self._decoder_folder = Path(cfg.vae_decoder or cfg.vae)
         self._pool: LatentPool | None = None
 
     def describe(self) -> dict:
         return to_dict(self.cfg)
 
     def build(self) -> nn.Module:
-        return UNet(self.cfg.model)
+        if not self.cfg.init_unet:
+            return UNet(self.cfg.model)
+        unet = UNet.load(self.cfg.init_unet, dtype=torch.float32)  # fp32 master weights
+        if unet.config != self.cfg.model:
+            raise ConfigError(f"--init-unet {self.cfg.init_unet}: its config differs from the run's UNet config")
+        return unet
 
     def dataset(self):
         if self.cfg.latent_pool > 0:
@@ -357,6 +368,8 @@ class UNetTask:
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
         eps = torch.randn(x0.shape, device=device, generator=generator)
+        if self.cfg.offset_noise > 0:
+            eps = eps + self.cfg.offset_noise * torch.randn(B, x0.shape[1], 1, 1, device=device, generator=generator)
         z = self.schedule.add_noise(x0, eps, t)
         pred = model(z, t, context)
         alpha, sigma = self.schedule.alpha_sigma(t)

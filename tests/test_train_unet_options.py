@@ -1,0 +1,56 @@
+"""UNet training options: starting from a trained UNet (--init-unet / --from-pipeline) and offset noise."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import TINY_TEXT
+from snapfusion.errors import ConfigError
+from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
+from snapfusion.models.text import TextEncoder, save_text_encoder
+from snapfusion.models.unet import UNet
+from snapfusion.models.unet_config import tiny_sd15
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig
+
+UNET = dataclasses.replace(tiny_sd15(), context_dim=32)
+
+
+@pytest.fixture()
+def parts(tmp_path):
+    torch.manual_seed(0)
+    save_autoencoder(tmp_path / "vae", AutoencoderKL(AutoencoderConfig.tiny()))
+    save_text_encoder(tmp_path / "text", TextEncoder(TINY_TEXT))
+    return dict(vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"), image_size=64)
+
+
+def test_init_unet_starts_from_the_folder_and_checks_the_config(parts, tmp_path):
+    torch.manual_seed(1)
+    trained = UNet(UNET)
+    trained.save(tmp_path / "unet", dtype=torch.float16)
+    built = UNetTask(UNetTaskConfig(model=UNET, init_unet=str(tmp_path / "unet"), **parts)).build()
+    assert next(built.parameters()).dtype == torch.float32  # fp32 master weights from an fp16 folder
+    for (name, a), b in zip(built.state_dict().items(), trained.state_dict().values()):
+        torch.testing.assert_close(a, b.half().float(), atol=0, rtol=0, msg=name)
+    other = dataclasses.replace(UNET, norm_groups=4)
+    with pytest.raises(ConfigError, match="differs"):
+        UNetTask(UNetTaskConfig(model=other, init_unet=str(tmp_path / "unet"), **parts)).build()
+
+
+def _channel_means_of_noise(parts, offset: float, monkeypatch) -> torch.Tensor:
+    """Per-sample, per-channel spatial means of the noise one loss call adds (B=64 samples)."""
+    task = UNetTask(UNetTaskConfig(model=UNET, offset_noise=offset, latent_pool=4, pool_workers=0, **parts))
+    seen = []
+    original = task.schedule.add_noise
+    monkeypatch.setattr(task.schedule, "add_noise", lambda x0, eps, t: seen.append(eps) or original(x0, eps, t))
+    batch = task.collate([task.dataset()[i] for i in range(64)])
+    task.loss(UNet(UNET), batch, torch.Generator().manual_seed(0))
+    return seen[0].mean(dim=(2, 3))
+
+
+def test_offset_noise_moves_each_channels_mean(parts, monkeypatch):
+    plain = _channel_means_of_noise(parts, 0.0, monkeypatch)
+    offset = _channel_means_of_noise(parts, 0.5, monkeypatch)
+    # 8x8 latents: the spatial mean of white noise has std 1/8; the offset adds std 0.5 per sample and channel
+    assert 0.08 < plain.std().item() < 0.17
+    assert 0.4 < offset.std().item() < 0.65
