@@ -156,7 +156,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     guidance = a.guidance if a.guidance is not None or a.guidance_sweep else pipe.config.guidance
     result = run_eval_command(generate_fn, prompts=a.prompts, steps=steps, sampler=sampler, guidance=guidance,
                               guidance_sweep=a.guidance_sweep, num_images=a.num_images, batch_size=a.batch_size,
-                              out_dir=a.out, device=device, model=a.model or pipe.config.name,
+                              out_dir=a.out, device=device,
+                              model=(a.model or pipe.config.name) + (f" + decoder {a.decoder}" if a.decoder else ""),
                               num_emoji=a.num_emoji)
     print(json.dumps(result.get("results", result), indent=1)[:4000])
 
@@ -198,16 +199,24 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import train_unet
     from snapfusion.train.tasks import UNetTaskConfig
 
+    from snapfusion.config import load_json
+
     vae, text, init, decoder = a.vae, a.text_encoder, a.init_unet, a.vae_decoder
     if a.from_pipeline:  # continue training a pipeline's UNet on its own frozen text tower and autoencoder
         root = EMBEDDED / a.from_pipeline if a.from_pipeline in DEFAULT_MODELS else Path(a.from_pipeline)
-        vae, text = vae or str(root / "vae_encoder"), text or str(root / "text_encoder")
-        init, decoder = init or str(root / "unet"), decoder or str(root / "vae_decoder")
+        if not vae:  # the pipeline's encoder, so its decoder is the matching one for sample grids
+            vae, decoder = str(root / "vae_encoder"), decoder or str(root / "vae_decoder")
+        text, init = text or str(root / "text_encoder"), init or str(root / "unet")
     if not vae or not text:
         raise SnapFusionError("train-unet needs --vae and --text-encoder, or --from-pipeline")
+    if a.offset_noise < 0:
+        raise SnapFusionError(f"--offset-noise must be >= 0, got {a.offset_noise}")
     for flag, folder in (("--vae", vae), ("--text-encoder", text), ("--init-unet", init), ("--vae-decoder", decoder)):
         if folder and not Path(folder, "config.json").is_file():
             raise SnapFusionError(f"{flag} {folder}: no config.json there")
+    if a.sample_every and not decoder and load_json(Path(vae, "config.json")).get("kind") != "vae":
+        raise SnapFusionError(f"--vae {vae} holds no decoder: pass --vae-decoder for the sample grids "
+                              "(or --sample-every 0)")
     cfg = UNetTaskConfig(model=base_unet(), vae=vae, text_encoder=text, image_size=a.image_size,
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise)

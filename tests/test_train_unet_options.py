@@ -54,3 +54,20 @@ def test_offset_noise_moves_each_channels_mean(parts, monkeypatch):
     # 8x8 latents: the spatial mean of white noise has std 1/8; the offset adds std 0.5 per sample and channel
     assert 0.08 < plain.std().item() < 0.17
     assert 0.4 < offset.std().item() < 0.65
+
+
+def test_train_unet_command_checks_its_folders_before_training(tmp_path, capsys):
+    from snapfusion.cli import main
+
+    enc = tmp_path / "enc"
+    save_autoencoder(enc, AutoencoderKL(AutoencoderConfig.tiny()).encoder)
+    text = tmp_path / "text"
+    save_text_encoder(text, TextEncoder(TINY_TEXT))
+    base = ["train-unet", "--run-dir", str(tmp_path / "run"), "--text-encoder", str(text)]
+    assert main(base + ["--vae", str(enc)]) == 2  # an encoder alone cannot draw the sample grids
+    assert "--vae-decoder" in capsys.readouterr().err
+    assert main(base + ["--vae", str(enc), "--offset-noise", "-0.1"]) == 2
+    assert "--offset-noise" in capsys.readouterr().err
+    assert main(["train-unet", "--run-dir", str(tmp_path / "r2"), "--from-pipeline", str(tmp_path / "none")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r2").exists()

@@ -79,7 +79,8 @@ class _StreamSampler(Sampler[list[int]]):
 
 
 class _Stop:
-    """Turns SIGTERM/SIGINT into a clean stop with a checkpoint at the end of the current step."""
+    """Turns SIGTERM/SIGINT into a clean stop with a checkpoint: at the end of the current step in one process,
+    at the next multiple of STOP_SYNC_EVERY steps under DDP (where the processes agree on it)."""
 
     def __init__(self) -> None:
         self.requested = False

@@ -384,12 +384,12 @@ class UNetTask:
 
     @torch.no_grad()
     def sample_grid(self, model, path: Path) -> None:
+        from snapfusion.decoder.io import load_decoder
         from snapfusion.pipeline import Pipeline, PipelineConfig, image_grid, to_pil
 
         unet = _unwrap(model)
         device = next(unet.parameters()).device
-        decoder = load_autoencoder(self._decoder_folder, _vae_cls(self._decoder_folder)).to(device)
-        decoder = getattr(decoder, "decoder", decoder)
+        decoder = load_decoder(self._decoder_folder, device=device)  # any decoder kind
         pipe = Pipeline(self.text.to(device), unet, decoder, PipelineConfig(schedule=self.cfg.schedule),
                         tokenizer=self.tokenizer)
         records = load_prompt_set("test")[: self.cfg.sample_prompts]
