@@ -106,6 +106,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
         pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
     if a.dtype != "fp32" and a.backend == "torch":
         pipe.to(device, _dtype(a.dtype))
+    unknown = getattr(pipe.text_encoder, "unknown_tokens", None)
+    if unknown is not None:  # a compact vocabulary (our domain models): say which words the model cannot read
+        ids = pipe.tokenizer([a.prompt])[0]
+        words = sorted({pipe.tokenizer.decode([int(i)]) for i in ids[unknown(ids[None])[0]]})
+        if words:
+            print(f"snapfusion: warning: {pipe.config.name} does not know the word(s) {', '.join(words)}; "
+                  "they are read as blanks", file=sys.stderr)
     if pipe.tokenizer.is_truncated(a.prompt):
         print(f"snapfusion: warning: the prompt is longer than CLIP's {pipe.tokenizer.max_length - 2} tokens; "
               "the rest is dropped", file=sys.stderr)

@@ -126,3 +126,10 @@ def test_generate_with_a_missing_decoder_is_one_line(pipeline_dir, capsys):
     assert main(["generate", "a cat", "--model", str(pipeline_dir), "--decoder", "/nonexistent/dec", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "decoder not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_warns_about_words_the_base_model_cannot_read(tmp_path, capsys):
+    assert main(["generate", "an astronaut riding a horse", "--model", "base", "--size", "64", "--steps", "1",
+                 "--out", str(tmp_path / "w.png"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "does not know the word(s) astronaut, riding" in err and "horse" not in err

@@ -92,3 +92,23 @@ def test_cli_export_reduced_precision_passes_default_parity(tiny_pipeline, tmp_p
     assert main(["export", "--model", str(tmp_path / "model"), "--precision", precision, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"parity ({precision})" in printed and (out / REPORT).is_file()
+
+
+def test_onnx_export_of_a_compact_vocabulary_text_encoder(tiny_pipeline, tmp_path):
+    """The token map travels inside the text encoder's graph: ORT and torch agree, known and unknown words alike."""
+    from snapfusion.export.components import ExportConfig
+    from snapfusion.export.onnx_export import export_onnx
+    from snapfusion.export.ort import OrtPipeline
+    from snapfusion.models.text import compact_vocabulary
+    from snapfusion.pipeline import Pipeline
+
+    ids = tiny_pipeline.tokenizer(["a red circle above a cat"])
+    compact = compact_vocabulary(tiny_pipeline.text_encoder, ids.unique().tolist()).eval()
+    pipe = Pipeline(compact, tiny_pipeline.unet, tiny_pipeline.decoder, tiny_pipeline.config,
+                    tokenizer=tiny_pipeline.tokenizer)
+    export_onnx(pipe, tmp_path / "onnx", ExportConfig(format="onnx"))
+    ort_pipe = OrtPipeline.load(tmp_path / "onnx")
+    for prompt in ("a red circle above a cat", "an astronaut on mars"):
+        a = ort_pipe.encode_text([prompt])
+        b = pipe.encode_text([prompt])
+        assert (a - b).abs().max() < 1e-4, prompt

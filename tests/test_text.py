@@ -187,3 +187,40 @@ def test_is_truncated_boundary():
     assert not tok.is_truncated("a cat")
     assert not tok.is_truncated("cat " * 75)  # exactly fills the 75 slots between BOS and EOS
     assert tok.is_truncated("cat " * 76)
+
+
+def test_compact_vocabulary_is_exact_on_kept_tokens_and_blank_elsewhere(tmp_path, tok):
+    from snapfusion.models.text import compact_vocabulary
+
+    model = _tiny_encoder().eval()
+    kept = tok(["a red circle on a blue background", "two cats"])
+    compact = compact_vocabulary(model, kept.unique().tolist()).eval()
+    assert compact.config.vocab_rows == len(set(kept.unique().tolist()) | {49406, 49407}) + 1
+    other = tok(["a zebra riding a horse"])
+    with torch.no_grad():
+        assert torch.equal(compact(kept), model(kept))
+        assert not compact.unknown_tokens(kept).any()
+        unknown = compact.unknown_tokens(other)
+        assert unknown.any() and not unknown[0, 0] and not unknown[0, -1]  # BOS and EOS padding are kept
+        blanked = model.text_model.embeddings.token_embedding.weight.clone()
+        model.text_model.embeddings.token_embedding.weight.data[other[0][unknown[0]]] = 0.0  # what "blank" means
+        assert torch.allclose(compact(other), model(other), atol=1e-6)
+        model.text_model.embeddings.token_embedding.weight.data.copy_(blanked)
+        save_text_encoder(tmp_path / "c", compact, dtype=torch.float16)  # the int32 map survives an fp16 save
+        loaded = load_text_encoder(tmp_path / "c")
+        assert loaded.token_map.dtype == torch.int32 and torch.equal(loaded.token_map, compact.token_map)
+    with pytest.raises(ConfigError, match="already compact"):
+        compact_vocabulary(compact, [1, 2])
+    with pytest.raises(ConfigError, match="vocab_rows"):
+        TextEncoderConfig.tiny().__class__(**{**TextEncoderConfig.tiny().__dict__, "vocab_rows": 2})
+
+
+def test_shipped_base_text_encoder_is_compact_and_knows_every_test_prompt(tok):
+    from snapfusion.cli import EMBEDDED
+    from snapfusion.data import load_prompt_set
+
+    text = load_text_encoder(EMBEDDED / "base" / "text_encoder")
+    assert 300 < text.config.vocab_rows < 1000
+    for name in ("test", "train200"):
+        ids = tok([r["prompt"] for r in load_prompt_set(name)])
+        assert not text.unknown_tokens(ids).any(), name

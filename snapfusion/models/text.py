@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # CLIP's context length
 POSITION_IDS_KEY = "text_model.embeddings.position_ids"  # a buffer some files hold and others do not
+EMBEDDING_KEY = "text_model.embeddings.token_embedding.weight"
 
 
 class Tokenizer:
@@ -95,6 +97,9 @@ class TextEncoderConfig:
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     projection_dim: int = 768  # CLIPTextModelWithProjection only; kept so the config round-trips
     layer_norm_eps: float = 1e-5
+    # > 0: a compact token embedding of this many rows; the buffer ``token_map`` sends each of the vocab_size CLIP
+    # ids to its row, and every id outside the kept vocabulary to row 0 (zeros). 0: CLIP's full embedding.
+    vocab_rows: int = 0
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -102,6 +107,8 @@ class TextEncoderConfig:
                               f"num_heads {self.num_heads}")
         if self.vocab_size < 49408:
             raise ConfigError(f"TextEncoderConfig: vocab_size {self.vocab_size} < 49408 cannot hold CLIP's tokens")
+        if self.vocab_rows and not 3 <= self.vocab_rows <= self.vocab_size:
+            raise ConfigError(f"TextEncoderConfig: vocab_rows {self.vocab_rows} must be 0 or in [3, {self.vocab_size}]")
 
     @classmethod
     def sd15(cls) -> "TextEncoderConfig":
@@ -123,10 +130,14 @@ def clip_text_config(cfg: TextEncoderConfig):
     """transformers ``CLIPTextConfig`` for ``cfg`` (token ids left at defaults: they only affect the pooled output)."""
     from transformers import CLIPTextConfig
 
+    # compact vocabulary: CLIP's special ids are not rows; eos 2 selects transformers' argmax rule for the pooled
+    # output, which this project never reads
+    special = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1) if cfg.vocab_rows else {}
     return CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_rows or cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         projection_dim=cfg.projection_dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps)
+        max_position_embeddings=cfg.max_positions, hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps,
+        **special)
 
 
 def config_from_transformers(data: dict, *, where: str = "text_encoder/config.json") -> TextEncoderConfig:
@@ -156,9 +167,44 @@ class TextEncoder(nn.Module):
         self.config = config
         # keys text_model.embeddings.*, text_model.encoder.layers.*: the names in CLIPTextModel files on disk
         self.text_model = CLIPTextModel(clip_text_config(config))
+        if config.vocab_rows:
+            self.register_buffer("token_map", torch.zeros(config.vocab_size, dtype=torch.int32))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.vocab_rows:  # CLIP ids -> rows of the compact embedding (the pooled output is not used)
+            input_ids = self.token_map[input_ids].long()
         return self.text_model(input_ids=input_ids).last_hidden_state  # (B, 77, D)
+
+    def unknown_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mask (like ``input_ids``) of ids outside a compact vocabulary (all False for the full embedding)."""
+        if not self.config.vocab_rows:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        return self.token_map[input_ids] == 0
+
+
+def compact_vocabulary(model: TextEncoder, keep: Sequence[int]) -> TextEncoder:
+    """A copy of ``model`` whose token embedding holds only the rows of ``keep`` (plus a zero row for the rest).
+
+    For every id in ``keep`` the output is bit-identical; other ids all read the zero row. A small domain model
+    uses a few hundred of CLIP's 49,408 tokens: its embedding shrinks from 49,408 rows to that many.
+    """
+    if model.config.vocab_rows:
+        raise ConfigError("compact_vocabulary: the model's vocabulary is already compact")
+    ids = sorted({int(i) for i in keep} | {49406, 49407})  # BOS and EOS (padding) are always kept
+    if ids[0] < 0 or ids[-1] >= model.config.vocab_size:
+        raise ConfigError(f"compact_vocabulary: ids must be in [0, {model.config.vocab_size}), got {len(ids)} ids")
+    cfg = dataclasses.replace(model.config, vocab_rows=len(ids) + 1)
+    out = TextEncoder(cfg)
+    state = model.state_dict()
+    table = state[EMBEDDING_KEY]
+    rows = torch.zeros(len(ids) + 1, table.shape[1], dtype=table.dtype)
+    rows[1:] = table[ids]
+    state[EMBEDDING_KEY] = rows
+    token_map = torch.zeros(model.config.vocab_size, dtype=torch.int32)
+    token_map[ids] = torch.arange(1, len(ids) + 1, dtype=torch.int32)
+    state["token_map"] = token_map
+    out.load_state_dict(state)
+    return out
 
 
 KIND = "text-encoder"
