@@ -86,7 +86,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
               "psnr_vs_teacher": psnr_report(students, pipe.decoder, latents)}
     if a.pipeline_metrics:
         decoders = {"teacher": pipe.decoder, **students}
-        report["pipeline"] = pipeline_metrics(pipe, decoders, a.pipeline_metrics, batch_size=a.batch_size)
+        report["pipeline"] = pipeline_metrics(pipe, decoders, a.pipeline_metrics, batch_size=a.batch_size,
+                                              num_emoji=a.num_emoji)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:

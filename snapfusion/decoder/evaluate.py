@@ -111,14 +111,16 @@ def onnx_latency(module: nn.Module, example: torch.Tensor, *, repeats: int = 3, 
 
 @torch.no_grad()
 def pipeline_metrics(pipe: Pipeline, decoders: dict[str, nn.Module], count: int, *, steps: int = 25,
-                     guidance: float = 5.0, batch_size: int = 16, evaluators=None) -> dict[str, Any]:
-    """Domain CLIP score, FID and attribute accuracy of the full pipeline with each decoder on the same latents."""
+                     guidance: float = 5.0, batch_size: int = 16, evaluators=None,
+                     num_emoji: int | None = None) -> dict[str, Any]:
+    """Domain CLIP score, FID and attribute accuracy of the full pipeline with each decoder on the same latents
+    (the first ``count`` test prompts, restricted to the first ``num_emoji`` emoji if given)."""
     from snapfusion.eval.evaluators import evaluate_images, load_evaluators
 
     ev = evaluators or load_evaluators(device=pipe.device)
-    records = load_prompt_set("test")[:count]
+    records = load_prompt_set("test", num_emoji)[:count]
     src = dataclasses.replace(LatentSource(sampler="ddim", steps=steps), guidance_min=guidance, guidance_max=guidance)
-    latents = heldout_latents(pipe, count, src, batch_size=batch_size)
+    latents = heldout_latents(pipe, count, src, batch_size=batch_size, num_emoji=num_emoji)
     prompts = [r["prompt"] for r in records]
     scenes = [r["scene"] for r in records]
     out = {}
