@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark (docs/benchmarks.md): SD-v1.5 vs the SnapFusion preset, random weights, fp16, 512x512, guidance 7.5:
 # 50 steps vs 8 steps, eager and torch.compile'd UNet; FLOPs per image and the compute floor (FLOPs / measured
-# fp16 matmul peak). ~6-8 minutes on one H100/H200 (the two compiles dominate). Run it on an idle GPU.
+# fp16 matmul peak). ~8-10 minutes on one H100/H200 (the compiles dominate). Run it on an idle GPU.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
@@ -19,11 +19,16 @@ bench sd15_eager 60 --preset sd15 --steps 50 --runs 3 --warmup 1
 bench snapfusion_eager 45 --preset snapfusion --steps 8 --runs 10 --warmup 2
 bench snapfusion_compiled 150 --preset snapfusion --steps 8 --runs 10 --warmup 2 --compile
 bench sd15_compiled 170 --preset sd15 --steps 50 --runs 3 --warmup 1 --compile
+# CUDA graphs (reduce-overhead) for every network: the SnapFusion preset is launch-bound at batch 2 (session 2:
+# 113 ms compiled against a 14 ms floor); not yet run
+bench snapfusion_cudagraphs 200 --preset snapfusion --steps 8 --runs 10 --warmup 3 --compile \
+  --compile-mode reduce-overhead --compile-all
 python3 - <<'PY' | tee runs/bench/summary.md
 import json, pathlib
 from snapfusion.bench import markdown_table
 runs = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path("runs/bench").glob("*.json"))}
-order = [k for k in ("sd15_eager", "snapfusion_eager", "sd15_compiled", "snapfusion_compiled") if k in runs]
+order = [k for k in ("sd15_eager", "snapfusion_eager", "sd15_compiled", "snapfusion_compiled",
+                     "snapfusion_cudagraphs") if k in runs]
 print(markdown_table([runs[k] for k in order]))
 for mode in ("eager", "compiled"):
     a, b = runs.get(f"sd15_{mode}"), runs.get(f"snapfusion_{mode}")

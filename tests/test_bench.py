@@ -42,3 +42,16 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["config"]["preset"] == "tiny"
     assert "UNet ms/step" in capsys.readouterr().out
     assert main(["bench", "--preset", "tiny", "--backend", "onnxruntime"]) == 2
+
+
+def test_compile_options_reach_torch_compile(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode="default": calls.append(mode) or fn)
+    r = run_bench(BenchConfig(preset="tiny", size=64, steps=1, runs=1, warmup=0, compile=True,
+                              compile_mode="reduce-overhead", compile_all=True))
+    assert calls == ["reduce-overhead"] * 3  # UNet, text encoder, decoder
+    assert "| reduce-overhead +all |" in markdown_table([r])
+    with pytest.raises(ConfigError, match="need --compile"):
+        BenchConfig(preset="tiny", compile_mode="reduce-overhead")

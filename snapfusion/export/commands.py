@@ -55,7 +55,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
                       dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
-                      runs=a.runs, warmup=a.warmup)
+                      compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup)
     result = run_bench(cfg)
     table = markdown_table([result])
     print(table, end="")
@@ -100,6 +100,9 @@ def register(sub) -> None:
     b.add_argument("--steps", type=int, default=8)
     b.add_argument("--guidance", type=float, default=7.5)
     b.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    b.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                   help="torch.compile mode (reduce-overhead: CUDA graphs on the GPU)")
+    b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--json", default=None, help="write the full result here")
