@@ -28,3 +28,12 @@ def tiny_pipeline() -> Pipeline:
     vae = AutoencoderKL(AutoencoderConfig.tiny())
     return Pipeline(text, unet, vae.decoder, PipelineConfig(name="tiny", resolution=64, steps=4, guidance=3.0),
                     encoder=vae.encoder).eval()
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (timings on a shared 2-core machine: no OpenMP spin-waits under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

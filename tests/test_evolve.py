@@ -20,12 +20,7 @@ from snapfusion.models.unet_config import block_names, tiny_sd15
 RECORDS = [{"prompt": p, "seed": s} for p, s in (("a red circle", 1), ("two cats", 2), ("a star", 3))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(cfg, batch=2, side=8):

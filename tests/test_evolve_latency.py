@@ -13,13 +13,7 @@ from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import block_names, copy_block, remove_block, sd15, tiny_sd15
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Timings on a shared 2-core machine: one thread avoids OpenMP spin-waits under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic_table(cfg, latent=8):
