@@ -31,19 +31,17 @@ def main() -> None:
     folder = Path(a.pipeline) / "text_encoder"
     tok = Tokenizer()
     cfg = SceneConfig()  # every emoji, both splits
-    texts: list[str] = []
-    for name in ("test", "train200", "test200"):
-        texts += [r["prompt"] for r in load_prompt_set(name)]
-    seen: set[int] = set()
+    seen = {int(i) for name in ("test", "train200", "test200")
+            for i in tok([r["prompt"] for r in load_prompt_set(name)]).unique()}
     for split in ("train", "test"):
         rng = np.random.default_rng(123 if split == "train" else 456)
-        for n in range(a.captions):
-            scene = sample_scene(rng, split, cfg)
-            texts.append(caption(scene, rng, cfg.caption_p_omit if n % 2 else 0.0))
-            if (n + 1) in (1_000, 10_000, 50_000, 100_000, a.captions):
-                seen |= {int(i) for i in tok(texts).unique()}
-                texts = texts[-1:]  # keep memory flat; ids are accumulated in `seen`
-                print(f"{split}: after {n + 1:>7,} captions: {len(seen)} distinct token ids", flush=True)
+        done = 0
+        for upto in sorted(n for n in {1_000, 10_000, 50_000, 100_000, a.captions} if n <= a.captions):
+            texts = [caption(sample_scene(rng, split, cfg), rng, cfg.caption_p_omit if n % 2 else 0.0)
+                     for n in range(done, upto)]
+            seen |= {int(i) for i in tok(texts).unique()}
+            done = upto
+            print(f"{split}: after {upto:>7,} captions: {len(seen)} distinct token ids", flush=True)
     model = load_text_encoder(folder).float().eval()
     compact = compact_vocabulary(model, sorted(seen)).eval()
     # bit-identical on fresh captions (a third seed) and on every shipped prompt

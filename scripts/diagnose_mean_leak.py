@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snapfusion.cli import resolve_model
+from snapfusion.cli import model_folder, resolve_model
 from snapfusion.data import Scene, load_prompt_set
 from snapfusion.data.render import render
 from snapfusion.eval.attributes import attribute_accuracy
@@ -51,9 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     pipe = resolve_model(a.model).eval()
-    from snapfusion.cli import DEFAULT_MODELS, EMBEDDED
-    root = EMBEDDED / a.model if a.model in DEFAULT_MODELS else Path(a.model)
-    encoder = load_autoencoder(root / "vae_encoder", Encoder).eval()
+    encoder = load_autoencoder(model_folder(a.model) / "vae_encoder", Encoder).eval()
     records = load_prompt_set("test", num_emoji=a.num_emoji)
     res = pipe.config.resolution
 

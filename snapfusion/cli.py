@@ -36,6 +36,11 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def model_folder(name: str) -> Path:
+    """The folder of an embedded model name ('base', 'snapfusion'), else ``name`` as a path."""
+    return EMBEDDED / name if name in DEFAULT_MODELS else Path(name)
+
+
 def resolve_model(name: str | None, *, device: str = "cpu"):
     """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
     from snapfusion.config import load_json
@@ -49,7 +54,7 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
             raise WeightsError(f"no embedded model found under {EMBEDDED} (the package is incomplete)")
         name = shipped[0]
     if name in DEFAULT_MODELS:
-        folder = EMBEDDED / name
+        folder = model_folder(name)
         if not (folder / INDEX).is_file():
             raise WeightsError(f"embedded model '{name}' is not shipped in this version ({folder})")
         return Pipeline.load(folder, device=device)
@@ -210,7 +215,7 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
 
     vae, text, init, decoder = a.vae, a.text_encoder, a.init_unet, a.vae_decoder
     if a.from_pipeline:  # continue training a pipeline's UNet on its own frozen text tower and autoencoder
-        root = EMBEDDED / a.from_pipeline if a.from_pipeline in DEFAULT_MODELS else Path(a.from_pipeline)
+        root = model_folder(a.from_pipeline)
         if not vae:  # the pipeline's encoder, so its decoder is the matching one for sample grids
             vae, decoder = str(root / "vae_encoder"), decoder or str(root / "vae_decoder")
         text, init = text or str(root / "text_encoder"), init or str(root / "unet")

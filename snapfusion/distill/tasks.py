@@ -159,9 +159,27 @@ class _Sampler:
         return metrics
 
 
+class _OnBaseData:
+    """Data, collation and checkpoint I/O of a UNet task, delegated to the base model's UNet stage ``self.data``."""
+
+    data: UNetTask
+
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    def save(self, model, folder: Path) -> None:
+        self.data.save(model, folder)
+
+    def load(self, model, folder: Path) -> None:
+        self.data.load(model, folder)
+
+
 # ---- v-prediction fine-tuning ------------------------------------------------------------------------------
 
-class VFinetuneTask:
+class VFinetuneTask(_OnBaseData):
     """eps -> v: the same network trained with L_ori = ||v_hat - v||^2 from the source UNet's weights."""
 
     name = "finetune-v"
@@ -182,12 +200,6 @@ class VFinetuneTask:
         model.load_state_dict(UNet.load(self.cfg.source.unet_folder()).state_dict())
         return model
 
-    def dataset(self):
-        return self.data.dataset()
-
-    def collate(self, items):
-        return self.data.collate(items)
-
     def loss(self, model, batch, generator):
         x0, context = _encode(self.data, batch, generator)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device,
@@ -196,12 +208,6 @@ class VFinetuneTask:
         z = self.schedule.add_noise(x0, eps, t)  # (B, 4, h, w)
         pred = Denoiser(model, self.schedule, "v_prediction")(z, t, context)
         return v_loss(pred, x0, eps, t, self.schedule), {}
-
-    def save(self, model, folder: Path) -> None:
-        self.data.save(model, folder)
-
-    def load(self, model, folder: Path) -> None:
-        self.data.load(model, folder)
 
     def sample_grid(self, model, path: Path) -> None:
         unet = _unwrap(model)
@@ -212,7 +218,7 @@ class VFinetuneTask:
 
 # ---- step distillation ---------------------------------------------------------------------------------------
 
-class DistillTask:
+class DistillTask(_OnBaseData):
     """Student n steps vs teacher 2n steps; per iteration L_cfg with probability p else L_vani, plus gamma L_ori."""
 
     name = "distill"
@@ -237,12 +243,6 @@ class DistillTask:
 
     def build(self) -> nn.Module:
         return UNet.load(self.student_folder)
-
-    def dataset(self):
-        return self.data.dataset()
-
-    def collate(self, items):
-        return self.data.collate(items)
 
     @torch.no_grad()
     def _uncond_context(self, device: torch.device) -> torch.Tensor:
@@ -269,12 +269,6 @@ class DistillTask:
         l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
         total = with_rescaled_ori(l_dstl, l_ori, c.ori_weight)
         return total, {"cfg_aware": float(cfg_aware), "l_dstl": l_dstl.mean().item(), "l_ori": l_ori.mean().item()}
-
-    def save(self, model, folder: Path) -> None:
-        self.data.save(model, folder)
-
-    def load(self, model, folder: Path) -> None:
-        self.data.load(model, folder)
 
     def sample_grid(self, model, path: Path) -> None:
         unet = _unwrap(model)
