@@ -2,7 +2,9 @@
 
 A pipeline folder holds ``model_index.json`` (kind "pipeline": sampling defaults) and one sub-folder per
 network (``text_encoder/``, ``unet/``, ``vae_decoder/``, optionally ``vae_encoder/``), each in our
-``save_pretrained`` layout. The tokenizer is CLIP's, shipped in ``snapfusion/assets/tokenizer``.
+``save_pretrained`` layout. A part may instead live in a sibling folder that ``model_index.json`` names under
+``"parts"`` (e.g. ``{"text_encoder": "../base/text_encoder"}``): shipped pipelines share parts that way, so that the
+repository holds each network once. The tokenizer is CLIP's, shipped in ``snapfusion/assets/tokenizer``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, d
 Sampler = Literal["ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing", "linspace"]
 INDEX = "model_index.json"
+PARTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def part_folder(folder: str | Path, name: str) -> Path:
+    """Where pipeline ``folder`` keeps its part ``name``: ``folder/name``, or the shared folder that its
+    ``model_index.json`` names under "parts" (relative to ``folder``, and inside ``folder``'s parent)."""
+    folder = Path(folder)
+    index = folder / INDEX
+    shared = load_json(index).get("parts", {}) if index.is_file() else {}
+    if name not in shared:
+        return folder / name
+    rel = Path(str(shared[name]))
+    target = (folder / rel).resolve()
+    if rel.is_absolute() or not target.is_relative_to(folder.resolve().parent):
+        raise WeightsError(f"{index}: part {name!r} must be a relative path next to the pipeline, got {rel}")
+    return target
 MAX_PROMPT_CHARS = 20_000  # a guard against absurd input; CLIP reads 75 tokens and truncates the rest
 
 
@@ -108,28 +126,42 @@ class Pipeline:
         if data.get("kind") != "pipeline":
             raise WeightsError(f"{folder / INDEX}: expected kind 'pipeline', found {data.get('kind')!r}")
         config = from_dict(PipelineConfig, data["config"], where=str(folder / INDEX))
-        text = load_text_encoder(folder / "text_encoder", device=device).to(dtype)
-        unet = UNet.load(folder / "unet", device=device, dtype=dtype)
+        text = load_text_encoder(part_folder(folder, "text_encoder"), device=device).to(dtype)
+        unet = UNet.load(part_folder(folder, "unet"), device=device, dtype=dtype)
         from snapfusion.decoder.io import load_decoder  # any decoder kind: SD layout, channel-reduced, tiny
 
-        decoder = load_decoder(folder / "vae_decoder", device=device, dtype=dtype)
+        decoder = load_decoder(part_folder(folder, "vae_decoder"), device=device, dtype=dtype)
         encoder = None
         if with_encoder:
-            encoder = load_autoencoder(folder / "vae_encoder", Encoder, device=device, dtype=dtype)
+            encoder = load_autoencoder(part_folder(folder, "vae_encoder"), Encoder, device=device, dtype=dtype)
         return cls(text, unet, decoder, config, encoder=encoder).eval()
 
-    def save(self, folder: str | Path, *, dtype: torch.dtype | None = torch.float16) -> Path:
-        """Write the pipeline folder (fp16 weights by default, each file under 16 MiB)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_text_encoder(folder / "text_encoder", self.text_encoder, dtype=dtype)
-        self.unet.save(folder / "unet", dtype=dtype)
+    def save(self, folder: str | Path, *, dtype: torch.dtype | None = torch.float16,
+             shared: dict[str, str] | None = None, unet_int8: bool = False) -> Path:
+        """Write the pipeline folder (fp16 weights by default, each file under 16 MiB).
+
+        ``shared``: parts not written here but referenced, e.g. ``{"text_encoder": "../base/text_encoder"}`` (the
+        caller vouches that those folders hold this pipeline's networks). ``unet_int8``: weight-only int8 UNet."""
         from snapfusion.decoder.io import save_decoder
 
-        save_decoder(folder / "vae_decoder", self.decoder, dtype=dtype)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        shared = dict(shared or {})
+        unknown = sorted(set(shared) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"shared parts must be among {PARTS}, got {unknown}")
+        writers = {"text_encoder": lambda d: save_text_encoder(d, self.text_encoder, dtype=dtype),
+                   "unet": lambda d: self.unet.save(d, dtype=dtype, int8=unet_int8),
+                   "vae_decoder": lambda d: save_decoder(d, self.decoder, dtype=dtype)}
         if self.encoder is not None:
-            save_autoencoder(folder / "vae_encoder", self.encoder, dtype=dtype)
-        save_json({"kind": "pipeline", "config": to_dict(self.config)}, folder / INDEX)
+            writers["vae_encoder"] = lambda d: save_autoencoder(d, self.encoder, dtype=dtype)
+        for name, write in writers.items():
+            if name not in shared:
+                write(folder / name)
+        index = {"kind": "pipeline", "config": to_dict(self.config)}
+        if shared:
+            index["parts"] = shared
+        save_json(index, folder / INDEX)
         return folder
 
     def eval(self) -> "Pipeline":

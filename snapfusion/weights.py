@@ -32,8 +32,10 @@ def _require_file(path: Path) -> Path:
 def load_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load one ``.safetensors`` file, or every shard named by a ``*.safetensors.index.json``."""
     path = Path(path)
-    if path.name.endswith(INDEX_SUFFIX):
-        return _load_sharded(path, device)
+    return dequantize(_load_sharded(path, device) if path.name.endswith(INDEX_SUFFIX) else _load_file(path, device))
+
+
+def _load_file(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     _require_file(path)
     size = path.stat().st_size
     if size < 8:
@@ -47,11 +49,12 @@ def load_safetensors(path: str | os.PathLike, *, device: str | torch.device = "c
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_len + end > size:
                 raise WeightsError(f"truncated safetensors file: {path} ({size} bytes, needs {8 + header_len + end})")
-            return {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except WeightsError:
         raise
     except Exception as err:  # safetensors raises its own error types for malformed files
         raise WeightsError(f"corrupt safetensors file: {path} ({type(err).__name__}: {err})") from None
+    return state
 
 
 def _load_sharded(index_path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -62,11 +65,46 @@ def _load_sharded(index_path: Path, device: str | torch.device) -> dict[str, tor
         raise WeightsError(f"malformed shard index {index_path}: {err}") from None
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        part = load_safetensors(index_path.parent / shard, device=device)
+        part = _load_file(index_path.parent / shard, device)  # raw: a weight and its int8 scale may be in two shards
         state.update(part)
     missing = sorted(set(weight_map) - set(state))
     if missing:
         raise WeightsError(f"{index_path}: keys listed in the index are missing from the shards: {missing[:5]}")
+    return state
+
+
+QSCALE_SUFFIX = ".__int8_scale__"  # key of the per-output-channel scale of an int8-quantized weight
+INT8_MIN_NUMEL = 4096              # smaller tensors (norms, biases, embeddings of a few rows) stay in float
+
+
+def quantize_int8(state: Mapping[str, torch.Tensor], *, scale_dtype: torch.dtype = torch.float32
+                  ) -> dict[str, torch.Tensor]:
+    """Weight-only int8: every float weight of 2+ dims and at least ``INT8_MIN_NUMEL`` elements becomes int8 with a
+    symmetric per-output-channel scale (key + ``QSCALE_SUFFIX``); the rest is returned unchanged. Halves an fp16
+    file; ``dequantize`` (applied by ``load_safetensors``) restores float weights with an error of at most half a
+    step (max|w| / 254) per element. Storage only: the networks still compute in float."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not v.is_floating_point() or v.dim() < 2 or v.numel() < INT8_MIN_NUMEL:
+            out[k] = v
+            continue
+        w = v.detach().float()
+        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0  # (out, 1, ...)
+        scale = scale.to(scale_dtype)
+        out[k] = torch.round(w / scale.float()).clamp_(-127, 127).to(torch.int8)
+        out[k + QSCALE_SUFFIX] = scale
+    return out
+
+
+def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``quantize_int8`` (float weights in the scales' dtype, fp32); a state without scales is unchanged."""
+    scales = [k for k in state if k.endswith(QSCALE_SUFFIX)]
+    for sk in scales:
+        k = sk[: -len(QSCALE_SUFFIX)]
+        if k not in state or state[k].dtype != torch.int8:
+            raise WeightsError(f"int8 scale {sk!r} without its int8 weight {k!r}")
+        scale = state.pop(sk)
+        state[k] = (state[k].float() * scale.float()).to(scale.dtype)
     return state
 
 
@@ -77,18 +115,20 @@ def save_safetensors(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
+    int8: bool = False,
 ) -> list[Path]:
     """Save ``state`` atomically to ``path`` (``name.safetensors``), sharded when it exceeds ``max_shard_bytes``.
 
     Sharded output is ``name-00001-of-0000N.safetensors`` plus ``name.safetensors.index.json``. Returns the files.
+    ``int8``: weight-only int8 storage of the large weights (``quantize_int8``), the rest in ``dtype``.
     """
     path = Path(path)
     if not path.name.endswith(".safetensors"):
         raise ValueError(f"expected a .safetensors path, got {path}")
     tensors = {}
-    for k, v in state.items():
+    for k, v in (quantize_int8(state) if int8 else state).items():
         v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
+        if dtype is not None and v.is_floating_point() and not k.endswith(QSCALE_SUFFIX):
             v = v.to(dtype)
         tensors[k] = v.contiguous()
     shards = _plan_shards(tensors, max_shard_bytes)
@@ -189,6 +229,7 @@ def save_pretrained(
     kind: str,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+    int8: bool = False,
 ) -> Path:
     """Save ``module`` as ``folder/model.safetensors`` (sharded if large) plus ``folder/config.json``."""
     from snapfusion.config import save_json, to_dict
@@ -196,7 +237,7 @@ def save_pretrained(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(module.state_dict(), folder / f"{WEIGHTS_STEM}.safetensors", dtype=dtype,
-                     max_shard_bytes=max_shard_bytes)
+                     max_shard_bytes=max_shard_bytes, int8=int8)
     save_json({"kind": kind, "config": to_dict(config)}, folder / CONFIG_NAME)
     return folder
 

@@ -207,7 +207,8 @@ def test_evolve_training_chunk_trains_under_the_commands_no_grad(tmp_path):
     _robust_task(tmp_path)  # writes the tiny VAE, text tower and init UNet folders
     a = SimpleNamespace(train_steps=1, batch_size=2, lr=1e-3, mixed_precision="no", seed=0, num_workers=0,
                         model=str(tmp_path), vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"),
-                        image_size=64, num_emoji=None, p_res=0.5, p_attn=0.5, granularity="sample")
+                        image_size=64, num_emoji=None, p_res=0.5, p_attn=0.5, granularity="sample",
+                        offset_noise=0.0, latent_pool=0)
     unet = UNet.load(tmp_path / "init")
     with torch.no_grad():  # cmd_evolve runs the whole evolution, training chunks included, under no_grad
         trained = _train_chunk(a, "cpu")(unet, tmp_path / "evo" / "iter_000" / "train")

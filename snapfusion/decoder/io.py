@@ -12,7 +12,7 @@ from snapfusion.config import load_json
 from snapfusion.errors import WeightsError
 from snapfusion.models.autoencoder import AutoencoderKL, Decoder, load_autoencoder, save_autoencoder
 from snapfusion.decoder.tiny import KIND as TINY_KIND, TinyDecoder, load_tiny_decoder, save_tiny_decoder
-from snapfusion.pipeline import INDEX, Pipeline
+from snapfusion.pipeline import INDEX, Pipeline, part_folder
 
 AnyDecoder = Decoder | TinyDecoder
 
@@ -22,7 +22,7 @@ def load_decoder(folder: str | os.PathLike, *, device: str | torch.device = "cpu
     """A decoder from a pipeline folder (its vae_decoder/), a whole-VAE, decoder or tiny-decoder folder."""
     folder = Path(folder)
     if (folder / INDEX).is_file() and load_json(folder / INDEX).get("kind") == "pipeline":
-        folder = folder / "vae_decoder"
+        folder = part_folder(folder, "vae_decoder")
     kind = load_json(folder / "config.json").get("kind")
     if kind == TINY_KIND:
         return load_tiny_decoder(folder, device=device, dtype=dtype)

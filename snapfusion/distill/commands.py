@@ -21,30 +21,34 @@ def _source(a: argparse.Namespace):
 
 
 def cmd_finetune_v(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _data_cfg, _loop_cfg
+    from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options
     from snapfusion.distill.stages import finetune_v
     from snapfusion.distill.tasks import VFinetuneConfig
 
+    check_noise_data_options(a)
     cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=_data_cfg(a),
-                          sample_guidance=a.sample_guidance)
+                          sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool)
     final = finetune_v(_loop_cfg(a), cfg, resume=a.resume)
     print(f"v-prediction UNet: {final}")
 
 
 def cmd_distill(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _data_cfg, _loop_cfg
+    from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options
     from snapfusion.distill.stages import distill_steps
     from snapfusion.distill.tasks import DistillConfig
 
+    check_noise_data_options(a)
     cfg = DistillConfig(source=_source(a), student_unet=a.student_unet, student_steps=a.student_steps,
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=_data_cfg(a),
-                        sample_guidance=a.sample_guidance)
+                        sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool)
     final = distill_steps(_loop_cfg(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
+    from snapfusion.cli import add_noise_data_options
+
     p.add_argument("--model", default="base",
                    help="teacher pipeline: 'base' or a pipeline folder (default %(default)s)")
     p.add_argument("--teacher-unet", default=None, help="UNet folder replacing the pipeline's unet/ as the teacher")
@@ -52,6 +56,7 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
                    help="autoencoder or encoder folder, if the pipeline has no vae_encoder/")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--sample-guidance", type=float, default=None, help="guidance of sample grids (default: model's)")
+    add_noise_data_options(p)
 
 
 def register(sub) -> None:

@@ -16,15 +16,15 @@ from snapfusion.decoder.io import load_decoder
 from snapfusion.distill.tasks import DistillConfig, DistillTask, ModelSource, VFinetuneConfig, VFinetuneTask
 from snapfusion.models.text import load_text_encoder
 from snapfusion.models.unet import UNet
-from snapfusion.pipeline import Pipeline, PipelineConfig
+from snapfusion.pipeline import Pipeline, PipelineConfig, part_folder
 from snapfusion.train.loop import LoopConfig, train
 from snapfusion.train.stages import _final_source, _replace_dir
 
 
 def export_pipeline(source: ModelSource, unet_folder: Path, out: Path, config: PipelineConfig) -> Path:
     """A fp16 pipeline folder: the source's text encoder and decoder around the UNet at ``unet_folder``."""
-    pipe = Pipeline(load_text_encoder(Path(source.pipeline) / "text_encoder"), UNet.load(unet_folder),
-                    load_decoder(Path(source.pipeline) / "vae_decoder"), config)
+    pipe = Pipeline(load_text_encoder(part_folder(source.pipeline, "text_encoder")), UNet.load(unet_folder),
+                    load_decoder(part_folder(source.pipeline, "vae_decoder")), config)
     return pipe.save(out, dtype=torch.float16)
 
 

@@ -22,9 +22,9 @@ from snapfusion.distill.teacher import step_grid
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import KIND as UNET_KIND
 from snapfusion.models.unet import UNet, UNetConfig
-from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig
+from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig, part_folder
 from snapfusion.sampling import Denoiser, guided
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _images_to_unit, _unwrap
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _unwrap
 from snapfusion.weights import read_config
 
 
@@ -38,11 +38,11 @@ class ModelSource:
 
     def unet_folder(self) -> Path:
         """The teacher UNet's folder."""
-        return Path(self.teacher_unet) if self.teacher_unet else Path(self.pipeline) / "unet"
+        return Path(self.teacher_unet) if self.teacher_unet else part_folder(self.pipeline, "unet")
 
     def encoder_folder(self) -> Path:
         """The VAE encoder's folder (needed to encode training images)."""
-        folder = Path(self.vae_encoder) if self.vae_encoder else Path(self.pipeline) / "vae_encoder"
+        folder = Path(self.vae_encoder) if self.vae_encoder else part_folder(self.pipeline, "vae_encoder")
         if not (folder / "config.json").is_file():
             raise WeightsError(f"no VAE encoder at {folder}: assemble the pipeline with --with-encoder or pass "
                                f"--vae-encoder (an autoencoder or encoder folder)")
@@ -68,6 +68,8 @@ class VFinetuneConfig:
     sample_steps: int = 16             # grid and fidelity check: both models at this many trailing DDIM steps
     sample_guidance: float | None = None   # None: the pipeline's default
     seed: int = 3
+    offset_noise: float = 0.0          # as train-unet --offset-noise (docs/base_model.md); 0: plain N(0, 1) noise
+    latent_pool: int = 0               # as train-unet --latent-pool; 0: render and encode every batch
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class DistillConfig:
     sample_prompts: int = 8
     sample_guidance: float | None = None
     seed: int = 4
+    offset_noise: float = 0.0
+    latent_pool: int = 0
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -100,20 +104,18 @@ class DistillConfig:
 def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig) -> UNetTask:
     """The base model's UNet stage, reused for its data, frozen encoder and text tower."""
     return UNetTask(UNetTaskConfig(model=model, vae=str(source.encoder_folder()),
-                                   text_encoder=str(Path(source.pipeline) / "text_encoder"),
+                                   text_encoder=str(part_folder(source.pipeline, "text_encoder")),
                                    image_size=cfg.image_size, schedule=source.pipeline_config().schedule,
                                    uncond_prob=cfg.uncond_prob, data=cfg.data, sample_prompts=cfg.sample_prompts,
-                                   seed=cfg.seed))
+                                   seed=cfg.seed, offset_noise=cfg.offset_noise, latent_pool=cfg.latent_pool))
 
 
 @torch.no_grad()
 def _encode(data: UNetTask, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Training latents x0 (B, 4, h, w) and text contexts (B, 77, D), as the base model's UNet stage."""
     device = generator.device
-    data.encoder.to(device)
     data.text.to(device)
-    x0 = data.encoder.latents_from_images(_images_to_unit(batch["image"], device), generator)
-    return x0, data.text(batch["ids"].to(device))
+    return data.latents(batch, generator), data.text(batch["ids"].to(device))
 
 
 class _Tap:
@@ -139,7 +141,7 @@ class _Sampler:
     def compare(self, models: list[tuple[str, UNet, int]], path: Path) -> dict:
         """Rows of (name, UNet, steps) on the test prompts; MSE of every row to the first; grid + JSON at path."""
         device = next(models[0][1].parameters()).device
-        decoder = load_decoder(Path(self.source.pipeline) / "vae_decoder", device=device)
+        decoder = load_decoder(part_folder(self.source.pipeline, "vae_decoder"), device=device)
         pcfg = dataclasses.replace(self.pipe_cfg, timestep_spacing="trailing")
         text = self.data.text.to(device)
         rows = [Row(name, Pipeline(text, unet, decoder, pcfg, tokenizer=self.data.tokenizer), steps)
@@ -204,7 +206,7 @@ class VFinetuneTask(_OnBaseData):
         x0, context = _encode(self.data, batch, generator)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device,
                           generator=generator)  # (B,)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        eps = self.data.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)  # (B, 4, h, w)
         pred = Denoiser(model, self.schedule, "v_prediction")(z, t, context)
         return v_loss(pred, x0, eps, t, self.schedule), {}
@@ -256,7 +258,7 @@ class DistillTask(_OnBaseData):
         uncond = self._uncond_context(x0.device)
         B = x0.shape[0]
         t, t_mid, t_end = self.grid.sample(B, generator)  # (B,) each: student step t -> t_end
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        eps = self.data.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
         cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass

@@ -12,10 +12,11 @@ def _encoders(a: argparse.Namespace) -> tuple[str, str]:
     """The frozen VAE encoder and text tower folders (default: inside the --model pipeline folder)."""
     from snapfusion.cli import EMBEDDED
     from snapfusion.errors import SnapFusionError
+    from snapfusion.pipeline import part_folder
 
     root = EMBEDDED / a.model if a.model in ("base", "snapfusion") else Path(a.model)
-    vae = a.vae or str(root / "vae_encoder")
-    text = a.text_encoder or str(root / "text_encoder")
+    vae = a.vae or str(part_folder(root, "vae_encoder"))
+    text = a.text_encoder or str(part_folder(root, "text_encoder"))
     for what, folder in (("--vae", vae), ("--text-encoder", text)):
         if not (Path(folder) / "config.json").is_file():
             raise SnapFusionError(f"{what}: no model folder at {folder} (a pipeline saved without its VAE encoder "
@@ -32,24 +33,28 @@ def _unet_cfg(a: argparse.Namespace, init: str):
 
 
 def _task_cfg(a: argparse.Namespace, unet_cfg, init: str | None):
+    from snapfusion.cli import check_noise_data_options
     from snapfusion.data import SceneConfig
     from snapfusion.evolve.robust import RobustConfig, RobustTaskConfig
     from snapfusion.train.tasks import UNetTaskConfig
 
+    check_noise_data_options(a)
     vae, text = _encoders(a)
     unet = UNetTaskConfig(model=unet_cfg, vae=vae, text_encoder=text, image_size=a.image_size,
-                          data=SceneConfig(num_emoji=a.num_emoji))
+                          data=SceneConfig(num_emoji=a.num_emoji), offset_noise=a.offset_noise,
+                          latent_pool=a.latent_pool, pool_workers=max(1, a.num_workers))
     return RobustTaskConfig(unet=unet, init=init, robust=RobustConfig(a.p_res, a.p_attn, a.granularity))
 
 
 def _init_folder(a: argparse.Namespace) -> str:
     """The UNet folder to start from: --init, else the --model pipeline's unet/."""
     from snapfusion.cli import EMBEDDED
+    from snapfusion.pipeline import part_folder
 
     if a.init:
         return a.init
     root = EMBEDDED / a.model if a.model in ("base", "snapfusion") else Path(a.model)
-    return str(root / "unet")
+    return str(part_folder(root, "unet"))
 
 
 def cmd_robust_train(a: argparse.Namespace) -> None:
@@ -104,12 +109,24 @@ def clip_scorer(evaluators):
 def cmd_evolve(a: argparse.Namespace) -> None:
     import torch
 
+    from snapfusion.evolve.evolution import EvolveConfig, evolve
+    from snapfusion.evolve.latency import load_table
+
+    device, pipe, start, ev, records, scorer = _scoring(a)
+    cfg = EvolveConfig(budget_fraction=a.budget, iterations=a.iterations, actions_per_step=a.actions_per_step,
+                       allow_add=not a.no_add, eval=ev, max_minutes=a.max_minutes)
+    with torch.no_grad():
+        state = evolve(a.run_dir, start, pipe, records, scorer, load_table(a.table), cfg, _train_chunk(a, device))
+    print(f"evolution: {state['iteration']} iteration(s), done={state['done']}, budget {state['budget_ms']:.1f} ms "
+          f"of {state['start_ms']:.1f} ms; log {Path(a.run_dir) / 'evolve.jsonl'}")
+
+
+def _scoring(a: argparse.Namespace):
+    """(device, pipeline, start UNet, EvalConfig, prompt records, scorer) of evolve and block-importance."""
     from snapfusion.cli import _device, resolve_model
     from snapfusion.data import load_prompt_set
     from snapfusion.eval.evaluators import load_evaluators
     from snapfusion.evolve.actions import EvalConfig
-    from snapfusion.evolve.evolution import EvolveConfig, evolve
-    from snapfusion.evolve.latency import load_table
     from snapfusion.evolve.robust import load_matching
     from snapfusion.models.unet import UNet
 
@@ -119,14 +136,29 @@ def cmd_evolve(a: argparse.Namespace) -> None:
     start = load_matching(UNet(_unet_cfg(a, init)), init).to(device)
     ev = EvalConfig(prompt_set=a.prompt_set, num_prompts=a.num_prompts, steps=a.eval_steps, guidance=a.guidance,
                     size=a.image_size, batch=a.eval_batch)
-    cfg = EvolveConfig(budget_fraction=a.budget, iterations=a.iterations, actions_per_step=a.actions_per_step,
-                       allow_add=not a.no_add, eval=ev, max_minutes=a.max_minutes)
-    records = load_prompt_set(a.prompt_set)[: a.num_prompts]
+    records = load_prompt_set(a.prompt_set, num_emoji=a.num_emoji)[: a.num_prompts]  # prompts the model can read
     scorer = clip_scorer(load_evaluators(a.evaluators, device=device))
+    return device, pipe, start, ev, records, scorer
+
+
+def cmd_block_importance(a: argparse.Namespace) -> None:
+    import torch
+
+    from snapfusion.config import save_json
+    from snapfusion.evolve.evolution import block_importance, plot_importance
+    from snapfusion.evolve.latency import load_table
+
+    _, pipe, start, ev, records, scorer = _scoring(a)
+    table = load_table(a.table) if a.table else None
     with torch.no_grad():
-        state = evolve(a.run_dir, start, pipe, records, scorer, load_table(a.table), cfg, _train_chunk(a, device))
-    print(f"evolution: {state['iteration']} iteration(s), done={state['done']}, budget {state['budget_ms']:.1f} ms "
-          f"of {state['start_ms']:.1f} ms; log {Path(a.run_dir) / 'evolve.jsonl'}")
+        report = block_importance(pipe, start.eval(), records, scorer, ev, table, label=a.label or _init_folder(a))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(report, out)
+    plot_importance([report], out.with_suffix(".png"))
+    worst = min(report["blocks"], key=lambda r: r["delta_clip"])
+    print(f"{a.out}: CLIP {report['clip']:.2f} with every block; {len(report['blocks'])} blocks dropped one at a "
+          f"time; largest drop {worst['block']} ({worst['delta_clip']:+.2f})")
 
 
 def cmd_bk_sdm(a: argparse.Namespace) -> None:
@@ -148,7 +180,20 @@ def cmd_bk_sdm(a: argparse.Namespace) -> None:
     print(msg)
 
 
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    """How a UNet is scored: CLIP score of images for a fixed prompt subset (evolve, block-importance)."""
+    p.add_argument("--prompt-set", default="test200")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--eval-steps", type=int, default=10, help="DDIM steps per candidate image (default 10)")
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--evaluators", default=None, help="evaluator folder (default: the shipped ones)")
+    p.add_argument("--device", default="auto")
+
+
 def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -> None:
+    from snapfusion.cli import add_noise_data_options
+
     p.add_argument("--model", default="base", help="teacher pipeline: 'base' or a pipeline folder (default base)")
     p.add_argument("--init", default=None, help="UNet folder to start from (default: the model's unet/)")
     p.add_argument("--vae", default=None, help="VAE encoder or autoencoder folder (default: <model>/vae_encoder)")
@@ -159,6 +204,7 @@ def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -
     p.add_argument("--p-res", type=float, default=0.9, help="probability a res block runs (default 0.9)")
     p.add_argument("--p-attn", type=float, default=0.9, help="probability an attn block runs (default 0.9)")
     p.add_argument("--granularity", choices=["sample", "batch"], default="sample")
+    add_noise_data_options(p)
 
 
 def register_runs(sub: argparse._SubParsersAction) -> None:
@@ -181,13 +227,7 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--iterations", type=int, default=8)
     e.add_argument("--actions-per-step", type=int, default=1)
     e.add_argument("--no-add", action="store_true", help="never add blocks under budget")
-    e.add_argument("--prompt-set", default="test200")
-    e.add_argument("--num-prompts", type=int, default=32)
-    e.add_argument("--eval-steps", type=int, default=10, help="DDIM steps per candidate image (default 10)")
-    e.add_argument("--eval-batch", type=int, default=16)
-    e.add_argument("--guidance", type=float, default=7.5)
-    e.add_argument("--evaluators", default=None, help="evaluator folder (default: the shipped ones)")
-    e.add_argument("--device", default="auto")
+    _add_eval_options(e)
     e.add_argument("--max-minutes", type=float, default=0.0, help="stop after the iteration passing this time")
     e.add_argument("--train-steps", type=int, default=200, help="robust-training steps between evolution steps")
     e.add_argument("--batch-size", type=int, default=32)
@@ -197,6 +237,15 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0)
     _add_model_options(e, num_emoji=True)
     e.set_defaults(func=cmd_evolve)
+
+    i = sub.add_parser("block-importance", help="ΔCLIP of dropping each block alone (SnapFusion Fig. 5 probe)",
+                       epilog="example: snapfusion block-importance --init runs/robust/final --out importance.json")
+    i.add_argument("--out", required=True, help="output JSON (a bar chart is written beside it)")
+    i.add_argument("--table", default=None, help="latency table: adds each block's ΔLatency and value")
+    i.add_argument("--label", default=None, help="name of the UNet in the JSON and chart (default: --init)")
+    _add_eval_options(i)
+    _add_model_options(i, num_emoji=True)
+    i.set_defaults(func=cmd_block_importance)
 
     b = sub.add_parser("bk-sdm", help="BK-SDM-style fixed-rule block removal of a UNet (baseline)")
     b.add_argument("--init", required=True, help="UNet folder")

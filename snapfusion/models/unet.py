@@ -213,9 +213,10 @@ class UNet(nn.Module):
                 hook.remove()
         return captured
 
-    def save(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-        """Write ``folder/model.safetensors`` (sharded if large) and ``folder/config.json``."""
-        save_pretrained(folder, self, self.config, kind=KIND, dtype=dtype)
+    def save(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None, int8: bool = False) -> None:
+        """Write ``folder/model.safetensors`` (sharded if large) and ``folder/config.json``; ``int8``: weight-only
+        int8 storage of the large weights (weights.quantize_int8), loaded back as float by ``load``."""
+        save_pretrained(folder, self, self.config, kind=KIND, dtype=dtype, int8=int8)
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -297,12 +297,14 @@ class LatentPool:
         ds = SceneDataset("train", cfg.image_size, cfg.seed, cfg.latent_pool, cfg.data)
         loader = DataLoader(ds, batch_size=64, num_workers=cfg.pool_workers, collate_fn=collate_scenes)
         means, stds = [], []
-        with torch.no_grad():
+        # built lazily inside the loop's autocast: encode in the encoder's own precision (and CPU autocast cannot
+        # concatenate the fp16 pool)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for batch in loader:
                 posterior = encoder.encode(_images_to_unit(batch["image"], device))
                 means.append(posterior.mean.half())
                 stds.append(posterior.std.half())
-        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (P, 4, h, w) each
+            self.mean, self.std = torch.cat(means), torch.cat(stds)  # (P, 4, h, w) each
         self.scale = encoder.config.scaling_factor
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -359,6 +361,15 @@ class UNetTask:
             self._pool = LatentPool(self.encoder, self.cfg, device)
         return self._pool.sample(batch["index"].to(device), generator)
 
+    def noise(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training noise eps like ``x0`` (B, C, h, w): N(0, 1), plus offset * N(0, 1) per sample and channel when
+        ``offset_noise`` > 0 (the same draw serves every task that trains on this data: v fine-tuning, distillation)."""
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        if self.cfg.offset_noise > 0:
+            B, C = x0.shape[:2]
+            eps = eps + self.cfg.offset_noise * torch.randn(B, C, 1, 1, device=x0.device, generator=generator)
+        return eps
+
     def loss(self, model, batch, generator):
         device = generator.device
         self.text.to(device)
@@ -367,9 +378,7 @@ class UNetTask:
             context = self.text(batch["ids"].to(device))  # (B, 77, D)
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
-        eps = torch.randn(x0.shape, device=device, generator=generator)
-        if self.cfg.offset_noise > 0:
-            eps = eps + self.cfg.offset_noise * torch.randn(B, x0.shape[1], 1, 1, device=device, generator=generator)
+        eps = self.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
         pred = model(z, t, context)
         alpha, sigma = self.schedule.alpha_sigma(t)
