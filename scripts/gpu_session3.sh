@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session-3 GPU plan: one host with two GPUs, about 23 minutes, everything in the background (setsid) so that
+# Session-3 GPU plan (as run on 2026-11-27, results in docs/; later fixed: the SD-scale step now gets its --out):
+# one host with two GPUs, about 23 minutes, everything in the background (setsid) so that
 # short device calls can stage inputs and collect outputs. Two lanes:
 #   lane A (GPU 0): offset-noise fine-tune of the base UNet (the background fix of docs/base_model.md) -> assemble
 #     base_new -> FID-CLIP sweeps of base_new at 50 DDIM, 8 DDIM and 8 DPM-Solver++ steps -> the main CFG-aware
@@ -153,7 +154,7 @@ lane_b() {
   done
   if [ "$DRY" != 1 ] && [ $SECONDS -lt 1260 ]; then
     stamp "B6 SD-v1.5 scale: robust step + one action, decoder distillation steps"
-    timeout 150 python3 scripts/bench_blocks_sd15_scale.py > $R/sd15_scale.log 2>&1 || stamp "sd15 scale FAILED/timeout"
+    timeout 150 python3 scripts/bench_blocks_sd15_scale.py --out $R/sd15_scale.json > $R/sd15_scale.log 2>&1 || stamp "sd15 scale FAILED/timeout"
     OUT=$R/dec_sd STEPS=6 timeout 150 bash scripts/gpu_decoder_sd.sh > $R/decoder_sd.log 2>&1 || stamp "decoder sd FAILED/timeout"
   fi
   stamp "lane B done"

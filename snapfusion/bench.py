@@ -153,10 +153,26 @@ def compile_pipeline(pipe, mode: str = "default", *, everything: bool = False) -
     """torch.compile the pipeline's UNet in place (inductor ``mode``; "reduce-overhead" adds CUDA graphs, which
     remove the per-kernel launch cost that dominates small UNets at batch 2); ``everything``: also the text
     encoder and the decoder's ``images_from_latents``."""
-    pipe.unet = torch.compile(pipe.unet, mode=mode)
+    if mode not in ("reduce-overhead", "max-autotune"):  # max-autotune also uses CUDA graphs
+        pipe.unet = torch.compile(pipe.unet, mode=mode)
+        if everything:
+            pipe.text_encoder = torch.compile(pipe.text_encoder, mode=mode)
+            pipe.decoder.images_from_latents = torch.compile(pipe.decoder.images_from_latents, mode=mode)
+        return
+    # CUDA graphs reuse their output buffers: the text encoder's cond output would be overwritten by the uncond call
+    # (the session-3 GPU run failed so). Each call starts a new graph step and hands out a copy.
+    targets = [(pipe.unet, "forward")]
     if everything:
-        pipe.text_encoder = torch.compile(pipe.text_encoder, mode=mode)
-        pipe.decoder.images_from_latents = torch.compile(pipe.decoder.images_from_latents, mode=mode)
+        targets += [(pipe.text_encoder, "forward"), (pipe.decoder, "images_from_latents")]
+    for module, name in targets:
+        setattr(module, name, _graph_safe(torch.compile(getattr(module, name), mode=mode)))
+
+
+def _graph_safe(fn):
+    def run(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args, **kwargs).clone()
+    return run
 
 
 def _compile_label(c: dict) -> str:

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog='example: snapfusion generate "a red apple left of a cat on a blue background"')
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help="'base', 'snapfusion', a pipeline folder, a diffusers SD folder "
-                   "or an SD .safetensors file (default: the embedded model)")
+                   "or an SD .safetensors file (default: the embedded SnapFusion model, else base)")
     g.add_argument("-o", "--out", default="snapfusion.png", help="output PNG (a grid if --num-images > 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-images", "--batch", type=int, default=1, help="images of the prompt, seeds seed..seed+n-1")

@@ -10,6 +10,7 @@ repository holds each network once. The tokenizer is CLIP's, shipped in ``snapfu
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,13 @@ def part_folder(folder: str | Path, name: str) -> Path:
     folder = Path(folder)
     index = folder / INDEX
     shared = load_json(index).get("parts", {}) if index.is_file() else {}
+    if not isinstance(shared, dict):
+        raise WeightsError(f"{index}: \"parts\" must map part names to relative folder paths")
     if name not in shared:
         return folder / name
-    rel = Path(str(shared[name]))
+    if not isinstance(shared[name], str) or not shared[name].strip():
+        raise WeightsError(f"{index}: part {name!r} must be a relative folder path, got {shared[name]!r}")
+    rel = Path(shared[name])
     target = (folder / rel).resolve()
     if rel.is_absolute() or not target.is_relative_to(folder.resolve().parent):
         raise WeightsError(f"{index}: part {name!r} must be a relative path next to the pipeline, got {rel}")
@@ -150,6 +155,8 @@ class Pipeline:
         unknown = sorted(set(shared) - set(PARTS))
         if unknown:
             raise ConfigError(f"shared parts must be among {PARTS}, got {unknown}")
+        if unet_int8 and "unet" in shared:
+            raise ConfigError("unet_int8 with a shared unet: the UNet is not written here")
         writers = {"text_encoder": lambda d: save_text_encoder(d, self.text_encoder, dtype=dtype),
                    "unet": lambda d: self.unet.save(d, dtype=dtype, int8=unet_int8),
                    "vae_decoder": lambda d: save_decoder(d, self.decoder, dtype=dtype)}
@@ -158,10 +165,15 @@ class Pipeline:
         for name, write in writers.items():
             if name not in shared:
                 write(folder / name)
+        for name in shared:  # a copy left from an earlier save would be ignored on load but still take space
+            shutil.rmtree(folder / name, ignore_errors=True)
         index = {"kind": "pipeline", "config": to_dict(self.config)}
         if shared:
             index["parts"] = shared
         save_json(index, folder / INDEX)
+        for name in shared:  # refuse now, not at load time, a path that escapes or names no model
+            if not (part_folder(folder, name) / "config.json").is_file():
+                raise WeightsError(f"{folder / INDEX}: shared part {name!r} -> {shared[name]} holds no model")
         return folder
 
     def eval(self) -> "Pipeline":

@@ -65,6 +65,8 @@ def _load_sharded(index_path: Path, device: str | torch.device) -> dict[str, tor
         raise WeightsError(f"malformed shard index {index_path}: {err}") from None
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard:  # shards live beside their index, nowhere else
+            raise WeightsError(f"malformed shard index {index_path}: shard name {shard!r} is not a file name")
         part = _load_file(index_path.parent / shard, device)  # raw: a weight and its int8 scale may be in two shards
         state.update(part)
     missing = sorted(set(weight_map) - set(state))
@@ -103,8 +105,11 @@ def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         k = sk[: -len(QSCALE_SUFFIX)]
         if k not in state or state[k].dtype != torch.int8:
             raise WeightsError(f"int8 scale {sk!r} without its int8 weight {k!r}")
-        scale = state.pop(sk)
-        state[k] = (state[k].float() * scale.float()).to(scale.dtype)
+        w, scale = state[k], state.pop(sk)
+        if not scale.is_floating_point() or tuple(scale.shape) != (w.shape[0],) + (1,) * (w.dim() - 1):
+            raise WeightsError(f"int8 scale {sk!r} has shape {tuple(scale.shape)} / dtype {scale.dtype}; expected a "
+                               f"float tensor of shape {(w.shape[0],) + (1,) * (w.dim() - 1)}")
+        state[k] = (w.float() * scale.float()).to(scale.dtype)
     return state
 
 
@@ -208,6 +213,8 @@ def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, sou
         raise WeightsError(f"{source}: unexpected key '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
     for k, target in own.items():
         value = state[k]
+        if value.dtype == torch.int8 and target.is_floating_point():  # quantized, but its scale is missing
+            raise WeightsError(f"{source}: '{k}' is stored as int8 without its scale ('{k}{QSCALE_SUFFIX}')")
         if tuple(value.shape) != tuple(target.shape):
             raise WeightsError(
                 f"{source}: shape mismatch for '{k}': file has {tuple(value.shape)}, model expects {tuple(target.shape)}"

@@ -122,3 +122,85 @@ def test_block_importance_drops_each_valid_block_once(tiny_pipeline, tmp_path):
         None).mean()), rel=1e-5)
     out = plot_importance([report, {**report, "label": "again"}], tmp_path / "imp.png")
     assert out.stat().st_size > 1000
+
+
+def test_the_shipped_default_is_the_8_step_student(tmp_path):
+    """`snapfusion generate` without --model runs the SnapFusion student: evolved v-prediction UNet stored as int8,
+    8 trailing DDIM steps, the base's text encoder and the halved decoder shared, not copied."""
+    from PIL import Image
+
+    from snapfusion.cli import EMBEDDED, SHIPPED_DECODERS, resolve_model
+    from snapfusion.weights import _load_file
+
+    pipe = resolve_model(None)
+    base = resolve_model("base")
+    assert pipe.config.name == "snapfusion" and pipe.config.steps == 8 and pipe.config.timestep_spacing == "trailing"
+    assert pipe.unet.config.prediction_type == "v_prediction"
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(pipe.unet) < 0.8 * n(base.unet)  # evolved: blocks removed
+    folder = EMBEDDED / "snapfusion"
+    assert part_folder(folder, "text_encoder") == (EMBEDDED / "base" / "text_encoder").resolve()
+    assert part_folder(folder, "vae_decoder") == SHIPPED_DECODERS["half"].resolve()
+    raw = {}
+    for f in sorted((folder / "unet").glob("*.safetensors")):  # the files as stored, before dequantizing
+        raw.update(_load_file(f, "cpu"))
+    assert any(v.dtype == torch.int8 for v in raw.values()) and any(k.endswith(QSCALE_SUFFIX) for k in raw)
+    out = tmp_path / "s.png"
+    assert main(["generate", "a red circle on a blue background", "--size", "64", "--steps", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_shipped_models_fit_the_size_limits():
+    """All shipped weights (models and evaluators) under 90 MB, every file under 16 MiB (issue 4, item 3)."""
+    from snapfusion.cli import EMBEDDED
+
+    assets = EMBEDDED.parent
+    files = [f for d in (EMBEDDED, assets / "evaluators") for f in d.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 90e6
+    assert max(f.stat().st_size for f in files) < 16 * 1024 * 1024
+
+
+def test_corrupt_int8_files_are_clear_errors(tmp_path):
+    from snapfusion.weights import load_into
+
+    save_safetensors({"w": torch.ones(4, 3, dtype=torch.int8), "w" + QSCALE_SUFFIX: torch.ones(1, 4)},
+                     tmp_path / "shape.safetensors")
+    with pytest.raises(WeightsError, match="expected a float tensor of shape"):  # would broadcast to (4, 4, 3)
+        load_safetensors(tmp_path / "shape.safetensors")
+    module = torch.nn.Linear(3, 4, bias=False)
+    with pytest.raises(WeightsError, match="int8 without its scale"):
+        load_into(module, {"weight": torch.ones(4, 3, dtype=torch.int8)})
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    with pytest.raises(WeightsError, match="not a file name"):
+        load_safetensors(tmp_path / "m.safetensors.index.json")
+
+
+def test_malformed_or_dangling_shared_parts_are_refused(tiny_pipeline, tmp_path):
+    from snapfusion.errors import ConfigError
+
+    tiny_pipeline.save(tmp_path / "base", dtype=None)
+    with pytest.raises(WeightsError, match="holds no model"):
+        tiny_pipeline.save(tmp_path / "s", shared={"text_encoder": "../nowhere/text_encoder"})
+    with pytest.raises(ConfigError, match="shared unet"):
+        tiny_pipeline.save(tmp_path / "s", shared={"unet": "../base/unet"}, unet_int8=True)
+    tiny_pipeline.save(tmp_path / "s", dtype=None)  # a full copy first, then re-saved sharing: the copy goes
+    tiny_pipeline.save(tmp_path / "s", dtype=None, shared={"text_encoder": "../base/text_encoder"})
+    assert not (tmp_path / "s" / "text_encoder").exists()
+    index = tmp_path / "s" / "model_index.json"
+    data = json.loads(index.read_text())
+    for bad in ([1], {"text_encoder": None}, {"text_encoder": ""}):
+        index.write_text(json.dumps({**data, "parts": bad}))
+        with pytest.raises(WeightsError, match="parts|relative folder path"):
+            Pipeline.load(tmp_path / "s")
+
+
+def test_eps_stages_refuse_a_v_prediction_unet(tiny_pipeline):
+    import dataclasses
+
+    from snapfusion.errors import ConfigError
+    from snapfusion.train.tasks import require_eps
+
+    require_eps(tiny_pipeline.unet.config, "train-unet")
+    with pytest.raises(ConfigError, match="finetune-v or distill"):
+        require_eps(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="v_prediction"), "robust-train")

@@ -27,7 +27,8 @@ def cmd_finetune_v(a: argparse.Namespace) -> None:
 
     check_noise_data_options(a)
     cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=_data_cfg(a),
-                          sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool)
+                          sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
+                          pool_workers=max(1, a.num_workers))
     final = finetune_v(_loop_cfg(a), cfg, resume=a.resume)
     print(f"v-prediction UNet: {final}")
 
@@ -41,7 +42,8 @@ def cmd_distill(a: argparse.Namespace) -> None:
     cfg = DistillConfig(source=_source(a), student_unet=a.student_unet, student_steps=a.student_steps,
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=_data_cfg(a),
-                        sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool)
+                        sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
+                        pool_workers=max(1, a.num_workers))
     final = distill_steps(_loop_cfg(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 

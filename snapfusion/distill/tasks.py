@@ -70,6 +70,7 @@ class VFinetuneConfig:
     seed: int = 3
     offset_noise: float = 0.0          # as train-unet --offset-noise (docs/base_model.md); 0: plain N(0, 1) noise
     latent_pool: int = 0               # as train-unet --latent-pool; 0: render and encode every batch
+    pool_workers: int = 8              # DataLoader workers that render the pool
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class DistillConfig:
     seed: int = 4
     offset_noise: float = 0.0
     latent_pool: int = 0
+    pool_workers: int = 8
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -107,7 +109,8 @@ def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | Di
                                    text_encoder=str(part_folder(source.pipeline, "text_encoder")),
                                    image_size=cfg.image_size, schedule=source.pipeline_config().schedule,
                                    uncond_prob=cfg.uncond_prob, data=cfg.data, sample_prompts=cfg.sample_prompts,
-                                   seed=cfg.seed, offset_noise=cfg.offset_noise, latent_pool=cfg.latent_pool))
+                                   seed=cfg.seed, offset_noise=cfg.offset_noise, latent_pool=cfg.latent_pool,
+                                   pool_workers=cfg.pool_workers))
 
 
 @torch.no_grad()

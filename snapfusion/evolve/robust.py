@@ -18,7 +18,7 @@ from torch import nn
 from snapfusion.config import to_dict
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import UNet, inherit_weights
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, require_eps
 from snapfusion.weights import WEIGHTS_STEM, load_safetensors, resolve_weights
 
 Granularity = Literal["sample", "batch"]
@@ -94,6 +94,7 @@ class RobustTask(UNetTask):
         return to_dict(self.robust_cfg)
 
     def build(self) -> nn.Module:
+        require_eps(self.cfg.model, "robust-train / evolve")
         model = UNet(self.cfg.model)
         return load_matching(model, self.robust_cfg.init) if self.robust_cfg.init else model
 

@@ -125,6 +125,7 @@ def _scoring(a: argparse.Namespace):
     """(device, pipeline, start UNet, EvalConfig, prompt records, scorer) of evolve and block-importance."""
     from snapfusion.cli import _device, resolve_model
     from snapfusion.data import load_prompt_set
+    from snapfusion.errors import SnapFusionError
     from snapfusion.eval.evaluators import load_evaluators
     from snapfusion.evolve.actions import EvalConfig
     from snapfusion.evolve.robust import load_matching
@@ -137,6 +138,8 @@ def _scoring(a: argparse.Namespace):
     ev = EvalConfig(prompt_set=a.prompt_set, num_prompts=a.num_prompts, steps=a.eval_steps, guidance=a.guidance,
                     size=a.image_size, batch=a.eval_batch)
     records = load_prompt_set(a.prompt_set, num_emoji=a.num_emoji)[: a.num_prompts]  # prompts the model can read
+    if not records:
+        raise SnapFusionError(f"no prompt of '{a.prompt_set}' uses only the first {a.num_emoji} emoji")
     scorer = clip_scorer(load_evaluators(a.evaluators, device=device))
     return device, pipe, start, ev, records, scorer
 
@@ -148,6 +151,10 @@ def cmd_block_importance(a: argparse.Namespace) -> None:
     from snapfusion.evolve.evolution import block_importance, plot_importance
     from snapfusion.evolve.latency import load_table
 
+    from snapfusion.errors import SnapFusionError
+
+    if Path(a.out).suffix != ".json":
+        raise SnapFusionError(f"--out {a.out}: expected a .json path (the chart goes beside it as .png)")
     _, pipe, start, ev, records, scorer = _scoring(a)
     table = load_table(a.table) if a.table else None
     with torch.no_grad():
@@ -156,9 +163,9 @@ def cmd_block_importance(a: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(report, out)
     plot_importance([report], out.with_suffix(".png"))
-    worst = min(report["blocks"], key=lambda r: r["delta_clip"])
+    worst = min(report["blocks"], key=lambda r: r["delta_clip"], default=None)
     print(f"{a.out}: CLIP {report['clip']:.2f} with every block; {len(report['blocks'])} blocks dropped one at a "
-          f"time; largest drop {worst['block']} ({worst['delta_clip']:+.2f})")
+          f"time" + (f"; largest drop {worst['block']} ({worst['delta_clip']:+.2f})" if worst else ""))
 
 
 def cmd_bk_sdm(a: argparse.Namespace) -> None:

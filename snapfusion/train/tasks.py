@@ -272,6 +272,14 @@ class UNetTaskConfig:
     vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
 
 
+def require_eps(model: UNetConfig, command: str) -> None:
+    """The UNet stage's loss is eps-MSE: refuse a v-prediction UNet (e.g. a distilled student) rather than train it
+    toward the wrong target."""
+    if model.prediction_type != "epsilon":
+        raise ConfigError(f"{command} trains eps-prediction UNets; this one predicts {model.prediction_type} "
+                          "(fine-tune it with finetune-v or distill)")
+
+
 class PooledCaptions(torch.utils.data.Dataset):
     """Item i: the index of pooled scene i mod P and a fresh paraphrase of its caption (new each pass over the pool)."""
 
@@ -329,6 +337,7 @@ class UNetTask:
         return to_dict(self.cfg)
 
     def build(self) -> nn.Module:
+        require_eps(self.cfg.model, "train-unet")
         if not self.cfg.init_unet:
             return UNet(self.cfg.model)
         unet = UNet.load(self.cfg.init_unet, dtype=torch.float32)  # fp32 master weights

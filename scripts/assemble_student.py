@@ -1,0 +1,51 @@
+"""Assemble the shipped SnapFusion pipeline (snapfusion/assets/models/snapfusion) from a distilled student UNet.
+
+The student UNet is stored as weight-only int8 (weights.quantize_int8: 34 MB fp16 -> 17 MB); its text encoder and
+the halved decoder are not copied but shared with the base pipeline and parts/ through model_index.json "parts",
+so that every network is in the repository once (all shipped models stay under 90 MB).
+
+    python scripts/assemble_student.py --unet runs/s3/units/abl_vanilla --guidance 7.5
+"""
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from snapfusion.cli import EMBEDDED
+from snapfusion.decoder.io import load_decoder
+from snapfusion.models.text import load_text_encoder
+from snapfusion.models.unet import UNet
+from snapfusion.pipeline import Pipeline, part_folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--unet", required=True, help="the distilled student UNet folder (v-prediction)")
+    p.add_argument("--base", default=str(EMBEDDED / "base"), help="pipeline whose text encoder the student uses")
+    p.add_argument("--decoder", default=str(EMBEDDED / "parts" / "vae_decoder_half"))
+    p.add_argument("--out", default=str(EMBEDDED / "snapfusion"))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--fp16", action="store_true", help="store the UNet in fp16 instead of int8")
+    a = p.parse_args()
+    out, base, decoder = Path(a.out), Path(a.base), Path(a.decoder)
+    base_cfg = Pipeline.load(base).config
+    cfg = dataclasses.replace(base_cfg, name="snapfusion", steps=a.steps, guidance=a.guidance, sampler="ddim",
+                              timestep_spacing="trailing")
+    pipe = Pipeline(load_text_encoder(part_folder(base, "text_encoder")), UNet.load(a.unet), load_decoder(decoder),
+                    cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    where = {"text_encoder": part_folder(base, "text_encoder"), "vae_decoder": decoder,
+             "vae_encoder": part_folder(base, "vae_encoder")}  # the student trains in base's latent space
+    rel = {k: Path(os.path.relpath(v.resolve(), out.resolve())).as_posix() for k, v in where.items()
+           if (v / "config.json").is_file()}
+    pipe.save(out, dtype=torch.float16, shared=rel, unet_int8=not a.fp16)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB; shared parts: {rel})")
+
+
+if __name__ == "__main__":
+    main()
