@@ -66,14 +66,15 @@ def _save_unet(unet: UNet, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def score_candidates(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: EvalConfig, table: dict,
-                     op: str, base_clip: float | None = None) -> tuple[float, float, list[dict]]:
+def score_candidates(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: EvalConfig, table: dict | None,
+                     op: str, base_clip: float | None = None) -> tuple[float, float | None, list[dict]]:
     """(CLIP of the current UNet, its predicted ms, one row per candidate with ΔCLIP, ΔLatency and value).
 
-    ``base_clip``: the current UNet's score if the caller has it (scoring is deterministic; not scored twice)."""
+    ``base_clip``: the current UNet's score if the caller has it (scoring is deterministic; not scored twice).
+    ``table`` None: ΔCLIP only (no latency columns; the predicted ms is None)."""
     if base_clip is None:
         base_clip = score(pipe, records, scorer, ev, unet=unet)
-    base_ms, _ = predict_ms(unet.config, table)
+    base_ms = predict_ms(unet.config, table)[0] if table is not None else None
     rows = []
     for action in candidates(unet.config, op, unet.state_dict()):
         if op == "remove":
@@ -83,31 +84,24 @@ def score_candidates(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: 
             model, _, _ = edited_unet(unet, action)
             clip, new_cfg = score(pipe, records, scorer, ev, unet=model), model.config
             action = Action("add", action.block, _new_name(unet.config, model.config))
-        ms, estimated = predict_ms(new_cfg, table)
-        d_clip, d_ms = clip - base_clip, ms - base_ms
-        value = d_clip / d_ms if d_ms != 0 else float("inf") * (1 if d_clip >= 0 else -1)
-        rows.append({"op": action.op, "block": action.block, "new_block": action.new_block, "clip": clip,
-                     "delta_clip": d_clip, "latency_ms": ms, "delta_ms": d_ms, "value": value,
-                     "estimated_signatures": estimated})
+        row = {"op": action.op, "block": action.block, "new_block": action.new_block, "clip": clip,
+               "delta_clip": clip - base_clip}
+        if table is not None:
+            ms, estimated = predict_ms(new_cfg, table)
+            d_ms = ms - base_ms
+            value = row["delta_clip"] / d_ms if d_ms != 0 else float("inf") * (1 if row["delta_clip"] >= 0 else -1)
+            row.update(latency_ms=ms, delta_ms=d_ms, value=value, estimated_signatures=estimated)
+        rows.append(row)
     return base_clip, base_ms, rows
 
 
 def block_importance(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: EvalConfig, table: dict | None = None,
                      *, label: str = "unet") -> dict:
-    """ΔCLIP of dropping each block alone (identity in its place), the probe of SnapFusion Fig. 5: a UNet that
-    was not robust-trained collapses when some blocks go, a robust-trained one degrades gracefully.
-    With a latency table, each row also has the block's ΔLatency and value = ΔCLIP / ΔLatency (Alg. 1)."""
-    clip = score(pipe, records, scorer, ev, unet=unet)
-    rows = []
-    for action in candidates(unet.config, "remove", unet.state_dict()):  # blocks whose removal is a valid UNet
-        name = action.block
-        d_clip = score(pipe, records, scorer, ev, unet=unet, skip={name}) - clip
-        row = {"block": name, "delta_clip": d_clip}
-        if table is not None:
-            new_cfg, _ = _edit_config(unet.config, action)
-            d_ms = predict_ms(new_cfg, table)[0] - predict_ms(unet.config, table)[0]
-            row.update(delta_ms=d_ms, value=d_clip / d_ms if d_ms else None)
-        rows.append(row)
+    """ΔCLIP of dropping each block alone (identity in its place; every block whose removal leaves a valid UNet),
+    the probe of SnapFusion Fig. 5: a UNet that was not robust-trained collapses when some blocks go, a
+    robust-trained one degrades gracefully. These are the evolution's removal candidates, scored the same way; with
+    a latency table each row also has ΔLatency and value = ΔCLIP / ΔLatency (Alg. 1)."""
+    clip, _, rows = score_candidates(pipe, unet, records, scorer, ev, table, "remove")
     return {"label": label, "clip": clip, "eval": to_dict(ev), "blocks": rows}
 
 
