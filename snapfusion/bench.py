@@ -153,19 +153,16 @@ def compile_pipeline(pipe, mode: str = "default", *, everything: bool = False) -
     """torch.compile the pipeline's UNet in place (inductor ``mode``; "reduce-overhead" adds CUDA graphs, which
     remove the per-kernel launch cost that dominates small UNets at batch 2); ``everything``: also the text
     encoder and the decoder's ``images_from_latents``."""
-    if mode not in ("reduce-overhead", "max-autotune"):  # max-autotune also uses CUDA graphs
-        pipe.unet = torch.compile(pipe.unet, mode=mode)
-        if everything:
-            pipe.text_encoder = torch.compile(pipe.text_encoder, mode=mode)
-            pipe.decoder.images_from_latents = torch.compile(pipe.decoder.images_from_latents, mode=mode)
-        return
-    # CUDA graphs reuse their output buffers: the text encoder's cond output would be overwritten by the uncond call
-    # (the session-3 GPU run failed so). Each call starts a new graph step and hands out a copy.
+    # CUDA graphs (reduce-overhead; max-autotune uses them too) reuse their output buffers: the text encoder's cond
+    # output would be overwritten by the uncond call (the session-3 GPU run failed so). There each call starts a new
+    # graph step and hands out a copy.
+    graphs = mode in ("reduce-overhead", "max-autotune")
     targets = [(pipe.unet, "forward")]
     if everything:
         targets += [(pipe.text_encoder, "forward"), (pipe.decoder, "images_from_latents")]
     for module, name in targets:
-        setattr(module, name, _graph_safe(torch.compile(getattr(module, name), mode=mode)))
+        compiled = torch.compile(getattr(module, name), mode=mode)
+        setattr(module, name, _graph_safe(compiled) if graphs else compiled)
 
 
 def _graph_safe(fn):

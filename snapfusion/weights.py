@@ -49,12 +49,11 @@ def _load_file(path: Path, device: str | torch.device) -> dict[str, torch.Tensor
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_len + end > size:
                 raise WeightsError(f"truncated safetensors file: {path} ({size} bytes, needs {8 + header_len + end})")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except WeightsError:
         raise
     except Exception as err:  # safetensors raises its own error types for malformed files
         raise WeightsError(f"corrupt safetensors file: {path} ({type(err).__name__}: {err})") from None
-    return state
 
 
 def _load_sharded(index_path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -79,10 +78,9 @@ QSCALE_SUFFIX = ".__int8_scale__"  # key of the per-output-channel scale of an i
 INT8_MIN_NUMEL = 4096              # smaller tensors (norms, biases, embeddings of a few rows) stay in float
 
 
-def quantize_int8(state: Mapping[str, torch.Tensor], *, scale_dtype: torch.dtype = torch.float32
-                  ) -> dict[str, torch.Tensor]:
+def quantize_int8(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weight-only int8: every float weight of 2+ dims and at least ``INT8_MIN_NUMEL`` elements becomes int8 with a
-    symmetric per-output-channel scale (key + ``QSCALE_SUFFIX``); the rest is returned unchanged. Halves an fp16
+    symmetric per-output-channel fp32 scale (key + ``QSCALE_SUFFIX``); the rest is returned unchanged. Halves an fp16
     file; ``dequantize`` (applied by ``load_safetensors``) restores float weights with an error of at most half a
     step (max|w| / 254) per element. Storage only: the networks still compute in float."""
     out: dict[str, torch.Tensor] = {}
@@ -92,14 +90,13 @@ def quantize_int8(state: Mapping[str, torch.Tensor], *, scale_dtype: torch.dtype
             continue
         w = v.detach().float()
         scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-12) / 127.0  # (out, 1, ...)
-        scale = scale.to(scale_dtype)
-        out[k] = torch.round(w / scale.float()).clamp_(-127, 127).to(torch.int8)
+        out[k] = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
         out[k + QSCALE_SUFFIX] = scale
     return out
 
 
 def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``quantize_int8`` (float weights in the scales' dtype, fp32); a state without scales is unchanged."""
+    """The inverse of ``quantize_int8`` (float weights in the scales' dtype); a state without scales is unchanged."""
     scales = [k for k in state if k.endswith(QSCALE_SUFFIX)]
     for sk in scales:
         k = sk[: -len(QSCALE_SUFFIX)]

@@ -148,10 +148,9 @@ def cmd_block_importance(a: argparse.Namespace) -> None:
     import torch
 
     from snapfusion.config import save_json
+    from snapfusion.errors import SnapFusionError
     from snapfusion.evolve.evolution import block_importance, plot_importance
     from snapfusion.evolve.latency import load_table
-
-    from snapfusion.errors import SnapFusionError
 
     if Path(a.out).suffix != ".json":
         raise SnapFusionError(f"--out {a.out}: expected a .json path (the chart goes beside it as .png)")
