@@ -79,6 +79,26 @@ def swap_decoder(pipe, name: str | None, *, device: str = "cpu"):
     return with_decoder(pipe, load_decoder(folder, device=device, dtype=pipe.dtype))
 
 
+def swap_unet(pipe, folder: str | None, *, device: str = "cpu"):
+    """``pipe`` with its UNet replaced by the UNet folder ``folder`` (e.g. a training checkpoint's model/); unchanged
+    if None. The text encoder, decoder and sampling defaults stay the pipeline's."""
+    if folder is None:
+        return pipe
+    from snapfusion.errors import ConfigError, WeightsError
+    from snapfusion.models.unet import UNet
+    from snapfusion.pipeline import Pipeline
+
+    if not (Path(folder) / "config.json").is_file():
+        raise WeightsError(f"--unet: no UNet folder at {folder} (expected a folder with config.json)")
+    unet = UNet.load(folder, device=device, dtype=pipe.dtype).eval()
+    got, want = unet.config, pipe.unet.config
+    if (got.in_channels, got.out_channels) != (want.in_channels, want.out_channels):
+        raise ConfigError(f"--unet {folder}: latent channels in/out {(got.in_channels, got.out_channels)}, the "
+                          f"pipeline's UNet has {(want.in_channels, want.out_channels)}")
+    return Pipeline(pipe.text_encoder, unet, pipe.decoder, pipe.config, tokenizer=pipe.tokenizer,
+                    encoder=pipe.encoder)  # checks the context width against the text encoder
+
+
 # ---- generate ------------------------------------------------------------------------------------------------
 
 def _first(*values):
@@ -158,6 +178,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     device = _device(a.device)
     pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
+    pipe = swap_unet(pipe, a.unet, device=device)
     if a.dtype != "fp32":
         pipe.to(device, _dtype(a.dtype))
     steps = a.steps or pipe.config.steps
@@ -172,6 +193,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               guidance_sweep=a.guidance_sweep, num_images=a.num_images, batch_size=a.batch_size,
                               out_dir=a.out, device=device,
                               model=(a.model or pipe.config.name) + (f" + decoder {a.decoder}" if a.decoder else "")
+                              + (f" + unet {a.unet}" if a.unet else "")
                               + (f" ({a.dtype})" if a.dtype != "fp32" else ""),
                               num_emoji=a.num_emoji)
     print(json.dumps(result.get("results", result), indent=1)[:4000])
@@ -326,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="as for generate (default: the embedded model)")
     e.add_argument("--prompts", default="test", help="a shipped prompt set name (test, test200) or a .jsonl file")
     e.add_argument("--decoder", default=None, help="as for generate: 'half' or a decoder folder")
+    e.add_argument("--unet", default=None, help="a UNet folder in place of the model's (e.g. a checkpoint's model/)")
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")

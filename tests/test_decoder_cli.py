@@ -71,3 +71,21 @@ def test_cache_latents_match_fresh_ones(tiny_pipeline, tmp_path):
     batch = collate_prompts([PromptStream(src, 5)[n] for n in (3, 5)])  # -> latents 0 and 2
     fresh = teacher_latents(tiny_pipeline, batch["prompt"], batch["seed"], batch["guidance"], src)
     torch.testing.assert_close(torch.stack([cache[0], cache[2]]), fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_start_from_continues_a_decoder_and_refuses_another_architecture(pipe_dir, tmp_path, capsys):
+    """--start-from trains on from a decoder folder's weights; a folder of another architecture is a one-line error."""
+    from snapfusion.decoder.task import StudentSpec, build_student
+
+    assert main(["reduce-decoder", "--teacher", str(pipe_dir), "--out", str(tmp_path / "half"), "--init",
+                 "random"]) == 0
+    teacher = load_decoder(pipe_dir)
+    start = load_decoder(tmp_path / "half")
+    student = build_student(StudentSpec(init="l1", start=str(tmp_path / "half")), teacher)
+    for (name, a), b in zip(student.state_dict().items(), start.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    capsys.readouterr()
+    code = main(["distill-decoder", "--teacher", str(pipe_dir), "--run-dir", str(tmp_path / "r"), "--student", "tiny",
+                 "--start-from", str(tmp_path / "half"), "--max-steps", "1", *LATENT_OPTS, *LOOP_OPTS])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--start-from" in err and "\n" not in err

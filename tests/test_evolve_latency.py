@@ -42,7 +42,8 @@ def test_measured_table_has_every_block_and_piece(tmp_path):
     table = measure_table(unet, BenchConfig(size=64, warmup=1, repeats=2))
     assert list(table["blocks"]) == list(block_names(unet.config))
     assert set(table["pieces"]) == {"conv_in", "time_embedding", "down.0.resample", "down.1.resample",
-                                    "down.2.resample", "up.0.resample", "up.1.resample", "up.2.resample", "head"}
+                                    "down.2.resample", "up.0.resample", "up.1.resample", "up.2.resample", "head",
+                                    "skip_concat"}
     assert all(v["ms"] > 0 for v in table["blocks"].values()) and table["whole_ms"] > 0
     expected = sum(table["pieces"].values()) + sum(v["ms"] for v in table["blocks"].values())
     assert table["predicted_ms"] == pytest.approx(expected)
@@ -93,3 +94,23 @@ def test_bench_blocks_command(tmp_path, capsys):
     assert load_table(out)["meta"]["model"] == "preset:tiny_sd15"
     assert main(["bench-blocks", "--preset", "nope", "--out", str(out)]) == 2
     assert "unknown --preset" in capsys.readouterr().err
+
+
+def test_skip_concat_piece_writes_every_skip_concatenation():
+    """The glue piece concatenates one pair per up block that pops a skip, each as large as that block's input."""
+    from snapfusion.evolve.latency import _SkipConcat, _concat_inputs, capture_inputs
+
+    torch.manual_seed(0)
+    unet = UNet(tiny_sd15()).eval()
+    z, t, ctx = torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), torch.randn(2, 77, unet.config.context_dim)
+    inputs = capture_inputs(unet, z, t, ctx)
+    outs = _SkipConcat()(*_concat_inputs(unet, inputs))
+    popping = [p.name for stage in unet.up for p in stage.order if p.pop_skip]
+    assert len(outs) == len(popping) > 0
+    for out, name in zip(outs, popping):
+        assert torch.equal(out, inputs[name][0])
+
+
+def test_cuda_graph_timing_needs_cuda_and_torch():
+    with pytest.raises(SnapFusionError, match="cuda-graphs"):
+        measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1, cuda_graphs=True))

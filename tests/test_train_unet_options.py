@@ -71,3 +71,52 @@ def test_train_unet_command_checks_its_folders_before_training(tmp_path, capsys)
     assert main(["train-unet", "--run-dir", str(tmp_path / "r2"), "--from-pipeline", str(tmp_path / "none")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "r2").exists()
+
+
+def test_kd_teacher_adds_a_distillation_term_that_vanishes_on_itself(parts, tmp_path):
+    """--kd-unet: the loss gains kd_weight x the weighted MSE to the teacher's prediction; a student equal to its
+    teacher pays nothing extra, a different one does; a v-prediction teacher is refused."""
+    torch.manual_seed(3)
+    teacher = UNet(UNET)
+    teacher.save(tmp_path / "teacher")
+    task = UNetTask(UNetTaskConfig(model=UNET, kd_unet=str(tmp_path / "teacher"), kd_weight=2.0, latent_pool=4,
+                                   pool_workers=0, **parts))
+    plain = UNetTask(UNetTaskConfig(model=UNET, latent_pool=4, pool_workers=0, **parts))
+    batch = task.collate([task.dataset()[i] for i in range(4)])
+    same = UNet(UNET)
+    same.load_state_dict(teacher.state_dict())
+    loss, logs = task.loss(same, batch, torch.Generator().manual_seed(0))
+    base, _ = plain.loss(same, batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, base)
+    assert float(logs["kd"]) < 1e-10
+    other = UNet(UNET)
+    loss, logs = task.loss(other, batch, torch.Generator().manual_seed(0))
+    base, _ = plain.loss(other, batch, torch.Generator().manual_seed(0))
+    assert float(logs["kd"]) > 0
+    torch.testing.assert_close((loss - base).mean(), 2.0 * logs["kd"])  # per-sample loss, batch-mean log
+    UNet(dataclasses.replace(UNET, prediction_type="v_prediction")).save(tmp_path / "v")
+    with pytest.raises(ConfigError, match="kd-unet .* must predict epsilon"):
+        UNetTask(UNetTaskConfig(model=UNET, kd_unet=str(tmp_path / "v"), **parts))
+
+
+@pytest.mark.parametrize("change, weight, message", [
+    (dict(context_dim=16), 1.0, "context width"),          # reads another text tower
+    (dict(in_channels=3, out_channels=3), 1.0, "channels"),  # another latent space
+    ({}, float("nan"), "kd-weight"), ({}, -1.0, "kd-weight"), ({}, 0.0, "kd-weight"),
+])
+def test_a_kd_teacher_that_does_not_fit_is_refused_before_training(parts, tmp_path, change, weight, message):
+    UNet(dataclasses.replace(UNET, **change)).save(tmp_path / "t")
+    with pytest.raises(ConfigError, match=message):
+        UNetTask(UNetTaskConfig(model=UNET, kd_unet=str(tmp_path / "t"), kd_weight=weight, **parts))
+
+
+def test_robust_train_kd_options_are_one_line_errors(tmp_path, capsys):
+    from snapfusion.cli import main
+
+    base = ["robust-train", "--run-dir", str(tmp_path / "r"), "--model", "base", "--max-steps", "1"]
+    assert main([*base, "--kd-weight", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kd-weight needs --kd-unet" in err and "\n" not in err
+    assert main([*base, "--kd-unet", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kd-unet" in err and "\n" not in err

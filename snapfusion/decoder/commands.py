@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+
+from snapfusion.errors import SnapFusionError
 
 
 def _student_spec(a: argparse.Namespace):
@@ -12,7 +15,8 @@ def _student_spec(a: argparse.Namespace):
     from snapfusion.decoder.tiny import TinyDecoderConfig
 
     tiny = TinyDecoderConfig(widths=tuple(a.tiny_widths), blocks=tuple(a.tiny_blocks))
-    return StudentSpec(kind=a.student, ratio=a.ratio, init=a.init, norm_groups=a.norm_groups, tiny=tiny)
+    return StudentSpec(kind=a.student, ratio=a.ratio, init=a.init, norm_groups=a.norm_groups, tiny=tiny,
+                       start=a.start_from)
 
 
 def _latent_source(a: argparse.Namespace):
@@ -74,6 +78,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from snapfusion.decoder.io import load_decoder
     from snapfusion.decoder.task import load_teacher
 
+    if a.pipeline_steps < 1 or not math.isfinite(a.pipeline_guidance) or a.pipeline_guidance < 0:
+        raise SnapFusionError(f"--pipeline-steps must be >= 1 and --pipeline-guidance a finite number >= 0, got "
+                              f"{a.pipeline_steps} and {a.pipeline_guidance}")
     torch.set_grad_enabled(False)
     device = _device(a.device)
     pipe = load_teacher(a.teacher).to(device)
@@ -87,7 +94,10 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if a.pipeline_metrics:
         decoders = {"teacher": pipe.decoder, **students}
         report["pipeline"] = pipeline_metrics(pipe, decoders, a.pipeline_metrics, batch_size=a.batch_size,
-                                              num_emoji=a.num_emoji)
+                                              num_emoji=a.num_emoji, steps=a.pipeline_steps,
+                                              guidance=a.pipeline_guidance)
+        report["pipeline_settings"] = {"prompts": a.pipeline_metrics, "ddim_steps": a.pipeline_steps,
+                                       "guidance": a.pipeline_guidance}
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:
@@ -145,6 +155,8 @@ def register(sub) -> None:
     d.add_argument("--latent-pool", type=int, default=0, help="cycle over this many cached teacher latents per "
                    "process (0: every latent fresh; default %(default)s)")
     d.add_argument("--latent-cache", default=None, help="a decoder-latents file made with the same latent options")
+    d.add_argument("--start-from", default=None, help="a decoder folder of the same architecture (e.g. an earlier "
+                   "run's final/): train on from its weights with a fresh optimizer")
     d.set_defaults(func=cmd_distill)
 
     c = sub.add_parser("decoder-latents", help="generate the teacher latents of distill-decoder's pool once",
@@ -167,6 +179,9 @@ def register(sub) -> None:
     e.add_argument("--num-emoji", type=int, default=None, help="only test prompts with the first N atlas emoji")
     e.add_argument("--pipeline-metrics", type=int, default=0, metavar="N",
                    help="also domain FID / CLIP / attribute accuracy of the full pipeline on N test prompts")
+    e.add_argument("--pipeline-steps", type=int, default=25, help="DDIM steps of the pipeline metrics' latents "
+                   "(default %(default)s)")
+    e.add_argument("--pipeline-guidance", type=float, default=5.0, help="their guidance (default %(default)s)")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="also write the JSON report here")
     e.set_defaults(func=cmd_eval)

@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from snapfusion.config import to_dict
-from snapfusion.errors import SnapFusionError
+from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.data import SceneConfig, caption, sample_scene
 from snapfusion.decoder.io import load_decoder, save_decoder
-from snapfusion.decoder.reduce import InitMethod, reduce_decoder
+from snapfusion.decoder.reduce import InitMethod, reduce_decoder, reduced_config
 from snapfusion.decoder.tiny import TinyDecoder, TinyDecoderConfig
 from snapfusion.pipeline import Pipeline
 from snapfusion.sampling import guided, initial_noise, sample_ddim, sample_dpmpp_2m
@@ -59,6 +59,7 @@ class StudentSpec:
     init: InitMethod = "l1"  # reduced only: teacher channels by L1 norm, the first ones, or random init
     norm_groups: int | None = None  # reduced only; None: keep the teacher's if they divide (reduce.reduced_config)
     tiny: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)  # tiny only (scaling factor: teacher's)
+    start: str | None = None  # a decoder folder of exactly the architecture above: continue from its weights
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,19 @@ class DecoderDistillConfig:
 
 
 def build_student(spec: StudentSpec, teacher: nn.Module) -> nn.Module:
-    """The student decoder for ``spec``, initialised from ``teacher`` where the spec says so."""
+    """The student decoder for ``spec``, initialised from ``teacher`` where the spec says so, or the ``spec.start``
+    decoder, which must have exactly the architecture the spec describes."""
+    tiny = dataclasses.replace(spec.tiny, scaling_factor=teacher.config.scaling_factor,
+                               latent_channels=teacher.config.latent_channels)
+    if spec.start:
+        start = load_decoder(spec.start)
+        want = tiny if spec.kind == "tiny" else reduced_config(teacher.config, spec.ratio, norm_groups=spec.norm_groups)
+        if start.config != want:
+            raise ConfigError(f"--start-from {spec.start}: its decoder config differs from the student the options "
+                              f"describe ({want})")
+        return start
     if spec.kind == "tiny":
-        cfg = dataclasses.replace(spec.tiny, scaling_factor=teacher.config.scaling_factor,
-                                  latent_channels=teacher.config.latent_channels)
-        return TinyDecoder(cfg)
+        return TinyDecoder(tiny)
     return reduce_decoder(teacher, spec.ratio, method=spec.init, norm_groups=spec.norm_groups)
 
 

@@ -52,7 +52,7 @@ def cmd_bench_blocks(a: argparse.Namespace) -> None:
     unet, source = _unet_of(a.model, a.preset)
     inner = a.inner or (10 if device.startswith("cuda") else 1)
     cfg = BenchConfig(size=a.size, batch=a.batch, warmup=a.warmup, repeats=a.repeats, inner=inner,
-                      backend=a.backend, dtype=a.dtype, clock=a.clock)
+                      backend=a.backend, dtype=a.dtype, clock=a.clock, cuda_graphs=a.cuda_graphs)
     table = measure_table(unet, cfg, device=device, meta={"model": source})
     save_table(table, a.out)
     top = sorted(table["blocks"].items(), key=lambda kv: -kv[1]["ms"])[:5]
@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time, robust to load from other processes (needs --threads 1)")
+    b.add_argument("--cuda-graphs", action="store_true", help="cuda: time every piece as a replayed CUDA graph "
+                   "(GPU time without Python dispatch, as a deployed engine runs)")
     b.add_argument("--out", required=True, help="output JSON")
     b.set_defaults(func=cmd_bench_blocks)
     _register_evolution(sub)

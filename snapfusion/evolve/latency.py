@@ -44,6 +44,8 @@ class BenchConfig:
     backend: Backend = "torch"
     dtype: Literal["fp32", "fp16"] = "fp32"
     clock: Literal["wall", "cpu"] = "wall"  # "cpu": process CPU time, immune to other processes' load (1 thread only)
+    cuda_graphs: bool = False       # CUDA, torch backend: time each piece as a replayed CUDA graph (no host dispatch,
+                                    # as a deployed graph / TensorRT engine runs) instead of eager calls
 
 
 def block_sides(cfg: UNetConfig, latent: int) -> dict[str, int]:
@@ -105,6 +107,49 @@ class _Head(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class _SkipConcat(nn.Module):
+    """The forward's skip-connection concatenations, which run between blocks (one per up block with a skip).
+
+    A concatenation's cost is the bytes it writes, not where the split falls, so each is timed as the concatenation
+    of the two channel halves of the block input it made (captured), which writes the same tensor. ``predict_ms``
+    prices it as a fixed piece, as measured: an edit that changes the number of skips (a down res block removed)
+    moves it by one concatenation, 0.02-0.11 ms in the shipped GPU tables.
+    """
+
+    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.cat(inputs[i: i + 2], dim=1) for i in range(0, len(inputs), 2)]
+
+
+def _concat_inputs(unet: UNet, inputs: dict[str, tuple]) -> tuple[torch.Tensor, ...]:
+    """Two contiguous halves of the input of every block that pops a skip (flattened pairs for ``_SkipConcat``)."""
+    out: list[torch.Tensor] = []
+    for stage in unet.up:
+        for plan in stage.order:
+            if plan.pop_skip:
+                x = inputs[plan.name][0]
+                k = x.shape[1] // 2
+                out += [x[:, :k].contiguous(), x[:, k:].contiguous()]
+    return tuple(out)
+
+
+class CudaGraphRunner:
+    """``module(*inputs)`` captured once as a CUDA graph and replayed: GPU time without host dispatch."""
+
+    def __init__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                module(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = module(*inputs)  # kept: the graph writes into these tensors on every replay
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 def _pieces(unet: UNet) -> list[tuple[str, nn.Module]]:
     """The non-block modules, in execution order (their inputs are captured with hooks)."""
     out = [("conv_in", unet.conv_in), ("time_embedding", unet.time_embedding)]
@@ -147,7 +192,7 @@ class OrtRunner:
 
 def _runner(module: nn.Module, inputs: tuple, cfg: BenchConfig, tmp: Path, name: str, device: torch.device):
     if cfg.backend == "torch":
-        return lambda: module(*inputs)
+        return CudaGraphRunner(module, inputs) if cfg.cuda_graphs else lambda: module(*inputs)
     providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     return OrtRunner(module, inputs, tmp, name.replace(".", "_"), providers)
 
@@ -163,6 +208,9 @@ def measure_table(unet: UNet, cfg: BenchConfig, *, device: torch.device | str = 
         raise ConfigError(f"backend must be 'torch' or 'onnxruntime', got {cfg.backend!r}")
     if cfg.size % 64 or cfg.batch < 1:
         raise SnapFusionError(f"--size must be a multiple of 64 and --batch >= 1, got {cfg.size}, {cfg.batch}")
+    if cfg.cuda_graphs and (device.type != "cuda" or cfg.backend != "torch"):
+        raise SnapFusionError("--cuda-graphs times torch modules on a CUDA device: use it with --device cuda "
+                              "--backend torch")
     if cfg.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
         raise SnapFusionError("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
     clock = time.process_time if cfg.clock == "cpu" else time.perf_counter
@@ -174,9 +222,14 @@ def measure_table(unet: UNet, cfg: BenchConfig, *, device: torch.device | str = 
     ctx = torch.randn(cfg.batch, CONTEXT_LEN, unet.config.context_dim, generator=gen).to(device, dtype)  # (B, 77, D)
     t = torch.full((cfg.batch,), 500.0, device=device)  # (B,)
     inputs = capture_inputs(unet, z, t, ctx)
+    concat = _concat_inputs(unet, inputs)
+    if concat:
+        inputs["skip_concat"] = concat
     sigs = signatures(unet.config, latent)
     with tempfile.TemporaryDirectory() as tmp:
         modules = unet.named_blocks() + _pieces(unet) + [("head", _Head(unet))]
+        if concat:
+            modules.append(("skip_concat", _SkipConcat()))
         runners = {name: _runner(m, inputs[name], cfg, Path(tmp), name, device) for name, m in modules}
         runners["unet"] = _runner(unet, (z, t, ctx), cfg, Path(tmp), "unet", device)
         ms = time_round_robin(runners, device, warmup=cfg.warmup, repeats=cfg.repeats, inner=cfg.inner, clock=clock)

@@ -59,12 +59,18 @@ def _init_folder(a: argparse.Namespace) -> str:
 
 def cmd_robust_train(a: argparse.Namespace) -> None:
     from snapfusion.cli import _loop_cfg
+    from snapfusion.errors import SnapFusionError
     from snapfusion.evolve.robust import RobustTask
     from snapfusion.train.loop import train
 
     init = _init_folder(a)
-    task = RobustTask(_task_cfg(a, _unet_cfg(a, init), init))
-    train(_loop_cfg(a), task, resume=a.resume)
+    cfg = _task_cfg(a, _unet_cfg(a, init), init)
+    if a.kd_weight is not None and not a.kd_unet:
+        raise SnapFusionError("--kd-weight needs --kd-unet (the teacher whose output it weights)")
+    if a.kd_unet:
+        cfg = dataclasses.replace(cfg, unet=dataclasses.replace(
+            cfg.unet, kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight))
+    train(_loop_cfg(a), RobustTask(cfg), resume=a.resume)
 
 
 def _train_chunk(a: argparse.Namespace, device: str):
@@ -222,6 +228,9 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
                        "--run-dir runs/robust --model base --max-steps 2000")
     _add_train_options(r, steps=2000, batch=32, lr=5e-5)
     _add_model_options(r)
+    r.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder: add its output as a second "
+                   "target (output-level knowledge distillation, as BK-SDM fine-tunes a pruned UNet)")
+    r.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
     r.set_defaults(func=cmd_robust_train)
 
     e = sub.add_parser("evolve", help="architecture evolution under a latency budget (SnapFusion Alg. 1)",

@@ -5,6 +5,7 @@ Each task owns its model construction, data, per-sample loss and saving; the loo
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,9 @@ class UNetTaskConfig:
                                   # SD's schedule leaks each channel's mean at t = T, so without it the model
                                   # cannot choose a flat background's color at sampling time)
     init_unet: str = ""           # folder of a UNet to start from (a fresh run only; --resume reads the checkpoint)
+    kd_unet: str = ""             # folder of a frozen eps UNet (the teacher): adds kd_weight x the same weighted MSE
+                                  # to its prediction on the same input (BK-SDM's output-level distillation)
+    kd_weight: float = 1.0
     vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
 
 
@@ -332,6 +336,7 @@ class UNetTask:
         self.text = load_text_encoder(cfg.text_encoder).eval().requires_grad_(False)
         self._decoder_folder = Path(cfg.vae_decoder or cfg.vae)
         self._pool: LatentPool | None = None
+        self.kd = _load_kd_teacher(cfg, self.text.config.hidden_size) if cfg.kd_unet else None
 
     def describe(self) -> dict:
         return to_dict(self.cfg)
@@ -391,8 +396,14 @@ class UNetTask:
         z = self.schedule.add_noise(x0, eps, t)
         pred = model(z, t, context)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        loss = eps_mse_min_snr(pred, eps, (alpha / sigma) ** 2, self.cfg.min_snr_gamma)
-        return loss, {}
+        snr = (alpha / sigma) ** 2
+        loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
+        if self.kd is None:
+            return loss, {}
+        with torch.no_grad():  # under the loop's autocast, as the student: the target costs a mixed-precision pass
+            target = self.kd.to(device)(z, t, context)
+        kd = eps_mse_min_snr(pred, target, snr, self.cfg.min_snr_gamma)
+        return loss + self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
 
     def save(self, model, folder: Path) -> None:
         _unwrap(model).save(folder)
@@ -419,6 +430,23 @@ class UNetTask:
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(to_pil(images), cols=4).resize((1024, 512 * ((len(records) + 3) // 4) // 2)).save(path)
         (path.with_suffix(".txt")).write_text("\n".join(r["prompt"] for r in records) + "\n")
+
+
+def _load_kd_teacher(cfg: UNetTaskConfig, context_dim: int) -> UNet:
+    """The frozen eps teacher of output-level distillation; it must read the run's latents and text context."""
+    if not (math.isfinite(cfg.kd_weight) and cfg.kd_weight > 0):
+        raise ConfigError(f"--kd-weight must be a finite number > 0, got {cfg.kd_weight}")
+    if not (Path(cfg.kd_unet) / "config.json").is_file():
+        raise ConfigError(f"--kd-unet: no UNet folder at {cfg.kd_unet}")
+    teacher = UNet.load(cfg.kd_unet, dtype=torch.float32).eval().requires_grad_(False)
+    got, want = teacher.config, cfg.model
+    if got.prediction_type != "epsilon":
+        raise ConfigError(f"--kd-unet {cfg.kd_unet}: the teacher must predict epsilon, it predicts {got.prediction_type}")
+    if (got.in_channels, got.out_channels, got.context_dim) != (want.in_channels, want.out_channels, context_dim):
+        raise ConfigError(f"--kd-unet {cfg.kd_unet}: channels in/out and context width "
+                          f"{(got.in_channels, got.out_channels, got.context_dim)} do not match the run's "
+                          f"{(want.in_channels, want.out_channels, context_dim)}")
+    return teacher
 
 
 def _vae_cls(folder: Path) -> type[nn.Module]:
