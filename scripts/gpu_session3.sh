@@ -19,22 +19,7 @@
 #   call 2 carries base/vae_decoder and parts/:  bash scripts/gpu_session3.sh stash
 #   later calls: cat /root/stage/s3.log; when it says "SESSION DONE", copy /root/stage/runs/s3/out/* to $OUT.
 # CPU dry run (tiny, for the plumbing): STAGE=/tmp/st DEVICE=cpu DRY=1 bash scripts/gpu_session3.sh stash; ... run
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-STAGE=${STAGE:-/root/stage}
-if [ "${1:-}" = stash ]; then  # merge the model files this call carried; copy the code once
-  mkdir -p "$STAGE/models" && cp -r snapfusion/assets/models/. "$STAGE/models"/
-  if [ ! -d "$STAGE/repo" ]; then
-    mkdir -p "$STAGE/repo" && tar cf - --exclude=./snapfusion/assets/models --exclude=./.git --exclude='./.venv*' \
-      --exclude=./runs . | tar xf - -C "$STAGE/repo"
-    ln -s "$STAGE/models" "$STAGE/repo/snapfusion/assets/models"
-  fi
-  find "$STAGE/models" -name config.json | sort
-  exit 0
-fi
-[ "${1:-}" = run ] || { echo "usage: $0 stash|run"; exit 2; }
-cd "$STAGE/repo" || exit 1
-export PYTHONPATH=$PWD
+. "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
 R=$STAGE/runs/s3; mkdir -p "$R/out" "$R/eval"
 BASE=$STAGE/models/base
 DEV=${DEVICE:-cuda}; SIZE=${SIZE:-512}; EMOJI=40; NIMG=${NIMG:-485}; BATCH=${BATCH:-64}; W=${WORKERS:-12}
@@ -46,12 +31,6 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-16}; EVAL_STEPS=${EVAL_STEPS:-10}; DRY=${DRY:-0}
 TABLE=snapfusion/assets/latency/base_cpu_torch.json
 SF="python3 -m snapfusion.cli"
 COMMON=(--num-emoji $EMOJI --image-size "$SIZE" --num-workers "$W" --sample-every 0 --log-every 25)
-stamp() { echo "[$(date +%T) +${SECONDS}s] $*"; }
-wait_for() {  # file, seconds
-  local n=0; while [ ! -e "$1" ] && [ $n -lt "$2" ]; do sleep 5; n=$((n + 5)); done; [ -e "$1" ]
-}
-latest() { python3 -c "from pathlib import Path; from snapfusion.train.state import latest_checkpoint as l; \
-c = l(Path('$1')); print(c if c else '')"; }
 ev() {  # name, model, steps, sampler, sweep, [extra args]
   local name=$1 model=$2 steps=$3 sampler=$4 sweep=$5; shift 5
   local dt=bf16; [ "$DEV" = cpu ] && dt=fp32

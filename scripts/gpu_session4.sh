@@ -20,22 +20,7 @@
 #   later calls: cat /root/stage/s4.log; after "SESSION DONE" copy /root/stage/runs/s4/out/* to $OUT.
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st4 DEVICE=cpu SIZE=64 NIMG=8 BATCH=4 POOL=16 ROBUST_MIN=0.1 ... \
 #   bash scripts/gpu_session4.sh stash; ... run   (every *_MIN, DLAT, DCOUNT, EVAL_* and EVO_TRAIN can be set)
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-STAGE=${STAGE:-/root/stage}
-if [ "${1:-}" = stash ]; then  # merge the model files this call carried; copy the code once
-  mkdir -p "$STAGE/models" && cp -r snapfusion/assets/models/. "$STAGE/models"/
-  if [ ! -d "$STAGE/repo" ]; then
-    mkdir -p "$STAGE/repo" && tar cf - --exclude=./snapfusion/assets/models --exclude=./.git --exclude='./.venv*' \
-      --exclude=./runs . | tar xf - -C "$STAGE/repo"
-    ln -s "$STAGE/models" "$STAGE/repo/snapfusion/assets/models"
-  fi
-  find "$STAGE/models" -name config.json | sort
-  exit 0
-fi
-[ "${1:-}" = run ] || { echo "usage: $0 stash|run"; exit 2; }
-cd "$STAGE/repo" || exit 1
-export PYTHONPATH=$PWD
+. "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
 R=$STAGE/runs/s4; mkdir -p "$R/out" "$R/eval" "$R/tables"
 BASE=$STAGE/models/base
 DEV=${DEVICE:-cuda}; SIZE=${SIZE:-512}; EMOJI=40; NIMG=${NIMG:-485}; BATCH=${BATCH:-64}; W=${WORKERS:-12}
@@ -47,12 +32,6 @@ TABLE=snapfusion/assets/latency/base_cpu_torch.json
 BK_BUDGET=0.621  # the BK-SDM rule's share of the base UNet's latency in $TABLE (996.9 / 1,604.9 ms)
 SF="python3 -m snapfusion.cli"
 COMMON=(--num-emoji $EMOJI --image-size "$SIZE" --num-workers "$W" --sample-every 0 --log-every 25)
-stamp() { echo "[$(date +%T) +${SECONDS}s] $*"; }
-wait_for() {  # file, seconds
-  local n=0; while [ ! -e "$1" ] && [ $n -lt "$2" ]; do sleep 5; n=$((n + 5)); done; [ -e "$1" ]
-}
-latest() { python3 -c "from pathlib import Path; from snapfusion.train.state import latest_checkpoint as l; \
-c = l(Path('$1')); print(c if c else '')"; }
 ev() {  # name, model, steps, sampler, sweep, [extra args]
   local name=$1 model=$2 steps=$3 sampler=$4 sweep=$5; shift 5
   local dt=bf16; [ "$DEV" = cpu ] && dt=fp32

@@ -45,11 +45,14 @@ def test_space_map_covers_every_parameter_of_sd_layouts():
 
 def test_halved_widths_groups_and_parameter_counts():
     halved = reduced_config(base_autoencoder())
-    assert halved.decoder_widths == (16, 32, 64, 64) and halved.norm_groups == 16
+    # 16 groups would leave one channel per group at 16 channels: 8 groups of 2 (and 8 divides the teacher's 16)
+    assert halved.decoder_widths == (16, 32, 64, 64) and halved.norm_groups == 8
     assert halved.encoder_widths == base_autoencoder().encoder_widths
-    quarter = reduced_config(TINY, 0.25)  # 2-4-8-8: 4 groups do not divide 2 -> gcd
-    assert quarter.decoder_widths == (2, 4, 8, 8) and quarter.norm_groups == 2
-    assert reduced_config(AutoencoderConfig.sd15()).decoder_widths == (64, 128, 256, 256)
+    quarter = reduced_config(TINY, 0.25)  # 2-4-8-8: groups of >= 2 channels at width 2 -> one group
+    assert quarter.decoder_widths == (2, 4, 8, 8) and quarter.norm_groups == 1
+    sd = reduced_config(AutoencoderConfig.sd15())  # 64 channels in 32 groups: 2 per group, SD's count is kept
+    assert sd.decoder_widths == (64, 128, 256, 256) and sd.norm_groups == 32
+    assert reduced_config(base_autoencoder(), norm_groups=16).norm_groups == 16  # an explicit count is kept
     with pytest.raises(ConfigError, match="ratio"):
         reduced_config(TINY, 1.5)
     with pytest.raises(ConfigError, match="norm_groups"):
@@ -66,7 +69,7 @@ def test_sd15_halved_decoder_parameter_count():
 
 def test_first_init_keeps_the_first_channels_of_each_group():
     teacher = _perturbed_decoder()
-    student = reduce_decoder(teacher, 0.5, method="first")
+    student = reduce_decoder(teacher, 0.5, method="first", norm_groups=4)  # the teacher's groups, kept
     # conv_in writes the mid stream: 32 channels in 4 groups of 8 -> channels 0-3, 8-11, 16-19, 24-27
     keep = torch.cat([torch.arange(g * 8, g * 8 + 4) for g in range(4)])
     torch.testing.assert_close(student.conv_in.weight, teacher.conv_in.weight[keep])

@@ -126,8 +126,8 @@ def _add_student_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=0.5, help="decoder width ratio (default %(default)s)")
     p.add_argument("--init", choices=["l1", "first", "random"], default="l1",
                    help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
-    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the teacher's if "
-                   "they divide every reduced width)")
+    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the largest divisor "
+                   "of the teacher's count that leaves >= 2 channels per group)")
     p.add_argument("--tiny-widths", type=int, nargs="+", default=[64, 64, 48, 24],
                    help="tiny: widths per level (default: about the halved base decoder's CPU latency)")
     p.add_argument("--tiny-blocks", type=int, nargs="+", default=[3, 3, 2, 1], help="tiny: conv blocks per level")

@@ -57,7 +57,7 @@ class StudentSpec:
     kind: Literal["reduced", "tiny"] = "reduced"
     ratio: float = 0.5  # SnapFusion §3.2: every decoder width halved
     init: InitMethod = "l1"  # reduced only: teacher channels by L1 norm, the first ones, or random init
-    norm_groups: int | None = None  # reduced only; None: keep the teacher's if they divide (reduce.reduced_config)
+    norm_groups: int | None = None  # reduced only; None: reduce.reduced_config's rule (>= 2 channels per group)
     tiny: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)  # tiny only (scaling factor: teacher's)
     start: str | None = None  # a decoder folder of exactly the architecture above: continue from its weights
 
