@@ -139,30 +139,12 @@ lane_b() {
   stamp "lane B done"
 }
 
-# each lane runs under a hard limit (LANE_S) so that packing happens in time whatever hangs
 export -f lane_a lane_b stamp wait_for latest ev
 export R BASE DEV SIZE EMOJI NIMG BATCH W POOL OFFSET BUDGET SWEEP ABL_SWEEP TRAIN_MIN ROBUST_MIN EVO_MIN VTUNE_MIN \
   DISTILL_MIN ABL_STEPS ABL_MIN EVAL_PROMPTS EVAL_STEPS DRY TABLE SF STAGE POOL_SMALL=${POOL_SMALL:-}
-COMMON_STR="${COMMON[*]}"; export COMMON_STR
-GPU_A=0; GPU_B=1; [ "$DEV" = cuda ] || { GPU_A=; GPU_B=; }
-CUDA_VISIBLE_DEVICES=$GPU_A timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_a' > $R/lane_a.log 2>&1 &
-CUDA_VISIBLE_DEVICES=$GPU_B timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_b' > $R/lane_b.log 2>&1 &
-wait
-cat $R/lane_a.log $R/lane_b.log
+run_lanes
 stamp "pack"
-python3 - "$R" <<'PY'
-import json, sys
-from pathlib import Path
-r = Path(sys.argv[1])
-summary = {}
-for f in sorted((r / "eval").glob("*/eval.json")):
-    d = json.loads(f.read_text())
-    summary[f.parent.name] = [{k: v for k, v in x.items() if not isinstance(v, (list, dict))} | 
-                              {"attributes": x.get("attributes", {}).get("all") if isinstance(x.get("attributes"), dict) else None}
-                              for x in d["results"]]
-(r / "summary.json").write_text(json.dumps(summary, indent=1))
-print(json.dumps(summary)[:3000])
-PY
+summarize_evals
 # out/ holds only the UNet shards (at most 8 files come back): their JSON goes into the results tar, which is split
 # at 15 MiB; of the sweep grids only guidance 4.5 and 7.5 are kept
 (cd $R/out && for d in base_unet student_unet; do [ -d $d ] && mkdir -p ../unet_json/$d && mv $d/*.json ../unet_json/$d/; done)

@@ -145,26 +145,9 @@ lane_b() {
 export -f lane_a lane_b stamp wait_for latest ev finetune
 export R BASE DEV SIZE EMOJI NIMG BATCH W POOL OFFSET ROBUST_MIN EVO_MIN EVO62_MIN FT_MIN DEC_MIN DLAT DCOUNT \
   CONT_MIN EVAL_PROMPTS EVAL_STEPS EVO_TRAIN TABLE BK_BUDGET SF STAGE
-COMMON_STR="${COMMON[*]}"; export COMMON_STR
-GPU_A=0; GPU_B=1; [ "$DEV" = cuda ] || { GPU_A=; GPU_B=; }
-CUDA_VISIBLE_DEVICES=$GPU_A timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_a' > $R/lane_a.log 2>&1 &
-CUDA_VISIBLE_DEVICES=$GPU_B timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_b' > $R/lane_b.log 2>&1 &
-wait
-cat $R/lane_a.log $R/lane_b.log
+run_lanes
 stamp "pack"
-python3 - "$R" <<'PY'
-import json, sys
-from pathlib import Path
-r = Path(sys.argv[1])
-summary = {}
-for f in sorted((r / "eval").glob("*/eval.json")):
-    d = json.loads(f.read_text())
-    summary[f.parent.name] = [{k: v for k, v in x.items() if not isinstance(v, (list, dict))}
-                              | {"attributes": x["attributes"].get("all") if isinstance(x.get("attributes"), dict)
-                                 else None} for x in d["results"]]
-(r / "summary.json").write_text(json.dumps(summary, indent=1))
-print(json.dumps(summary)[:3000])
-PY
+summarize_evals
 # no weights but the new decoders and the continued student (int8): a run's checkpoints and fp32 UNets stay there
 tar cf $R/results.tar --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='*/samples' \
   --exclude='iter_*' --exclude=train_init --exclude='grid_w1.5.png' --exclude='results.tar' -C "$STAGE/runs" s4

@@ -25,3 +25,29 @@ wait_for() {  # file, seconds
 }
 latest() { python3 -c "from pathlib import Path; from snapfusion.train.state import latest_checkpoint as l; \
 c = l(Path('$1')); print(c if c else '')"; }
+
+run_lanes() {  # lane_a on GPU 0 and lane_b on GPU 1 (unpinned on a CPU run), each under LANE_S seconds so that
+  # packing happens in time whatever hangs; the caller exports the lane functions and their variables
+  COMMON_STR="${COMMON[*]}"; export COMMON_STR
+  local a=0 b=1; [ "$DEV" = cuda ] || { a=; b=; }
+  CUDA_VISIBLE_DEVICES=$a timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_a' > "$R/lane_a.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$b timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_b' > "$R/lane_b.log" 2>&1 &
+  wait
+  cat "$R/lane_a.log" "$R/lane_b.log"
+}
+
+summarize_evals() {  # $R/summary.json: per eval run, its rows without per-image lists (attributes: "all" only)
+  python3 - "$R" <<'PY'
+import json, sys
+from pathlib import Path
+r = Path(sys.argv[1])
+summary = {}
+for f in sorted((r / "eval").glob("*/eval.json")):
+    rows = json.loads(f.read_text())["results"]
+    summary[f.parent.name] = [{k: v for k, v in x.items() if not isinstance(v, (list, dict))}
+                              | {"attributes": x["attributes"].get("all") if isinstance(x.get("attributes"), dict)
+                                 else None} for x in rows]
+(r / "summary.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary)[:3000])
+PY
+}
