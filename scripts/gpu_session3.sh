@@ -31,13 +31,7 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-16}; EVAL_STEPS=${EVAL_STEPS:-10}; DRY=${DRY:-0}
 TABLE=snapfusion/assets/latency/base_cpu_torch.json
 SF="python3 -m snapfusion.cli"
 COMMON=(--num-emoji $EMOJI --image-size "$SIZE" --num-workers "$W" --sample-every 0 --log-every 25)
-ev() {  # name, model, steps, sampler, sweep, [extra args]
-  local name=$1 model=$2 steps=$3 sampler=$4 sweep=$5; shift 5
-  local dt=bf16; [ "$DEV" = cpu ] && dt=fp32
-  timeout 600 $SF eval --model "$model" --num-emoji $EMOJI --num-images "$NIMG" --steps "$steps" --sampler "$sampler" \
-    --guidance-sweep "$sweep" --batch-size 64 --device "$DEV" --dtype $dt --size "$SIZE" --out "$R/eval/$name" "$@" \
-    > "$R/eval/$name.log" 2>&1 && stamp "eval $name done" || stamp "eval $name FAILED"
-}
+EVAL_TIMEOUT=600  # seconds per eval run (ev, scripts/gpu_stage.sh)
 for part in text_encoder unet vae_encoder; do
   test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
 done
@@ -141,7 +135,7 @@ lane_b() {
 
 export -f lane_a lane_b stamp wait_for latest ev
 export R BASE DEV SIZE EMOJI NIMG BATCH W POOL OFFSET BUDGET SWEEP ABL_SWEEP TRAIN_MIN ROBUST_MIN EVO_MIN VTUNE_MIN \
-  DISTILL_MIN ABL_STEPS ABL_MIN EVAL_PROMPTS EVAL_STEPS DRY TABLE SF STAGE POOL_SMALL=${POOL_SMALL:-}
+  DISTILL_MIN ABL_STEPS ABL_MIN EVAL_PROMPTS EVAL_STEPS DRY TABLE SF STAGE EVAL_TIMEOUT POOL_SMALL=${POOL_SMALL:-}
 run_lanes
 stamp "pack"
 summarize_evals

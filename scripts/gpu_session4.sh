@@ -32,13 +32,7 @@ TABLE=snapfusion/assets/latency/base_cpu_torch.json
 BK_BUDGET=0.621  # the BK-SDM rule's share of the base UNet's latency in $TABLE (996.9 / 1,604.9 ms)
 SF="python3 -m snapfusion.cli"
 COMMON=(--num-emoji $EMOJI --image-size "$SIZE" --num-workers "$W" --sample-every 0 --log-every 25)
-ev() {  # name, model, steps, sampler, sweep, [extra args]
-  local name=$1 model=$2 steps=$3 sampler=$4 sweep=$5; shift 5
-  local dt=bf16; [ "$DEV" = cpu ] && dt=fp32
-  timeout 420 $SF eval --model "$model" --num-emoji $EMOJI --num-images "$NIMG" --steps "$steps" --sampler "$sampler" \
-    --guidance-sweep "$sweep" --batch-size 64 --device "$DEV" --dtype $dt --size "$SIZE" --out "$R/eval/$name" "$@" \
-    > "$R/eval/$name.log" 2>&1 && stamp "eval $name done" || stamp "eval $name FAILED"
-}
+EVAL_TIMEOUT=420  # seconds per eval run (ev, scripts/gpu_stage.sh)
 finetune() {  # name, init UNet folder: eps loss + output KD from the base UNet, no skips; then 50-step eval
   local name=$1 init=$2
   stamp "fine-tune $name from $init, $FT_MIN min"
@@ -144,7 +138,7 @@ lane_b() {
 
 export -f lane_a lane_b stamp wait_for latest ev finetune
 export R BASE DEV SIZE EMOJI NIMG BATCH W POOL OFFSET ROBUST_MIN EVO_MIN EVO62_MIN FT_MIN DEC_MIN DLAT DCOUNT \
-  CONT_MIN EVAL_PROMPTS EVAL_STEPS EVO_TRAIN TABLE BK_BUDGET SF STAGE
+  CONT_MIN EVAL_PROMPTS EVAL_STEPS EVO_TRAIN TABLE BK_BUDGET SF STAGE EVAL_TIMEOUT
 run_lanes
 stamp "pack"
 summarize_evals

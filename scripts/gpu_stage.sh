@@ -25,6 +25,13 @@ wait_for() {  # file, seconds
 }
 latest() { python3 -c "from pathlib import Path; from snapfusion.train.state import latest_checkpoint as l; \
 c = l(Path('$1')); print(c if c else '')"; }
+ev() {  # name, model, steps, sampler, sweep, [extra args]: snapfusion eval into $R/eval/name, bf16 on the GPU
+  local name=$1 model=$2 steps=$3 sampler=$4 sweep=$5; shift 5
+  local dt=bf16; [ "$DEV" = cpu ] && dt=fp32
+  timeout "${EVAL_TIMEOUT:-600}" $SF eval --model "$model" --num-emoji $EMOJI --num-images "$NIMG" --steps "$steps" \
+    --sampler "$sampler" --guidance-sweep "$sweep" --batch-size 64 --device "$DEV" --dtype $dt --size "$SIZE" \
+    --out "$R/eval/$name" "$@" > "$R/eval/$name.log" 2>&1 && stamp "eval $name done" || stamp "eval $name FAILED"
+}
 
 run_lanes() {  # lane_a on GPU 0 and lane_b on GPU 1 (unpinned on a CPU run), each under LANE_S seconds so that
   # packing happens in time whatever hangs; the caller exports the lane functions and their variables
