@@ -1,4 +1,4 @@
-# Shared start of the background GPU session scripts (gpu_session3.sh, gpu_session4.sh); they source it with their
+# Shared start of the background GPU session scripts (gpu_session3.sh to gpu_session5.sh); they source it with their
 # own arguments. "stash" merges the model files a device call carried into $STAGE/models and copies the code once
 # (files carried by one call are deleted when the next call starts without them), then exits; "run" moves into the
 # staged copy. Also the helpers every lane uses (the caller exports them to its lane shells).
@@ -33,10 +33,11 @@ ev() {  # name, model, steps, sampler, sweep, [extra args]: snapfusion eval into
     --out "$R/eval/$name" "$@" > "$R/eval/$name.log" 2>&1 && stamp "eval $name done" || stamp "eval $name FAILED"
 }
 
-run_lanes() {  # lane_a on GPU 0 and lane_b on GPU 1 (unpinned on a CPU run), each under LANE_S seconds so that
-  # packing happens in time whatever hangs; the caller exports the lane functions and their variables
+run_lanes() {  # lane_a and lane_b on the GPUs of LANE_GPUS (default "0 1"; "0 0" shares one GPU; unpinned on a
+  # CPU run), each under LANE_S seconds so that packing happens in time whatever hangs; the caller exports the lane
+  # functions and their variables
   COMMON_STR="${COMMON[*]}"; export COMMON_STR
-  local a=0 b=1; [ "$DEV" = cuda ] || { a=; b=; }
+  local gpus=(${LANE_GPUS:-0 1}); local a=${gpus[0]} b=${gpus[1]:-${gpus[0]}}; [ "$DEV" = cuda ] || { a=; b=; }
   CUDA_VISIBLE_DEVICES=$a timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_a' > "$R/lane_a.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=$b timeout -k 10 "$LANE_S" bash -c 'COMMON=($COMMON_STR); lane_b' > "$R/lane_b.log" 2>&1 &
   wait

@@ -214,3 +214,54 @@ def test_evolve_training_chunk_trains_under_the_commands_no_grad(tmp_path):
         trained = _train_chunk(a, "cpu")(unet, tmp_path / "evo" / "iter_000" / "train")
     before = unet.state_dict()
     assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+
+
+def test_evolve_apply_replays_a_run_on_other_weights(tiny_pipeline, tmp_path, capsys):
+    """evolve-apply: the logged actions on the start weights give the run's final architecture with those
+    weights carried over (equal to the run's own final UNet when the chunks do not train); actions of an iteration
+    without its step record (a killed run) are left out; a log that does not fit the UNet, a corrupt or malformed
+    log, a missing one and a missing table are one-line errors that write nothing."""
+    from snapfusion.cli import main
+
+    start = tiny_pipeline.unet
+    ev = EvalConfig(num_prompts=3, steps=2, guidance=3.0, size=64, batch=3)
+    evolve(tmp_path / "run", _copy(start), tiny_pipeline, RECORDS, _scorer, _table(start.config),
+           EvolveConfig(budget_fraction=0.85, iterations=2, eval=ev))
+    start.save(tmp_path / "start")
+    assert main(["evolve-apply", "--log", str(tmp_path / "run"), "--init", str(tmp_path / "start"),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "2 actions replayed" in capsys.readouterr().out
+    final, replayed = UNet.load(tmp_path / "run" / "final"), UNet.load(tmp_path / "out")
+    assert replayed.config == final.config != start.config
+    torch.testing.assert_close(replayed.state_dict(), final.state_dict())
+
+    lines = (tmp_path / "run" / "evolve.jsonl").read_text().splitlines()
+    first_step = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "step")
+    killed = tmp_path / "killed.jsonl"  # iteration 0 complete, then one action of iteration 1 and no step
+    extra = {**json.loads(lines[first_step - 1]), "iteration": 1}
+    killed.write_text("\n".join(lines[: first_step + 1] + [json.dumps(extra)]) + "\n")
+    assert main(["evolve-apply", "--log", str(killed), "--init", str(tmp_path / "start"),
+                 "--out", str(tmp_path / "out1")]) == 0
+    assert "1 actions replayed" in capsys.readouterr().out
+
+    other = tiny_sd15()
+    torch.manual_seed(1)
+    UNet(dataclasses.replace(other, context_dim=start.config.context_dim, norm_groups=4)).save(tmp_path / "other")
+    bad = {"corrupt": '{"type": "step"\n', "list": "[1, 2]\n", "no_op": '{"type": "action", "applied": true, '
+           '"iteration": 0, "block": "x"}\n{"type": "step", "iteration": 0}\n', "no_step": lines[0] + "\n"}
+    for name, text in bad.items():
+        (tmp_path / f"{name}.jsonl").write_text(text)
+    log = str(tmp_path / "run" / "evolve.jsonl")
+    start_ = str(tmp_path / "start")
+    for args, words in (((log, str(tmp_path / "other")), "does not give"),
+                        ((str(tmp_path / "corrupt.jsonl"), start_), "not a valid evolution log"),
+                        ((str(tmp_path / "list.jsonl"), start_), "record 1 is not a JSON object"),
+                        ((str(tmp_path / "no_op.jsonl"), start_), "lacks a field"),
+                        ((str(tmp_path / "no_step.jsonl"), start_), "no step record"),
+                        ((str(tmp_path / "nothing"), start_), "no evolution log"),
+                        ((log, start_, "--table", str(tmp_path / "none.json")), "none.json")):
+        log_, init, *more = args
+        assert main(["evolve-apply", "--log", log_, "--init", init, "--out", str(tmp_path / "x"), *more]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+    assert not (tmp_path / "x").exists()

@@ -120,3 +120,99 @@ def test_robust_train_kd_options_are_one_line_errors(tmp_path, capsys):
     assert main([*base, "--kd-unet", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--kd-unet" in err and "\n" not in err
+
+
+def test_unet_features_are_the_stage_outputs_and_change_nothing_else():
+    """forward(features=[]) collects one output per stage (down, mid, up) at the stage's width and resolution,
+    and the prediction is bit-identical to a call without it."""
+    from snapfusion.models.unet_config import stage_widths
+
+    torch.manual_seed(5)
+    unet = UNet(UNET).eval()
+    z, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    feats: list[torch.Tensor] = []
+    with torch.no_grad():
+        out = unet(z, 500, ctx, features=feats)
+        torch.testing.assert_close(out, unet(z, 500, ctx), atol=0, rtol=0)
+    assert [f.shape[1] for f in feats] == list(stage_widths(UNET))
+    n_down = len(UNET.down)
+    sides = [f.shape[-1] for f in feats]
+    assert sides[0] == 16 and sides[n_down - 1] == 16 // 2 ** (n_down - 1) and sides[-1] == 16
+
+
+def test_feature_kd_adds_stage_output_distances_to_an_evolved_student(parts, tmp_path):
+    """--kd-feature-weight: zero for a student equal to its teacher; for a student with a block removed (what
+    evolution produces) the loss grows by exactly weight x the summed stage-output MSE, which is > 0."""
+    from snapfusion.evolve.actions import Action, edited_unet
+    from snapfusion.train.tasks import feature_mse
+
+    torch.manual_seed(3)
+    teacher = UNet(UNET)
+    teacher.save(tmp_path / "teacher")
+    same = UNet(UNET)
+    same.load_state_dict(teacher.state_dict())
+    small, _, _ = edited_unet(teacher, Action("remove", "down.1.res.1"))
+    small.requires_grad_(True)
+    with_feat = dict(kd_unet=str(tmp_path / "teacher"), latent_pool=4, pool_workers=0, **parts)
+    for student in (same, small):
+        feat_task = UNetTask(UNetTaskConfig(model=student.config, kd_feature_weight=3.0, **with_feat))
+        out_task = UNetTask(UNetTaskConfig(model=student.config, **with_feat))
+        batch = feat_task.collate([feat_task.dataset()[i] for i in range(4)])
+        loss, logs = feat_task.loss(student, batch, torch.Generator().manual_seed(0))
+        plain, plain_logs = out_task.loss(student, batch, torch.Generator().manual_seed(0))
+        assert "kd_feat" not in plain_logs
+        torch.testing.assert_close((loss - plain).mean(), 3.0 * logs["kd_feat"])
+        assert (float(logs["kd_feat"]) < 1e-10) == (student is same)
+    feats_s, feats_t = [], []  # the feature term alone reaches the student's first block
+    z, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        teacher(z, 300, ctx, features=feats_t)
+    small(z, 300, ctx, features=feats_s)
+    feature_mse(feats_s, feats_t).sum().backward()
+    assert small.down[0].res["0"].conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="empty list"):
+        small(z, 300, ctx, features=[torch.zeros(1)])
+    with pytest.raises(ConfigError, match="stage 0"):
+        feature_mse([torch.zeros(1, 8, 4, 4)], [torch.zeros(1, 16, 4, 4)])
+
+
+@pytest.mark.parametrize("change, weight, message", [
+    (dict(down=None), 1.0, "stage widths"), ({}, -1.0, "kd-feature-weight"), ({}, float("inf"), "kd-feature-weight"),
+])
+def test_feature_kd_refuses_a_teacher_with_other_stages_or_a_bad_weight(parts, tmp_path, change, weight, message):
+    cfg = UNET
+    if "down" in change:  # wider first stage everywhere it appears: same channels in/out, other stage widths
+        widths = [2 * s.channels for s in UNET.down]
+        cfg = dataclasses.replace(UNET, down=tuple(dataclasses.replace(s, channels=w) for s, w in
+                                                   zip(UNET.down, widths)),
+                                  up=tuple(dataclasses.replace(s, channels=w) for s, w in
+                                           zip(UNET.up, reversed(widths))),
+                                  mid=dataclasses.replace(UNET.mid, channels=widths[-1]))
+    UNet(cfg).save(tmp_path / "t")
+    with pytest.raises(ConfigError, match=message):
+        UNetTask(UNetTaskConfig(model=UNET, kd_unet=str(tmp_path / "t"), kd_feature_weight=weight, **parts))
+
+
+def test_robust_train_kd_feature_weight_reaches_the_task(tmp_path, monkeypatch):
+    """robust-train --kd-unet T --kd-feature-weight W: the task that trains gets W and T."""
+    import snapfusion.train.loop as loop
+    from snapfusion.cli import EMBEDDED, main
+
+    seen = {}
+    monkeypatch.setattr(loop, "train", lambda cfg, task, resume=False: seen.update(task=task))
+    teacher = str(EMBEDDED / "base" / "unet")
+    assert main(["robust-train", "--run-dir", str(tmp_path / "r"), "--model", "base", "--max-steps", "1",
+                 "--kd-unet", teacher, "--kd-feature-weight", "0.5"]) == 0
+    cfg = seen["task"].cfg
+    assert (cfg.kd_unet, cfg.kd_weight, cfg.kd_feature_weight) == (teacher, 1.0, 0.5)
+
+
+def test_robust_train_kd_feature_weight_needs_a_teacher(tmp_path, capsys):
+    from snapfusion.cli import main
+
+    args = ["robust-train", "--run-dir", str(tmp_path / "r"), "--model", "base", "--max-steps", "1",
+            "--kd-feature-weight", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kd-feature-weight needs --kd-unet" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()

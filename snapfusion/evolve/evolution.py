@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from snapfusion.config import from_dict, save_json, to_dict
-from snapfusion.errors import SnapFusionError
+from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.evolve.actions import Action, EvalConfig, Scorer, candidates, edited_unet, score
 from snapfusion.evolve.latency import predict_ms
 from snapfusion.models.unet import UNet
@@ -153,8 +153,6 @@ def choose(rows: list[dict], over_budget: bool, budget_ms: float, current_ms: fl
 
 def _apply_rows(unet: UNet, rows: list[dict], table: dict) -> tuple[UNet, list[dict]]:
     """Apply the chosen actions one after the other (skipping any that a previous one made invalid)."""
-    from snapfusion.errors import ConfigError
-
     applied = []
     for row in rows:
         try:
@@ -219,11 +217,19 @@ def _device_of(model: UNet) -> torch.device:
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
-    """Records of ``evolve.jsonl``."""
-    path = Path(run_dir) / LOG
+    """Records of an evolution log: a run folder's ``evolve.jsonl``, or a log file itself (a copy kept elsewhere)."""
+    path = Path(run_dir)
+    path = path if path.is_file() else path / LOG
     if not path.is_file():
         raise SnapFusionError(f"no evolution log at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SnapFusionError(f"{path}: not a valid evolution log ({err})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise SnapFusionError(f"{path}: not a valid evolution log (record {bad + 1} is not a JSON object)")
+    return records
 
 
 def plot_trajectory(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -254,3 +260,33 @@ def plot_trajectory(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def config_of(record: dict) -> UNetConfig:
     """The UNet config stored in a step record."""
     return from_dict(UNetConfig, record["config"], where="evolve.jsonl")
+
+
+def replay(log: list[dict], start: UNet) -> tuple[UNet, int]:
+    """Apply an evolution log's applied actions, in order, to ``start`` (e.g. the teacher's own weights, or a
+    retrained base of the same config): the architecture the run found, with ``start``'s weights carried over as
+    the run carried them. Returns the UNet and the number of actions. Actions of an iteration the log has no step
+    record for (a run killed mid-iteration, which resumes by redoing it) are left out. ``SnapFusionError`` if an
+    action does not apply or the result's config differs from the log's last step (``start`` is not the config the
+    run began from)."""
+    try:
+        steps = [r for r in log if r["type"] == "step"]
+        if not steps:
+            raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
+        last = steps[-1]["iteration"]
+        actions = [(r["iteration"], r["op"], r["block"]) for r in log
+                   if r["type"] == "action" and r["applied"] and r["iteration"] <= last]
+        want = config_of(steps[-1])
+    except (KeyError, TypeError) as err:
+        raise SnapFusionError(f"evolution log: a record lacks a field or has the wrong type ({err!r})") from None
+    unet = start
+    for k, op, block in actions:
+        try:
+            unet, _, _ = edited_unet(unet, Action(op, block))
+        except ConfigError as err:
+            raise SnapFusionError(f"evolution log: iteration {k}'s action '{op} {block}' does not apply to this UNet "
+                                  f"({err})") from None
+    if unet.config != want:
+        raise SnapFusionError(f"evolution log: replaying its {len(actions)} actions on this UNet does not give the "
+                              "logged architecture (the run started from another UNet config)")
+    return unet, len(actions)

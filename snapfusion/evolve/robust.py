@@ -59,9 +59,9 @@ class SkippingUNet:
     def __init__(self, model: nn.Module, names: list[str], cfg: RobustConfig, generator: torch.Generator):
         self.model, self.names, self.cfg, self.generator = model, names, cfg, generator
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         skip = draw_skips(self.names, self.cfg, z.shape[0], self.generator)
-        return self.model(z, t, context, skip=skip or None)
+        return self.model(z, t, context, skip=skip or None, **kwargs)
 
 
 @dataclass(frozen=True)

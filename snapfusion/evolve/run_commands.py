@@ -65,11 +65,13 @@ def cmd_robust_train(a: argparse.Namespace) -> None:
 
     init = _init_folder(a)
     cfg = _task_cfg(a, _unet_cfg(a, init), init)
-    if a.kd_weight is not None and not a.kd_unet:
-        raise SnapFusionError("--kd-weight needs --kd-unet (the teacher whose output it weights)")
+    for flag, value in (("--kd-weight", a.kd_weight), ("--kd-feature-weight", a.kd_feature_weight)):
+        if value is not None and not a.kd_unet:
+            raise SnapFusionError(f"{flag} needs --kd-unet (the teacher it distills from)")
     if a.kd_unet:
         cfg = dataclasses.replace(cfg, unet=dataclasses.replace(
-            cfg.unet, kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight))
+            cfg.unet, kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight,
+            kd_feature_weight=a.kd_feature_weight or 0.0))
     train(_loop_cfg(a), RobustTask(cfg), resume=a.resume)
 
 
@@ -180,15 +182,33 @@ def cmd_bk_sdm(a: argparse.Namespace) -> None:
     from snapfusion.evolve.robust import load_matching
     from snapfusion.models.unet import UNet
 
+    table = load_table(a.table) if a.table else None  # checked before anything is written
     src = load_matching(UNet(_unet_cfg(a, a.init)), a.init)
     cfg, removed = bk_sdm(src.config, drop_mid=a.drop_mid)
     model = UNet(cfg)
     sliced, fresh = transplant(model, src.state_dict())
-    model.save(a.out)
     msg = f"wrote {a.out}: removed {len(removed)} blocks ({', '.join(removed)}); {len(sliced)} tensors sliced"
-    if a.table:
-        table = load_table(a.table)
+    if table is not None:
         msg += f"; predicted {predict_ms(cfg, table)[0]:.1f} ms vs {predict_ms(src.config, table)[0]:.1f} ms"
+    model.save(a.out)
+    print(msg)
+
+
+def cmd_evolve_apply(a: argparse.Namespace) -> None:
+    from snapfusion.evolve.evolution import read_log, replay
+    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.robust import load_matching
+    from snapfusion.models.unet import UNet, num_parameters
+
+    log = read_log(a.log)  # every input is checked before anything is written
+    table = load_table(a.table) if a.table else None
+    start = load_matching(UNet(_unet_cfg(a, a.init)), a.init)
+    model, n = replay(log, start)
+    msg = (f"wrote {a.out}: {n} actions replayed on {a.init}; {num_parameters(model):,} of "
+           f"{num_parameters(start):,} parameters")
+    if table is not None:
+        msg += f"; predicted {predict_ms(model.config, table)[0]:.1f} ms vs {predict_ms(start.config, table)[0]:.1f} ms"
+    model.save(a.out)
     print(msg)
 
 
@@ -231,6 +251,9 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder: add its output as a second "
                    "target (output-level knowledge distillation, as BK-SDM fine-tunes a pruned UNet)")
     r.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
+    r.add_argument("--kd-feature-weight", type=float, default=None, help="with --kd-unet: also match the "
+                   "teacher's stage outputs, MSE summed over stages times this weight (BK-SDM's feature-level "
+                   "distillation; default 0: off)")
     r.set_defaults(func=cmd_robust_train)
 
     e = sub.add_parser("evolve", help="architecture evolution under a latency budget (SnapFusion Alg. 1)",
@@ -268,3 +291,13 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--drop-mid", action="store_true", help="also drop the mid block's attn and second res")
     b.add_argument("--table", default=None, help="latency table, to print the predicted latency")
     b.set_defaults(func=cmd_bk_sdm)
+
+    x = sub.add_parser("evolve-apply", help="apply an evolution run's actions to a UNet of the config it started "
+                       "from (e.g. the teacher's weights, or a retrained base)",
+                       epilog="example: snapfusion evolve-apply --log runs/evo --init "
+                       "snapfusion/assets/models/base/unet --out runs/evo_on_base")
+    x.add_argument("--log", required=True, help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
+    x.add_argument("--init", required=True, help="UNet folder whose weights the evolved UNet inherits")
+    x.add_argument("--out", required=True)
+    x.add_argument("--table", default=None, help="latency table, to print the predicted latency")
+    x.set_defaults(func=cmd_evolve_apply)

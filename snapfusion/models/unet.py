@@ -176,8 +176,14 @@ class UNet(nn.Module):
         return out
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                skip: SkipSpec = None) -> torch.Tensor:
-        """Predict from latents (B, Cin, H, W), timesteps (B,) or scalar, context (B, L, context_dim)."""
+                skip: SkipSpec = None, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Predict from latents (B, Cin, H, W), timesteps (B,) or scalar, context (B, L, context_dim).
+
+        ``features``: a list that receives each stage's output (down stages before their downsample, the mid stage,
+        up stages before their upsample), in order: what feature-level distillation compares (BK-SDM).
+        """
+        if features:  # DDP copies non-empty list arguments on their way in: the outputs would land in the copy
+            raise ValueError("UNet.forward: features must be an empty list")
         skip_all, masks = self._parse_skip(skip, z.shape[0])
         t = torch.as_tensor(t, device=z.device)
         t = t.expand(z.shape[0]) if t.ndim == 0 else t  # (B,)
@@ -192,6 +198,8 @@ class UNet(nn.Module):
                 h = self._run_block(stage.block(plan), plan, h, extra, skip_all, masks)
                 if plan.push_after:
                     skips.append(h)
+            if features is not None:
+                features.append(h)
             if stage.resample is not None:
                 h = stage.resample(h)
                 if isinstance(stage.resample, Downsample):

@@ -239,6 +239,12 @@ def _with_stage(cfg: UNetConfig, path: str, i: int | None, stage: StageConfig) -
     return dataclasses.replace(cfg, **{path: tuple(stages)})
 
 
+def stage_widths(cfg: UNetConfig) -> tuple[int, ...]:
+    """Output width of every stage in execution order (down, mid, up): the shapes of ``UNet.forward``'s features.
+    Every valid config ends each stage at its ``channels`` (``plan_blocks``), whatever blocks it keeps."""
+    return tuple(s.channels for s in (*cfg.down, *([cfg.mid] if cfg.mid else []), *cfg.up))
+
+
 def remove_block(cfg: UNetConfig, name: str) -> UNetConfig:
     """Config without block ``name``; ``ConfigError`` if the result is not a valid UNet."""
     path, i, bid, stage = _stage_of(cfg, name)

@@ -23,7 +23,7 @@ from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Dec
                                            save_autoencoder)
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
-from snapfusion.models.unet_config import UNetConfig
+from snapfusion.models.unet_config import UNetConfig, stage_widths
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, WEIGHTS_STEM
 
@@ -273,6 +273,8 @@ class UNetTaskConfig:
     kd_unet: str = ""             # folder of a frozen eps UNet (the teacher): adds kd_weight x the same weighted MSE
                                   # to its prediction on the same input (BK-SDM's output-level distillation)
     kd_weight: float = 1.0
+    kd_feature_weight: float = 0.0  # > 0 (needs kd_unet): adds this x the MSE between student and teacher stage
+                                    # outputs, summed over stages (BK-SDM's feature-level distillation)
     vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
 
 
@@ -394,16 +396,23 @@ class UNetTask:
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
         eps = self.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
-        pred = model(z, t, context)
+        use_features = self.kd is not None and self.cfg.kd_feature_weight > 0
+        student_features: list[torch.Tensor] | None = [] if use_features else None
+        pred = model(z, t, context, features=student_features) if use_features else model(z, t, context)
         alpha, sigma = self.schedule.alpha_sigma(t)
         snr = (alpha / sigma) ** 2
         loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
         if self.kd is None:
             return loss, {}
+        teacher_features: list[torch.Tensor] | None = [] if use_features else None
         with torch.no_grad():  # under the loop's autocast, as the student: the target costs a mixed-precision pass
-            target = self.kd.to(device)(z, t, context)
+            target = self.kd.to(device)(z, t, context, features=teacher_features)
         kd = eps_mse_min_snr(pred, target, snr, self.cfg.min_snr_gamma)
-        return loss + self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
+        loss, logs = loss + self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
+        if use_features:
+            feat = feature_mse(student_features, teacher_features)
+            loss, logs = loss + self.cfg.kd_feature_weight * feat, {**logs, "kd_feat": feat.detach().mean()}
+        return loss, logs
 
     def save(self, model, folder: Path) -> None:
         _unwrap(model).save(folder)
@@ -432,10 +441,27 @@ class UNetTask:
         (path.with_suffix(".txt")).write_text("\n".join(r["prompt"] for r in records) + "\n")
 
 
+def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample (B,) sum over stages of the mean squared difference of the stage outputs (``UNet.forward``'s
+    ``features``). Student and teacher must have the same stages with the same output shapes: evolution and the
+    BK-SDM rule remove blocks, never stages, and keep every stage's width."""
+    if len(student) != len(teacher):
+        raise ConfigError(f"feature distillation: the student has {len(student)} stages, the teacher {len(teacher)}")
+    total = 0.0
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        if s.shape != t.shape:
+            raise ConfigError(f"feature distillation: stage {i} outputs {tuple(s.shape[1:])} in the student but "
+                              f"{tuple(t.shape[1:])} in the teacher")
+        total = total + (s.float() - t.float()).pow(2).flatten(1).mean(1)
+    return total
+
+
 def _load_kd_teacher(cfg: UNetTaskConfig, context_dim: int) -> UNet:
     """The frozen eps teacher of output-level distillation; it must read the run's latents and text context."""
     if not (math.isfinite(cfg.kd_weight) and cfg.kd_weight > 0):
         raise ConfigError(f"--kd-weight must be a finite number > 0, got {cfg.kd_weight}")
+    if not (math.isfinite(cfg.kd_feature_weight) and cfg.kd_feature_weight >= 0):
+        raise ConfigError(f"--kd-feature-weight must be a finite number >= 0, got {cfg.kd_feature_weight}")
     if not (Path(cfg.kd_unet) / "config.json").is_file():
         raise ConfigError(f"--kd-unet: no UNet folder at {cfg.kd_unet}")
     teacher = UNet.load(cfg.kd_unet, dtype=torch.float32).eval().requires_grad_(False)
@@ -446,6 +472,9 @@ def _load_kd_teacher(cfg: UNetTaskConfig, context_dim: int) -> UNet:
         raise ConfigError(f"--kd-unet {cfg.kd_unet}: channels in/out and context width "
                           f"{(got.in_channels, got.out_channels, got.context_dim)} do not match the run's "
                           f"{(want.in_channels, want.out_channels, context_dim)}")
+    if cfg.kd_feature_weight > 0 and stage_widths(got) != stage_widths(want):
+        raise ConfigError(f"--kd-feature-weight: the teacher's stage widths {stage_widths(got)} differ from the "
+                          f"student's {stage_widths(want)} (feature distillation compares stage outputs)")
     return teacher
 
 
