@@ -80,6 +80,34 @@ def test_bad_table_file_is_one_line_error(tmp_path):
         load_table(tmp_path / "x.json")
 
 
+def test_separate_whole_frees_the_whole_runner_before_the_parts(monkeypatch):
+    """--separate-whole: the whole UNet's runner is built first and is gone when the parts' runners are built (the
+    peak holds one copy of the weights in runners, not two); the table has the same entries."""
+    import weakref
+
+    import snapfusion.evolve.latency as latency
+
+    whole, alive_at_parts = [], []
+    real = latency._runner
+
+    def spy(module, inputs, cfg, tmp, name, device):
+        runner = real(module, inputs, cfg, tmp, name, device)
+        if name == "unet":
+            whole.append(weakref.ref(runner))
+        else:
+            alive_at_parts.append(bool(whole) and whole[0]() is not None)
+        return runner
+
+    monkeypatch.setattr(latency, "_runner", spy)
+    torch.manual_seed(0)
+    table = measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1, separate_whole=True))
+    assert whole and alive_at_parts and not any(alive_at_parts)
+    assert list(table["blocks"]) == list(block_names(tiny_sd15())) and table["whole_ms"] > 0
+    whole.clear(), alive_at_parts.clear()
+    measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1))  # default: all in one round robin
+    assert not any(alive_at_parts) and whole  # the whole is built last, after every part
+
+
 def test_onnxruntime_backend_times_blocks(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ the latency of an edited config (an evolution action) is looked up without measu
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -46,6 +47,9 @@ class BenchConfig:
     clock: Literal["wall", "cpu"] = "wall"  # "cpu": process CPU time, immune to other processes' load (1 thread only)
     cuda_graphs: bool = False       # CUDA, torch backend: time each piece as a replayed CUDA graph (no host dispatch,
                                     # as a deployed graph / TensorRT engine runs) instead of eager calls
+    separate_whole: bool = False    # time the whole UNet first and free it before building the parts' runners:
+                                    # about half the peak memory (the SD-v1.5 onnxruntime table needs it in 24 GiB),
+                                    # but the whole and its parts no longer share rounds (use with clock "cpu")
 
 
 def block_sides(cfg: UNetConfig, latent: int) -> dict[str, int]:
@@ -226,13 +230,21 @@ def measure_table(unet: UNet, cfg: BenchConfig, *, device: torch.device | str = 
     if concat:
         inputs["skip_concat"] = concat
     sigs = signatures(unet.config, latent)
+    timing = dict(warmup=cfg.warmup, repeats=cfg.repeats, inner=cfg.inner, clock=clock)
     with tempfile.TemporaryDirectory() as tmp:
+        whole: dict[str, float] = {}
+        if cfg.separate_whole:
+            runner = _runner(unet, (z, t, ctx), cfg, Path(tmp), "unet", device)
+            whole = time_round_robin({"unet": runner}, device, **timing)
+            del runner  # its session (a second copy of every weight) goes before the parts' sessions come
+            gc.collect()
         modules = unet.named_blocks() + _pieces(unet) + [("head", _Head(unet))]
         if concat:
             modules.append(("skip_concat", _SkipConcat()))
         runners = {name: _runner(m, inputs[name], cfg, Path(tmp), name, device) for name, m in modules}
-        runners["unet"] = _runner(unet, (z, t, ctx), cfg, Path(tmp), "unet", device)
-        ms = time_round_robin(runners, device, warmup=cfg.warmup, repeats=cfg.repeats, inner=cfg.inner, clock=clock)
+        if not cfg.separate_whole:
+            runners["unet"] = _runner(unet, (z, t, ctx), cfg, Path(tmp), "unet", device)
+        ms = time_round_robin(runners, device, **timing) | whole
     if progress:
         for name, value in ms.items():
             progress(name, value)
