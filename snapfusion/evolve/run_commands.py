@@ -178,7 +178,7 @@ def cmd_block_importance(a: argparse.Namespace) -> None:
 def cmd_bk_sdm(a: argparse.Namespace) -> None:
     from snapfusion.evolve.actions import transplant
     from snapfusion.evolve.baselines import bk_sdm
-    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.latency import load_table
     from snapfusion.evolve.robust import load_matching
     from snapfusion.models.unet import UNet
 
@@ -187,16 +187,15 @@ def cmd_bk_sdm(a: argparse.Namespace) -> None:
     cfg, removed = bk_sdm(src.config, drop_mid=a.drop_mid)
     model = UNet(cfg)
     sliced, fresh = transplant(model, src.state_dict())
-    msg = f"wrote {a.out}: removed {len(removed)} blocks ({', '.join(removed)}); {len(sliced)} tensors sliced"
-    if table is not None:
-        msg += f"; predicted {predict_ms(cfg, table)[0]:.1f} ms vs {predict_ms(src.config, table)[0]:.1f} ms"
+    msg = (f"wrote {a.out}: removed {len(removed)} blocks ({', '.join(removed)}); {len(sliced)} tensors sliced"
+           + _predicted(table, cfg, src.config))
     model.save(a.out)
     print(msg)
 
 
 def cmd_evolve_apply(a: argparse.Namespace) -> None:
     from snapfusion.evolve.evolution import read_log, replay
-    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.latency import load_table
     from snapfusion.evolve.robust import load_matching
     from snapfusion.models.unet import UNet, num_parameters
 
@@ -205,11 +204,18 @@ def cmd_evolve_apply(a: argparse.Namespace) -> None:
     start = load_matching(UNet(_unet_cfg(a, a.init)), a.init)
     model, n = replay(log, start)
     msg = (f"wrote {a.out}: {n} actions replayed on {a.init}; {num_parameters(model):,} of "
-           f"{num_parameters(start):,} parameters")
-    if table is not None:
-        msg += f"; predicted {predict_ms(model.config, table)[0]:.1f} ms vs {predict_ms(start.config, table)[0]:.1f} ms"
+           f"{num_parameters(start):,} parameters" + _predicted(table, model.config, start.config))
     model.save(a.out)
     print(msg)
+
+
+def _predicted(table: dict | None, new, old) -> str:
+    """"; predicted X ms vs Y ms" of an edited UNet config against its source, from a latency table (or "")."""
+    from snapfusion.evolve.latency import predict_ms
+
+    if table is None:
+        return ""
+    return f"; predicted {predict_ms(new, table)[0]:.1f} ms vs {predict_ms(old, table)[0]:.1f} ms"
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
