@@ -17,14 +17,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("curves", nargs="+", help="LABEL=path/to/eval.json")
+    p.add_argument("curves", nargs="+", help="LABEL=path/to/eval.json, or LABEL=a.json,b.json for one curve whose "
+                   "guidance scales were evaluated in several runs")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="held-out test prompts, 512x512")
     a = p.parse_args()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for spec in a.curves:
         label, path = spec.rsplit("=", 1)
-        rows = sorted(json.loads(Path(path).read_text())["results"], key=lambda r: r["guidance"])
+        rows = sorted((r for one in path.split(",") for r in json.loads(Path(one).read_text())["results"]),
+                      key=lambda r: r["guidance"])
         x, y = [r["clip_score"] for r in rows], [r["domain_fid"] for r in rows]
         ax.plot(x, y, "o-", label=label)
         for r in rows:

@@ -195,7 +195,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               model=(a.model or pipe.config.name) + (f" + decoder {a.decoder}" if a.decoder else "")
                               + (f" + unet {a.unet}" if a.unet else "")
                               + (f" ({a.dtype})" if a.dtype != "fp32" else ""),
-                              num_emoji=a.num_emoji)
+                              num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt)
     print(json.dumps(result.get("results", result), indent=1)[:4000])
 
 
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-images", type=int, default=1000)
     e.add_argument("--num-emoji", type=int, default=None,
                    help="keep only prompts whose emoji are among the first N (the base model trains on 40)")
+    e.add_argument("--seeds-per-prompt", type=int, default=1,
+                   help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds), so "
+                        "--num-images can go up to K x the prompts: lower variance on a small prompt set")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     e.add_argument("--out", default="eval_out", help="folder for the JSON, grid and curve")

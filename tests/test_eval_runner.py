@@ -14,7 +14,8 @@ from snapfusion.errors import SnapFusionError
 from snapfusion.eval.evaluators import Evaluators
 from snapfusion.eval.frechet import gaussian_stats
 from snapfusion.eval.probe import AttributeProbe, ProbeConfig
-from snapfusion.eval.runner import evaluate, parse_guidance_sweep, run_eval_command
+from snapfusion.eval.runner import (SEED_STRIDE, evaluate, parse_guidance_sweep, run_eval_command,
+                                   with_seeds_per_prompt)
 from snapfusion.eval.scene_clip import SceneClip, SceneClipConfig
 from snapfusion.data import vocab
 
@@ -75,3 +76,30 @@ def test_bad_options_are_clear_errors(tmp_path):
     with pytest.raises(SnapFusionError, match="returned 0 images"):
         evaluate(lambda p, s, g: [], records, guidance_scales=(1.0,), steps=8, sampler="ddim", num_images=3,
                  batch_size=2, out_dir=tmp_path, evaluators=_tiny_evaluators(tmp_path), progress=False)
+
+
+def test_per_image_results_match_the_summary(tmp_path):
+    records = make_prompt_set("test", 6, seed=5)
+    gen, by_prompt = _renderer([])
+    by_prompt.update({r["prompt"]: r["scene"] for r in records})
+    rep = evaluate(gen, records, guidance_scales=(2.0,), steps=8, sampler="ddim", num_images=6, batch_size=4,
+                   out_dir=tmp_path / "out", evaluators=_tiny_evaluators(tmp_path), progress=False)
+    row = rep["results"][0]
+    assert len(row["all_per_image"]) == 6 and set(row["all_per_image"]) <= {"0", "1"}
+    assert row["all_per_image"].count("1") / 6 == pytest.approx(row["attributes"]["all"])
+
+
+def test_seeds_per_prompt_keeps_the_first_copy_and_shifts_the_rest(tmp_path):
+    records = make_prompt_set("test", 4, seed=5)
+    more = with_seeds_per_prompt(records, 3)
+    assert len(more) == 12 and more[:4] == records                    # copy 0: the set itself, in order
+    assert [r["prompt"] for r in more[4:8]] == [r["prompt"] for r in records]
+    assert [r["seed"] for r in more[8:]] == [(r["seed"] + 2 * SEED_STRIDE) % 2**31 for r in records]
+    assert len({r["seed"] for r in more}) == 12
+    with pytest.raises(SnapFusionError, match="at least 1"):
+        with_seeds_per_prompt(records, 0)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(SnapFusionError, match="exceeds the 4 prompt records"):  # checked before evaluators load
+        run_eval_command(lambda *a: [], prompts=str(path), steps=8, sampler="ddim", guidance=2.0, num_images=5,
+                         out_dir=tmp_path, evaluators_dir=str(tmp_path / "none"))

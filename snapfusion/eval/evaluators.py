@@ -113,4 +113,7 @@ def evaluate_images(ev: Evaluators, images: torch.Tensor, prompts: list[str], sc
         "clip_score": float(clip_scores(ev.clip, images, prompts).mean()),
         "domain_fid": domain_fid(ev, images),
         "attributes": {k: v for k, v in attrs.items() if k != "per_image"},
+        # "1" where the image has every attribute right, one character per image in order: paired comparisons of
+        # two models on the same prompts and seeds (scripts/compare_evals.py)
+        "all_per_image": "".join("1" if row["all"] else "0" for row in attrs["per_image"]),
     }

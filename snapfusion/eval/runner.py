@@ -25,6 +25,7 @@ from snapfusion.eval.evaluators import Evaluators, evaluate_images, load_evaluat
 
 GenerateFn = Callable[[list[str], list[int], float], list[Image.Image]]
 RESULT_FILE = "eval.json"
+SEED_STRIDE = 1_000_003  # seed shift between copies of the prompt set (with_seeds_per_prompt)
 
 
 def parse_guidance_sweep(text: str) -> tuple[float, ...]:
@@ -55,6 +56,21 @@ def load_records(prompts: str, num_emoji: int | None = None) -> list[dict[str, A
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise SnapFusionError(f"{path}:{n}: bad prompt record ({err})") from None
     return records
+
+
+def with_seeds_per_prompt(records: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """``k`` copies of the prompt set, copy j with every seed shifted by j * SEED_STRIDE: copy 0 is the set itself,
+    so the first len(records) images are the same as with k = 1, and more seeds per prompt lower the variance of
+    every metric without changing what is measured."""
+    if k < 1:
+        raise SnapFusionError(f"--seeds-per-prompt must be at least 1, got {k}")
+    return [{**r, "seed": (int(r["seed"]) + j * SEED_STRIDE) % 2**31} for j in range(k) for r in records]
+
+
+def _check_count(num_images: int, available: int) -> None:
+    if num_images > available:
+        raise SnapFusionError(f"--num-images {num_images} exceeds the {available} prompt records of the set "
+                              "(--seeds-per-prompt K gives K records per prompt)")
 
 
 def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -116,8 +132,7 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
              evaluators: Evaluators | None = None, device: str | torch.device = "cpu", model: str = "",
              progress: bool = True) -> dict[str, Any]:
     """Generate and score ``num_images`` records at each guidance scale; write eval.json, grids and the curve."""
-    if num_images > len(records):
-        raise SnapFusionError(f"--num-images {num_images} exceeds the {len(records)} prompts of the set")
+    _check_count(num_images, len(records))
     if num_images < 2 or batch_size < 1 or not guidance_scales:
         raise SnapFusionError("need num_images >= 2 (FID), batch_size >= 1 and at least one guidance scale")
     ev = evaluators or load_evaluators(device=device)
@@ -155,12 +170,14 @@ def run_eval_command(generate_fn: GenerateFn, *, prompts: str = "test", steps: i
                      guidance: float | None = None, guidance_sweep: str | None = None, num_images: int = 1000,
                      batch_size: int = 16, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                      evaluators_dir: str | None = None, model: str = "",
-                     num_emoji: int | None = None) -> dict[str, Any]:
+                     num_emoji: int | None = None, seeds_per_prompt: int = 1) -> dict[str, Any]:
     """What ``snapfusion eval`` calls: resolve --prompts / --guidance / --guidance-sweep, then ``evaluate``."""
     if (guidance is None) == (guidance_sweep is None):
         raise SnapFusionError("give exactly one of --guidance or --guidance-sweep")
     scales = (float(guidance),) if guidance is not None else parse_guidance_sweep(guidance_sweep)
-    records = load_records(prompts, num_emoji)  # user input first: fail before loading anything
+    # user input first: fail before loading anything
+    records = with_seeds_per_prompt(load_records(prompts, num_emoji), seeds_per_prompt)
+    _check_count(num_images, len(records))
     ev = load_evaluators(evaluators_dir, device=device)
     return evaluate(generate_fn, records, guidance_scales=scales, steps=steps, sampler=sampler,
                     num_images=num_images, batch_size=batch_size, out_dir=out_dir, evaluators=ev, device=device,
