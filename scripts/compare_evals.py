@@ -1,9 +1,11 @@
 """Paired comparison of two `snapfusion eval` runs on the same prompts and seeds: the difference in all-attribute
-accuracy, its standard error over images and a 95 % interval, per guidance scale both runs have.
+accuracy, its standard error and a 95 % interval, per guidance scale both runs have.
 
 Each image of run A is paired with the image of run B of the same prompt and seed, so what the two runs share
-(hard prompts, lucky seeds) cancels; the interval is the normal one on the per-image differences (n in the
-thousands: 485 prompts x --seeds-per-prompt). Needs eval.json files with "all_per_image" (written since session 6).
+(hard prompts, lucky seeds) cancels. With several seeds per prompt (`eval --seeds-per-prompt K`, recorded in
+eval.json) the images of one prompt are not independent: the standard error is then clustered by prompt (the
+sum of each prompt's differences is one draw). The interval is the normal one. Needs eval.json files with
+"all_per_image" (written since session 6).
 
     python scripts/compare_evals.py runs/student/eval.json runs/base50/eval.json --names student base-50
 """
@@ -17,23 +19,51 @@ import sys
 from pathlib import Path
 
 
-def paired_difference(a: str, b: str) -> dict[str, float]:
-    """Mean of a - b over images (strings of '0'/'1' per image, the same order), its standard error and counts."""
+def paired_difference(a: str, b: str, seeds_per_prompt: int = 1) -> dict[str, float]:
+    """Mean of a - b over images ('0'/'1' per image, the same order: K copies of the prompt list, as
+    ``with_seeds_per_prompt`` writes them), its standard error clustered by prompt, and the one-sided counts."""
     if len(a) != len(b) or not a:
-        raise ValueError(f"per-image strings differ in length ({len(a)} vs {len(b)})")
+        raise ValueError(f"per-image results differ in length ({len(a)} vs {len(b)})")
+    n = len(a)
+    if seeds_per_prompt < 1 or n % seeds_per_prompt:
+        raise ValueError(f"{n} images are not {seeds_per_prompt} copies of one prompt list")
+    prompts = n // seeds_per_prompt
     d = [int(x) - int(y) for x, y in zip(a, b)]
-    n = len(d)
     mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
-    return {"n": n, "a": a.count("1") / n, "b": b.count("1") / n, "diff": mean, "se": math.sqrt(var / n),
-            "only_a": sum(1 for x in d if x > 0), "only_b": sum(1 for x in d if x < 0)}
+    per_prompt = [sum(d[p::prompts]) - mean * seeds_per_prompt for p in range(prompts)]  # image i: prompt i % P
+    if prompts < 2:
+        raise ValueError("need at least 2 prompts for a standard error")
+    var = prompts / (prompts - 1) * sum(x * x for x in per_prompt) / n ** 2
+    return {"images": n, "prompts": prompts, "a": a.count("1") / n, "b": b.count("1") / n, "diff": mean,
+            "se": math.sqrt(var), "only_a": sum(1 for x in d if x > 0), "only_b": sum(1 for x in d if x < 0)}
+
+
+def compare(ra: dict, rb: dict) -> list[dict]:
+    """Rows of ``paired_difference`` for every guidance scale with per-image results in both runs."""
+    k = int(ra.get("seeds_per_prompt", 1))
+    if k != int(rb.get("seeds_per_prompt", 1)):
+        raise ValueError("the two runs have different seeds per prompt")
+    if (ra.get("prompts"), ra.get("seeds")) != (rb.get("prompts"), rb.get("seeds")):
+        raise ValueError("the two runs differ in prompts or seeds: a paired comparison needs the same images")
+    by_w = {r["guidance"]: r for r in rb["results"]}
+    rows = []
+    for r in ra["results"]:
+        other = by_w.get(r["guidance"])
+        if other is not None and "all_per_image" in r and "all_per_image" in other:
+            rows.append({"guidance": r["guidance"], **paired_difference(r["all_per_image"], other["all_per_image"], k)})
+    if not rows:
+        raise ValueError("no guidance scale with per-image results in both runs (eval.json from before session 6?)")
+    return rows
 
 
 def _load(path: str) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         sys.exit(f"error: {path}: {err}")
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        sys.exit(f"error: {path}: not an eval.json (no 'results' list)")
+    return data
 
 
 def main() -> None:
@@ -43,24 +73,16 @@ def main() -> None:
     p.add_argument("--names", nargs=2, default=("A", "B"))
     p.add_argument("--out", help="also write the comparison as JSON here")
     args = p.parse_args()
-    ra, rb = _load(args.a), _load(args.b)
-    if (ra.get("prompts"), ra.get("seeds")) != (rb.get("prompts"), rb.get("seeds")):
-        sys.exit("error: the two runs differ in prompts or seeds: a paired comparison needs the same images")
-    by_w = {r["guidance"]: r for r in rb["results"]}
-    rows = []
-    for r in ra["results"]:
-        other = by_w.get(r["guidance"])
-        if other is None or "all_per_image" not in r or "all_per_image" not in other:
-            continue
-        rows.append({"guidance": r["guidance"], **paired_difference(r["all_per_image"], other["all_per_image"])})
-    if not rows:
-        sys.exit("error: no guidance scale with per-image results in both runs (eval.json from before session 6?)")
+    try:
+        rows = compare(_load(args.a), _load(args.b))
+    except (ValueError, KeyError, TypeError) as err:
+        sys.exit(f"error: {err}")
     na, nb = args.names
-    print(f"| w | images | {na} | {nb} | {na} - {nb} (95 % interval) | right only in {na} / only in {nb} |")
+    print(f"| w | images (prompts) | {na} | {nb} | {na} - {nb} (95 % interval) | right only in {na} / only in {nb} |")
     print("|---|---|---|---|---|---|")
     for x in rows:
         lo, hi = x["diff"] - 1.96 * x["se"], x["diff"] + 1.96 * x["se"]
-        print(f"| {x['guidance']:g} | {x['n']} | {100 * x['a']:.1f} % | {100 * x['b']:.1f} % | "
+        print(f"| {x['guidance']:g} | {x['images']} ({x['prompts']}) | {100 * x['a']:.1f} % | {100 * x['b']:.1f} % | "
               f"{100 * x['diff']:+.2f} ({100 * lo:+.2f}, {100 * hi:+.2f}) | {x['only_a']} / {x['only_b']} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"a": args.a, "b": args.b, "names": [na, nb], "rows": rows}, indent=1))

@@ -14,19 +14,21 @@
 # at 15 MiB (logs, JSON, the two students' UNets and the v-tuned start as weight-only int8).
 #
 # Staging as scripts/gpu_session5.sh (a call copies at most 64 MiB): call 1 carries base/{unet,text_encoder,
-# vae_encoder,model_index.json} and gpu_inputs/evolve_0.2.jsonl (untracked, a copy of docs/img/s4_eval/evolve_0.2.jsonl):
+# vae_encoder,model_index.json} and gpu_inputs/evolve_0.2.jsonl (untracked, a copy of
+# docs/img/s4_eval/evolve_0.2.jsonl):
 #   bash scripts/gpu_session6.sh stash && (setsid nohup bash /root/stage/repo/scripts/gpu_session6.sh run \
 #     > /root/stage/s6.log 2>&1 < /dev/null &)
 # call 2 carries base/vae_decoder and parts/: bash scripts/gpu_session6.sh stash
 # later calls: cat /root/stage/s6.log; after "SESSION DONE" copy /root/stage/runs/s6/out/* to $OUT.
-# CPU dry run (tiny, plumbing only): STAGE=/tmp/st6 DEVICE=cpu SIZE=64 NIMG=4 BATCH=2 POOL=8 DPOOL=8 FT_MIN=0.2 VT_MIN=0.1 \
-#   DIST_STEPS=2 DIST16_STEPS=2 bash scripts/gpu_session6.sh stash; ... run
+# CPU dry run (tiny, plumbing only): STAGE=/tmp/st6 DEVICE=cpu SIZE=64 NIMG=4 BATCH=2 POOL=8 DPOOL=8 FT_MIN=0.2 \
+#   VT_MIN=0.1 DIST_STEPS=2 DIST16_STEPS=2 bash scripts/gpu_session6.sh stash; ... run
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
 R=$STAGE/runs/s6; mkdir -p "$R/out" "$R/eval"
 BASE=$STAGE/models/base; HALF=$STAGE/models/parts/vae_decoder_half
 DEV=${DEVICE:-cuda}; SIZE=${SIZE:-512}; EMOJI=40; NIMG=${NIMG:-485}; BATCH=${BATCH:-64}; W=${WORKERS:-8}
 POOL=${POOL:-16384}; OFFSET=0.1; FT_MIN=${FT_MIN:-7.5}; VT_MIN=${VT_MIN:-2}; DIST_STEPS=${DIST_STEPS:-400}
-DIST16_STEPS=${DIST16_STEPS:-400}; DPOOL=${DPOOL:-8192}; T16_P=${T16_P:-0.5}; ARM_BEFORE=${ARM_BEFORE:-900}; LANE_S=${LANE_S:-1140}
+DIST16_STEPS=${DIST16_STEPS:-400}; DPOOL=${DPOOL:-8192}; T16_P=${T16_P:-0.5}; ARM_BEFORE=${ARM_BEFORE:-900}
+LANE_S=${LANE_S:-1140}
 SWEEP=1.5,4.5,7.5,10.5; ARM_SWEEP=1.5,4.5,7.5
 EVO_LOG=${EVO_LOG:-$STAGE/repo/gpu_inputs/evolve_0.2.jsonl}
 SF="python3 -m snapfusion.cli"
@@ -49,6 +51,15 @@ distill() {  # run dir, student init, student steps, cfg prob, max steps, [teach
 student_out() {  # run dir, sweep: its 8-step sweep with the shipped halved decoder
   [ -f $R/$1/final/config.json ] || { stamp "no $1"; return 1; }
   ev $1_8 $R/$1/pipeline 8 ddim $2 --decoder "$HALF"
+}
+arm() {  # run dir, cfg prob, label: an ablation arm from the v-tuned start (the base at 16 steps teaches), and its
+  # sweep, if the lane has time left
+  if [ $SECONDS -lt "$ARM_BEFORE" ]; then
+    stamp "$3"
+    distill $1 $R/vtune/final 8 $2 "$DIST_STEPS" && student_out $1 $ARM_SWEEP
+  else
+    stamp "$3: skipped, $SECONDS s gone"
+  fi
 }
 int8() {  # UNet folder, out folder
   [ -f $1/config.json ] && python3 -c "from snapfusion.models.unet import UNet; UNet.load('$1').save('$2', int8=True)"
@@ -74,12 +85,7 @@ lane_a() {
   distill student $R/vtune/final 8 0.1 "$DIST_STEPS"
   wait_for "$BASE/vae_decoder/config.json" 60 || stamp "no decoder staged: evaluations will fail"
   student_out student $SWEEP
-  if [ $SECONDS -lt "$ARM_BEFORE" ]; then
-    stamp "A4 ablation: vanilla only (p = 0)"
-    distill arm_vanilla $R/vtune/final 8 0 "$DIST_STEPS" && student_out arm_vanilla $ARM_SWEEP
-  else
-    stamp "A4 skipped: $SECONDS s gone"
-  fi
+  arm arm_vanilla 0 "A4 ablation: vanilla only (p = 0)"
   stamp "lane A done"
 }
 
@@ -103,17 +109,13 @@ lane_b() {
     stamp "B4 student from the 16-step CFG-aware teacher, mix p = 0.1, $DIST_STEPS steps"
     distill student_t16 $R/vtune/final 8 0.1 "$DIST_STEPS" $R/teacher16/final && student_out student_t16 $SWEEP
   fi
-  if [ $SECONDS -lt "$ARM_BEFORE" ]; then
-    stamp "B5 ablation: CFG-aware only (p = 1), from the base at 16 steps"
-    distill arm_cfg $R/vtune/final 8 1 "$DIST_STEPS" && student_out arm_cfg $ARM_SWEEP
-  else
-    stamp "B5 skipped: $SECONDS s gone"
-  fi
+  arm arm_cfg 1 "B5 ablation: CFG-aware only (p = 1), from the base at 16 steps"
   stamp "lane B done"
 }
 
-export -f lane_a lane_b stamp wait_for latest ev distill student_out
-export R BASE HALF DEV SIZE EMOJI NIMG BATCH W POOL DPOOL OFFSET FT_MIN VT_MIN DIST_STEPS DIST16_STEPS T16_P ARM_BEFORE \
+export -f lane_a lane_b stamp wait_for latest ev distill student_out arm
+export R BASE HALF DEV SIZE EMOJI NIMG BATCH W POOL DPOOL OFFSET FT_MIN VT_MIN DIST_STEPS DIST16_STEPS T16_P \
+  ARM_BEFORE \
   SWEEP ARM_SWEEP EVO_LOG SF STAGE EVAL_TIMEOUT LANE_GPUS
 run_lanes
 stamp "pack"

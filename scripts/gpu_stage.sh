@@ -52,7 +52,7 @@ r = Path(sys.argv[1])
 summary = {}
 for f in sorted((r / "eval").glob("*/eval.json")):
     rows = json.loads(f.read_text())["results"]
-    summary[f.parent.name] = [{k: v for k, v in x.items() if not isinstance(v, (list, dict))}
+    summary[f.parent.name] = [{k: v for k, v in x.items() if not isinstance(v, (list, dict)) and k != "all_per_image"}
                               | {"attributes": x["attributes"].get("all") if isinstance(x.get("attributes"), dict)
                                  else None} for x in rows]
 (r / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -99,17 +99,14 @@ def make_split(scenes: list[Scene], captions: list[str], heads: dict[str, tuple[
 
 
 def sample_split(count: int, split: str, seed: int, cfg: SceneConfig, p_omit: float,
-                 heads: dict[str, tuple[str, ...]], exclude: set[str] = frozenset()) -> Split:
-    """``count`` scenes of ``split``, each with a fresh caption (captions in ``exclude`` are redrawn)."""
-    scenes, captions, i = [], [], 0
-    while len(scenes) < count:
+                 heads: dict[str, tuple[str, ...]]) -> Split:
+    """``count`` scenes of ``split``, each with a fresh caption."""
+    scenes, captions = [], []
+    for i in range(count):
         rng = np.random.default_rng([seed, i])
-        i += 1
         scene = sample_scene(rng, split, cfg)
-        text = caption(scene, rng, p_omit)
-        if text not in exclude:
-            scenes.append(scene)
-            captions.append(text)
+        scenes.append(scene)
+        captions.append(caption(scene, rng, p_omit))
     return make_split(scenes, captions, heads)
 
 
@@ -123,7 +120,7 @@ class Features:
     """Per-token features (B, 77, D) of a batch of example indices, for one feature set."""
 
     def __init__(self, kind: str, model: TextEncoder, ids: torch.Tensor, states: torch.Tensor | None):
-        self.kind, self.ids, self.states = kind, ids, states
+        self.kind, self.states = kind, states
         emb = model.text_model.embeddings
         rows = model.token_map[ids].long() if model.config.vocab_rows else ids  # CLIP ids -> compact rows
         self.rows = rows
@@ -309,6 +306,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
+    if min(a.train, a.val, a.queries, a.steps, a.batch_size, a.log_every) < 1 or a.lr <= 0 or not 0 <= a.p_omit <= 1:
+        p.error("--train, --val, --queries, --steps, --batch-size and --log-every must be >= 1, --lr > 0, "
+                "--p-omit in [0, 1]")
     torch.manual_seed(a.seed)
     t0 = time.time()
 

@@ -172,10 +172,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     import torch
 
+    from snapfusion.errors import SnapFusionError
     from snapfusion.eval.runner import run_eval_command
     from snapfusion.pipeline import to_pil
 
     torch.set_grad_enabled(False)
+    if a.seeds_per_prompt < 1 or (a.num_images is not None and a.num_images < 2):
+        raise SnapFusionError("--seeds-per-prompt must be at least 1 and --num-images at least 2 (FID)")
     device = _device(a.device)
     pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
     pipe = swap_unet(pipe, a.unet, device=device)
@@ -196,7 +199,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               + (f" + unet {a.unet}" if a.unet else "")
                               + (f" ({a.dtype})" if a.dtype != "fp32" else ""),
                               num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt)
-    print(json.dumps(result.get("results", result), indent=1)[:4000])
+    rows = [{k: v for k, v in r.items() if k != "all_per_image"} for r in result.get("results", [])]
+    print(json.dumps(rows or result, indent=1)[:4000])
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -353,12 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")
     e.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default=None)
-    e.add_argument("--num-images", type=int, default=1000)
+    e.add_argument("--num-images", type=int, default=None,
+                   help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")
     e.add_argument("--num-emoji", type=int, default=None,
                    help="keep only prompts whose emoji are among the first N (the base model trains on 40)")
     e.add_argument("--seeds-per-prompt", type=int, default=1,
-                   help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds), so "
-                        "--num-images can go up to K x the prompts: lower variance on a small prompt set")
+                   help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds): lower "
+                        "variance on a small prompt set, and paired comparisons (scripts/compare_evals.py)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     e.add_argument("--out", default="eval_out", help="folder for the JSON, grid and curve")

@@ -133,3 +133,10 @@ def test_generate_warns_about_words_the_base_model_cannot_read(tmp_path, capsys)
                  "--out", str(tmp_path / "w.png"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "does not know the word(s) astronaut, riding" in err and "horse" not in err
+
+
+def test_eval_option_errors_come_before_loading(capsys):
+    for args in (["--seeds-per-prompt", "0"], ["--num-images", "1"]):
+        assert main(["eval", "--model", "/nonexistent/model", "--guidance", "2", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("snapfusion: error:") and "at least" in err and "\n" not in err

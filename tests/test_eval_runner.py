@@ -78,28 +78,57 @@ def test_bad_options_are_clear_errors(tmp_path):
                  batch_size=2, out_dir=tmp_path, evaluators=_tiny_evaluators(tmp_path), progress=False)
 
 
-def test_per_image_results_match_the_summary(tmp_path):
-    records = make_prompt_set("test", 6, seed=5)
+def test_per_image_results_follow_the_probe_rows(tmp_path, monkeypatch):
+    """all_per_image is the probe's per-image "all" verdict, in record order ("1" = every attribute right)."""
+    import snapfusion.eval.evaluators as evaluators
+
+    verdicts = [True, False, False, True, True]
+
+    def fake_accuracy(probe, images, scenes):
+        rows = [{"all": v} for v in verdicts[: len(scenes)]]
+        return {"all": sum(verdicts) / len(verdicts), "per_image": rows}
+
+    monkeypatch.setattr(evaluators, "attribute_accuracy", fake_accuracy)
+    records = make_prompt_set("test", 5, seed=5)
     gen, by_prompt = _renderer([])
     by_prompt.update({r["prompt"]: r["scene"] for r in records})
-    rep = evaluate(gen, records, guidance_scales=(2.0,), steps=8, sampler="ddim", num_images=6, batch_size=4,
+    rep = evaluate(gen, records, guidance_scales=(2.0,), steps=8, sampler="ddim", num_images=5, batch_size=2,
                    out_dir=tmp_path / "out", evaluators=_tiny_evaluators(tmp_path), progress=False)
-    row = rep["results"][0]
-    assert len(row["all_per_image"]) == 6 and set(row["all_per_image"]) <= {"0", "1"}
-    assert row["all_per_image"].count("1") / 6 == pytest.approx(row["attributes"]["all"])
+    assert rep["results"][0]["all_per_image"] == "10011"
+    assert rep["seeds_per_prompt"] == 1
 
 
 def test_seeds_per_prompt_keeps_the_first_copy_and_shifts_the_rest(tmp_path):
     records = make_prompt_set("test", 4, seed=5)
+    records[0] = {**records[0], "seed": -7}           # a custom seed outside [0, 2**31) stays as it is in copy 0
     more = with_seeds_per_prompt(records, 3)
-    assert len(more) == 12 and more[:4] == records                    # copy 0: the set itself, in order
+    assert len(more) == 12 and more[:4] == records    # copy 0: the records themselves, in order
     assert [r["prompt"] for r in more[4:8]] == [r["prompt"] for r in records]
     assert [r["seed"] for r in more[8:]] == [(r["seed"] + 2 * SEED_STRIDE) % 2**31 for r in records]
     assert len({r["seed"] for r in more}) == 12
     with pytest.raises(SnapFusionError, match="at least 1"):
         with_seeds_per_prompt(records, 0)
+
+
+def test_run_eval_command_counts_prompts_and_scores_k_copies(tmp_path, monkeypatch):
+    import snapfusion.eval.runner as runner
+
+    records = make_prompt_set("test", 4, seed=5)
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    with pytest.raises(SnapFusionError, match="exceeds the 4 prompt records"):  # checked before evaluators load
+    with pytest.raises(SnapFusionError, match="exceeds the 4 prompts"):  # checked before the evaluators load
         run_eval_command(lambda *a: [], prompts=str(path), steps=8, sampler="ddim", guidance=2.0, num_images=5,
                          out_dir=tmp_path, evaluators_dir=str(tmp_path / "none"))
+    monkeypatch.setattr(runner, "load_evaluators", lambda *a, **k: _tiny_evaluators(tmp_path))
+    calls = []
+    gen, by_prompt = _renderer(calls)
+    by_prompt.update({r["prompt"]: r["scene"] for r in records})
+    rep = run_eval_command(gen, prompts=str(path), steps=8, sampler="ddim", guidance=2.0, num_images=3,
+                           seeds_per_prompt=2, batch_size=16, out_dir=tmp_path / "k2")
+    assert rep["num_images"] == 6 and rep["seeds_per_prompt"] == 2       # the first 3 prompts, 2 seeds each
+    assert rep["prompts"] == [r["prompt"] for r in records[:3]] * 2
+    assert rep["seeds"][:3] == [r["seed"] for r in records[:3]] and len(set(rep["seeds"])) == 6
+    assert len(rep["results"][0]["all_per_image"]) == 6 and calls == [(6, 2.0)]
+    whole = run_eval_command(gen, prompts=str(path), steps=8, sampler="ddim", guidance=2.0, batch_size=16,
+                             out_dir=tmp_path / "all")
+    assert whole["num_images"] == 4                                       # default: every prompt of the set

@@ -82,3 +82,13 @@ def test_grid_and_pil():
     pics = to_pil(torch.rand(3, 3, 8, 8))
     assert pics[0].size == (8, 8)
     assert image_grid(pics).size == (16, 16)
+
+
+def test_cpu_decode_in_channels_last_matches_the_default_layout(tiny_pipeline):
+    torch.manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        reference = ((tiny_pipeline.decoder.images_from_latents(latents.contiguous()) + 1) / 2).clamp(0, 1)
+    images = tiny_pipeline.decode(latents)
+    assert images.shape == reference.shape
+    torch.testing.assert_close(images, reference, atol=1e-4, rtol=0)

@@ -38,7 +38,7 @@ def test_eval_decoder_checks_its_pipeline_options_first(tmp_path, capsys):
 
 
 def test_eval_with_a_missing_unet_folder_is_a_one_line_error(tmp_path, capsys):
-    code = main(["eval", "--model", "base", "--unet", str(tmp_path / "nope"), "--num-images", "1", "--steps", "1",
+    code = main(["eval", "--model", "base", "--unet", str(tmp_path / "nope"), "--num-images", "2", "--steps", "1",
                  "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "--unet" in err and "\n" not in err

@@ -59,18 +59,18 @@ def load_records(prompts: str, num_emoji: int | None = None) -> list[dict[str, A
 
 
 def with_seeds_per_prompt(records: Sequence[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """``k`` copies of the prompt set, copy j with every seed shifted by j * SEED_STRIDE: copy 0 is the set itself,
-    so the first len(records) images are the same as with k = 1, and more seeds per prompt lower the variance of
-    every metric without changing what is measured."""
+    """``k`` copies of the prompt records, copy j with every seed shifted by j * SEED_STRIDE (mod 2**31); copy 0 is
+    the records themselves, unchanged, so the first len(records) images are those of a k = 1 run. More seeds per
+    prompt lower the variance of every metric without changing what is measured."""
     if k < 1:
         raise SnapFusionError(f"--seeds-per-prompt must be at least 1, got {k}")
-    return [{**r, "seed": (int(r["seed"]) + j * SEED_STRIDE) % 2**31} for j in range(k) for r in records]
+    return [dict(r) if j == 0 else {**r, "seed": (int(r["seed"]) + j * SEED_STRIDE) % 2**31}
+            for j in range(k) for r in records]
 
 
-def _check_count(num_images: int, available: int) -> None:
+def _check_count(num_images: int, available: int, what: str = "prompt records") -> None:
     if num_images > available:
-        raise SnapFusionError(f"--num-images {num_images} exceeds the {available} prompt records of the set "
-                              "(--seeds-per-prompt K gives K records per prompt)")
+        raise SnapFusionError(f"--num-images {num_images} exceeds the {available} {what} of the set")
 
 
 def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -130,8 +130,11 @@ def save_curve(results: list[dict[str, Any]], path: Path, title: str) -> None:
 def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scales: Sequence[float], steps: int,
              sampler: str, num_images: int, batch_size: int, out_dir: str | os.PathLike,
              evaluators: Evaluators | None = None, device: str | torch.device = "cpu", model: str = "",
-             progress: bool = True) -> dict[str, Any]:
-    """Generate and score ``num_images`` records at each guidance scale; write eval.json, grids and the curve."""
+             progress: bool = True, seeds_per_prompt: int = 1) -> dict[str, Any]:
+    """Generate and score ``num_images`` records at each guidance scale; write eval.json, grids and the curve.
+
+    ``seeds_per_prompt`` only goes into the report: K > 1 says that the records are K copies of num_images / K
+    prompts (``with_seeds_per_prompt``), which paired comparisons use to group an image with its prompt."""
     _check_count(num_images, len(records))
     if num_images < 2 or batch_size < 1 or not guidance_scales:
         raise SnapFusionError("need num_images >= 2 (FID), batch_size >= 1 and at least one guidance scale")
@@ -149,7 +152,7 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
                         "resolution": list(images.shape[-2:])})
     report = {
         "model": model, "sampler": sampler, "steps": steps, "guidance_scales": [float(w) for w in guidance_scales],
-        "num_images": num_images, "batch_size": batch_size,
+        "num_images": num_images, "seeds_per_prompt": seeds_per_prompt, "batch_size": batch_size,
         "prompts": [r["prompt"] for r in chosen], "seeds": [int(r["seed"]) for r in chosen],
         "evaluator_version": ev.version, "evaluator_folder": str(ev.folder),
         "reference_images": ev.reference.count,
@@ -167,18 +170,23 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
 
 
 def run_eval_command(generate_fn: GenerateFn, *, prompts: str = "test", steps: int, sampler: str,
-                     guidance: float | None = None, guidance_sweep: str | None = None, num_images: int = 1000,
+                     guidance: float | None = None, guidance_sweep: str | None = None, num_images: int | None = None,
                      batch_size: int = 16, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                      evaluators_dir: str | None = None, model: str = "",
                      num_emoji: int | None = None, seeds_per_prompt: int = 1) -> dict[str, Any]:
-    """What ``snapfusion eval`` calls: resolve --prompts / --guidance / --guidance-sweep, then ``evaluate``."""
+    """What ``snapfusion eval`` calls: resolve --prompts / --guidance / --guidance-sweep, then ``evaluate``.
+
+    ``num_images`` counts prompts: the first N of the set (default: all), each with ``seeds_per_prompt`` seeds, so
+    N x K images."""
     if (guidance is None) == (guidance_sweep is None):
         raise SnapFusionError("give exactly one of --guidance or --guidance-sweep")
     scales = (float(guidance),) if guidance is not None else parse_guidance_sweep(guidance_sweep)
     # user input first: fail before loading anything
-    records = with_seeds_per_prompt(load_records(prompts, num_emoji), seeds_per_prompt)
-    _check_count(num_images, len(records))
+    records = load_records(prompts, num_emoji)
+    n = len(records) if num_images is None else num_images
+    _check_count(n, len(records), "prompts")
+    records = with_seeds_per_prompt(records[:n], seeds_per_prompt)
     ev = load_evaluators(evaluators_dir, device=device)
     return evaluate(generate_fn, records, guidance_scales=scales, steps=steps, sampler=sampler,
-                    num_images=num_images, batch_size=batch_size, out_dir=out_dir, evaluators=ev, device=device,
-                    model=model)
+                    num_images=len(records), batch_size=batch_size, out_dir=out_dir, evaluators=ev, device=device,
+                    model=model, seeds_per_prompt=seeds_per_prompt)

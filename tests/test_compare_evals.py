@@ -1,0 +1,54 @@
+"""scripts/compare_evals.py: paired differences of two eval runs, clustered by prompt."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("compare_evals", ROOT / "scripts" / "compare_evals.py")
+compare_evals = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_evals)
+
+
+def test_paired_difference_by_hand():
+    r = compare_evals.paired_difference("1100", "0101")            # differences +1, 0, 0, -1
+    assert r["diff"] == 0 and r["only_a"] == 1 and r["only_b"] == 1 and r["a"] == 0.5 and r["b"] == 0.5
+    assert r["se"] == pytest.approx(math.sqrt(4 / 3 * 2 / 16))      # 4 prompts, one image each
+
+
+def test_clustering_by_prompt_widens_the_interval_when_a_prompt_repeats_its_result():
+    # 2 seeds per prompt, and each prompt's two images agree: 4 independent draws, not 8
+    a, b = "1010" * 2, "0000" * 2
+    one = compare_evals.paired_difference(a, b, 1)
+    two = compare_evals.paired_difference(a, b, 2)
+    assert one["diff"] == two["diff"] == 0.5 and two["prompts"] == 4
+    assert two["se"] == pytest.approx(math.sqrt(4 / 3 * (4 * 1.0 ** 2) / 64))
+    assert two["se"] > one["se"]
+    with pytest.raises(ValueError, match="copies"):
+        compare_evals.paired_difference("101", "000", 2)
+    with pytest.raises(ValueError, match="length"):
+        compare_evals.paired_difference("10", "100")
+
+
+def _run(path, prompts, seeds, per_image, k=1):
+    path.write_text(json.dumps({"prompts": prompts, "seeds": seeds, "seeds_per_prompt": k,
+                                "results": [{"guidance": 7.5, "all_per_image": per_image}]}))
+    return str(path)
+
+
+def test_cli_table_and_one_line_errors(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "compare_evals.py")]
+    a = _run(tmp_path / "a.json", ["p", "q"] * 2, [1, 2, 3, 4], "1101", k=2)
+    b = _run(tmp_path / "b.json", ["p", "q"] * 2, [1, 2, 3, 4], "0101", k=2)
+    out = subprocess.run(script + [a, b, "--names", "A", "B"], capture_output=True, text=True)
+    assert out.returncode == 0 and "| 7.5 | 4 (2) | 75.0 % | 50.0 % | +25.00" in out.stdout
+    other = _run(tmp_path / "c.json", ["p", "q"] * 2, [9, 2, 3, 4], "0101", k=2)
+    for args, message in (([a, other], "differ in prompts or seeds"), ([a, str(tmp_path / "none.json")], "none.json"),
+                          ([a, str(ROOT / "pyproject.toml")], "pyproject.toml")):
+        bad = subprocess.run(script + args, capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr and bad.stderr.count("\n") == 1
