@@ -27,6 +27,9 @@ def main() -> None:
         label, path = spec.rsplit("=", 1)
         rows = sorted((r for one in path.split(",") for r in json.loads(Path(one).read_text())["results"]),
                       key=lambda r: r["guidance"])
+        scales = [r["guidance"] for r in rows]
+        if len(set(scales)) != len(scales):
+            p.error(f"{label}: a guidance scale appears in more than one of its runs ({path})")
         x, y = [r["clip_score"] for r in rows], [r["domain_fid"] for r in rows]
         ax.plot(x, y, "o-", label=label)
         for r in rows:
