@@ -9,24 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from snapfusion.cli import resolve_model
+from snapfusion.evolve.latency import time_round_robin
 
 
-def median_s(fn, repeats: int) -> float:
+def paired_seconds(default, last, repeats: int) -> tuple[float, float]:
+    """Median seconds of the two layouts, timed in alternating rounds (load hits both alike), one warm-up each."""
     with torch.inference_mode():
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        ms = time_round_robin({"default": default, "last": last}, torch.device("cpu"), warmup=1, repeats=repeats)
+    return ms["default"] / 1000, ms["last"] / 1000
 
 
 def main() -> None:
@@ -45,15 +41,15 @@ def main() -> None:
     cl = torch.channels_last
     rows = {}
     for name, dec in (("halved decoder", student.decoder), ("full decoder", base.decoder)):
-        default = median_s(lambda: dec.images_from_latents(lat), a.repeats)
-        last = median_s(lambda: dec.images_from_latents(lat.contiguous(memory_format=cl)), a.repeats)
+        default, last = paired_seconds(lambda: dec.images_from_latents(lat),
+                                       lambda: dec.images_from_latents(lat.contiguous(memory_format=cl)), a.repeats)
         with torch.inference_mode():
             diff = (dec.images_from_latents(lat) - dec.images_from_latents(lat.contiguous(memory_format=cl)))
         rows[name] = {"default_s": default, "channels_last_s": last, "speedup": default / last,
                       "max_abs_diff": diff.abs().max().item()}
     unet = student.unet
-    default = median_s(lambda: unet(z, t, ctx), a.repeats)
-    last = median_s(lambda: unet(z.contiguous(memory_format=cl), t, ctx), a.repeats)
+    default, last = paired_seconds(lambda: unet(z, t, ctx), lambda: unet(z.contiguous(memory_format=cl), t, ctx),
+                                   a.repeats)
     rows["student UNet (one guided call)"] = {"default_s": default, "channels_last_s": last, "speedup": default / last}
     for name, r in rows.items():
         print(f"{name:32s} {r['default_s']:.3f} s -> {r['channels_last_s']:.3f} s ({r['speedup']:.2f}x)"

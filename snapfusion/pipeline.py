@@ -229,7 +229,7 @@ class Pipeline:
         latents = latents.to(self.dtype)
         if latents.device.type == "cpu":
             # oneDNN's convolutions run faster on channels-last input (the layout propagates through the decoder):
-            # 1.35x for the halved and 1.2x for the full decoder on the 2-core dev CPU
+            # about 1.3x for the halved and the full decoder on the 2-core dev CPU
             # (scripts/bench_decode_layout.py); the images differ from the default layout's by < 1e-4, under one
             # 8-bit level
             latents = latents.contiguous(memory_format=torch.channels_last)
