@@ -128,3 +128,98 @@ def test_corrupt_model_index_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "pipe" / "model_index.json").write_text("{not json")
     assert main(["distill", "--run-dir", str(tmp_path / "r"), "--model", str(tmp_path / "pipe")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_eps(source, tmp_path):
+    """finetune-v --kd-unet T: the loss is L_ori + kd_weight x the Min-SNR eps MSE of the v student's implied eps
+    to T's, + kd_feature_weight x the stage-output MSE. Started from T's weights, the stage outputs still agree
+    (feature term 0) but the output, now read as v, does not (kd term > 0); a v-prediction teacher is refused."""
+    import dataclasses
+
+    from snapfusion.distill.losses import v_loss
+    from snapfusion.sampling import Denoiser
+    from snapfusion.train.tasks import eps_mse_min_snr
+
+    teacher_folder = source.unet_folder()
+    plain = VFinetuneTask(VFinetuneConfig(source=source, image_size=64))
+    kd = VFinetuneTask(VFinetuneConfig(source=source, image_size=64, kd_unet=str(teacher_folder), kd_weight=2.0,
+                                       kd_feature_weight=3.0))
+    model = kd.build()
+    batch = kd.collate([kd.dataset()[i] for i in range(2)])
+    loss, logs = kd.loss(model, batch, torch.Generator().manual_seed(0))
+    base, base_logs = plain.loss(model, batch, torch.Generator().manual_seed(0))
+    assert base_logs == {} and set(logs) == {"kd", "kd_feat"}
+    assert float(logs["kd"]) > 0 and float(logs["kd_feat"]) < 1e-10  # same weights: same stage outputs
+    torch.testing.assert_close((loss - base).mean(), 2.0 * logs["kd"] + 3.0 * logs["kd_feat"])
+    # the kd term recomputed by hand on the same draw: the student's implied eps against the teacher's eps
+    gen = torch.Generator().manual_seed(0)
+    from snapfusion.distill.tasks import _encode
+    x0, context = _encode(kd.data, batch, gen)
+    t = torch.randint(0, kd.schedule.num_train_timesteps, (2,), generator=gen)
+    eps = kd.data.noise(x0, gen)
+    z = kd.schedule.add_noise(x0, eps, t)
+    with torch.no_grad():
+        pred = Denoiser(model, kd.schedule, "v_prediction")(z, t, context)
+        alpha, sigma = kd.schedule.alpha_sigma(t)
+        want = eps_mse_min_snr(pred.eps, kd.data.kd(z, t, context), (alpha / sigma) ** 2, 5.0)
+    torch.testing.assert_close(logs["kd"], want.mean())
+    torch.testing.assert_close(base, v_loss(pred, x0, eps, t, kd.schedule))
+    loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is None for p in kd.data.kd.parameters())
+    UNet(dataclasses.replace(UNet.load(teacher_folder).config, prediction_type="v_prediction")).save(tmp_path / "v")
+    with pytest.raises(ConfigError, match="must predict epsilon"):
+        VFinetuneTask(VFinetuneConfig(source=source, image_size=64, kd_unet=str(tmp_path / "v")))
+
+
+def test_distill_feature_term_is_rescaled_to_its_weight_of_l_dstl(source, tmp_path):
+    """distill --feature-weight f: + f x r x L_feat with r = mean L_dstl / mean L_feat, so the term's batch mean is
+    f x mean L_dstl; L_feat compares the cond half of a guided student pass; unequal stage widths are refused."""
+    import dataclasses
+
+    for cfg_prob in (0.0, 1.0):
+        plain = DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=cfg_prob, image_size=64))
+        feat = DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=cfg_prob, image_size=64,
+                                         feature_weight=0.5))
+        torch.manual_seed(5)
+        model = feat.build()
+        with torch.no_grad():  # move the student off the teacher so the stage outputs differ
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        batch = feat.collate([feat.dataset()[i] for i in range(2)])
+        loss, logs = feat.loss(model, batch, torch.Generator().manual_seed(0))
+        base, base_logs = plain.loss(model, batch, torch.Generator().manual_seed(0))
+        assert "l_feat" not in base_logs and logs["l_feat"] > 0 and logs["cfg_aware"] == cfg_prob
+        torch.testing.assert_close((loss - base).mean(), torch.tensor(0.5 * logs["l_dstl"]), rtol=1e-5, atol=0)
+        loss.mean().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ConfigError, match="feature_weight"):
+        DistillConfig(source=source, feature_weight=-1.0)
+    teacher = UNet.load(source.unet_folder())
+    widths = [2 * s.channels for s in teacher.config.down]
+    wide = dataclasses.replace(teacher.config,
+                               down=tuple(dataclasses.replace(s, channels=w) for s, w in zip(teacher.config.down, widths)),
+                               up=tuple(dataclasses.replace(s, channels=w) for s, w in
+                                        zip(teacher.config.up, reversed(widths))),
+                               mid=dataclasses.replace(teacher.config.mid, channels=widths[-1]))
+    UNet(wide).save(tmp_path / "wide")
+    with pytest.raises(ConfigError, match="stage widths"):
+        DistillTask(DistillConfig(source=source, student_unet=str(tmp_path / "wide"), feature_weight=0.5))
+    DistillTask(DistillConfig(source=source, student_unet=str(tmp_path / "wide")))  # fine without the term
+
+
+def test_kd_options_of_finetune_v_and_distill_reach_their_tasks(source, tmp_path, monkeypatch, capsys):
+    import snapfusion.distill.stages as stages
+
+    seen = {}
+    monkeypatch.setattr(stages, "finetune_v", lambda loop, cfg, resume=False: seen.update(v=cfg))
+    monkeypatch.setattr(stages, "distill_steps", lambda loop, cfg, resume=False: seen.update(d=cfg))
+    teacher = str(source.unet_folder())
+    base = ["--run-dir", str(tmp_path / "r"), "--model", source.pipeline, "--max-steps", "1"]
+    assert main(["finetune-v", *base, "--kd-unet", teacher, "--kd-feature-weight", "0.5"]) == 0
+    assert (seen["v"].kd_unet, seen["v"].kd_weight, seen["v"].kd_feature_weight) == (teacher, 1.0, 0.5)
+    assert main(["distill", *base, "--feature-weight", "0.25"]) == 0
+    assert seen["d"].feature_weight == 0.25
+    assert main(["finetune-v", *base, "--kd-feature-weight", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kd-feature-weight needs --kd-unet" in err and "\n" not in err

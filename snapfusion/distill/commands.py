@@ -24,11 +24,19 @@ def cmd_finetune_v(a: argparse.Namespace) -> None:
     from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options
     from snapfusion.distill.stages import finetune_v
     from snapfusion.distill.tasks import VFinetuneConfig
+    from snapfusion.errors import SnapFusionError
 
     check_noise_data_options(a)
+    for flag, value in (("--kd-weight", a.kd_weight), ("--kd-feature-weight", a.kd_feature_weight)):
+        if value is not None and not a.kd_unet:
+            raise SnapFusionError(f"{flag} needs --kd-unet (the teacher it distills from)")
+    kd = {}
+    if a.kd_unet:
+        kd = dict(kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight,
+                  kd_feature_weight=a.kd_feature_weight or 0.0)
     cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=_data_cfg(a),
                           sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
-                          pool_workers=max(1, a.num_workers))
+                          pool_workers=max(1, a.num_workers), **kd)
     final = finetune_v(_loop_cfg(a), cfg, resume=a.resume)
     print(f"v-prediction UNet: {final}")
 
@@ -43,7 +51,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=_data_cfg(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
-                        pool_workers=max(1, a.num_workers))
+                        pool_workers=max(1, a.num_workers), feature_weight=a.feature_weight)
     final = distill_steps(_loop_cfg(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 
@@ -69,6 +77,11 @@ def register(sub) -> None:
                        epilog="example: snapfusion finetune-v --run-dir runs/vtune --model base --max-minutes 8")
     _add_train_options(p, steps=4000, batch=64, lr=5e-5)
     _add_source_options(p)
+    p.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder (e.g. the base's): add "
+                   "robust-train's distillation term on the v student's implied eps (BK-SDM output KD)")
+    p.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
+    p.add_argument("--kd-feature-weight", type=float, default=None, help="with --kd-unet: also match the "
+                   "teacher's stage outputs, MSE summed over stages times this weight (default 0: off)")
     p.set_defaults(func=cmd_finetune_v)
 
     p = sub.add_parser("distill", help="CFG-aware step distillation: 1 student step = 2 teacher steps (16 -> 8)",
@@ -82,4 +95,7 @@ def register(sub) -> None:
     p.add_argument("--guidance-min", type=float, default=2.0, help="w ~ U[min, max] (default %(default)s)")
     p.add_argument("--guidance-max", type=float, default=14.0)
     p.add_argument("--ori-weight", type=float, default=0.2, help="gamma of gamma * L_ori (default %(default)s)")
+    p.add_argument("--feature-weight", type=float, default=0.0, help="> 0: also match the teacher's stage outputs "
+                   "at the student's input, rescaled to this fraction of L_dstl like L_ori (a variant, not the "
+                   "paper's; needs equal stage widths; default %(default)s: off)")
     p.set_defaults(func=cmd_distill)

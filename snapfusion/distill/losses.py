@@ -57,11 +57,16 @@ def guidance_scales(batch: int, low: float, high: float, generator: torch.Genera
     return low + (high - low) * u
 
 
-def with_rescaled_ori(l_dstl: torch.Tensor, l_ori: torch.Tensor, gamma: float) -> torch.Tensor:
-    """L_dstl + gamma * r * L_ori per sample, r = stopgrad(mean L_dstl / mean L_ori) (SnapFusion §4 rescaling).
+def rescaled(l_ref: torch.Tensor, l_aux: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * r * l_aux per sample, r = stopgrad(mean l_ref / mean l_aux) (SnapFusion §4's rescaling of L_ori).
 
-    r puts the batch's L_ori on L_dstl's scale, so gamma is the weight of L_ori relative to L_dstl whatever their
+    r puts the batch's auxiliary loss on l_ref's scale, so ``weight`` is its weight relative to l_ref whatever their
     magnitudes (L_dstl shrinks by orders of magnitude over the steps; L_ori does not).
     """
-    ratio = (l_dstl.detach().mean() / l_ori.detach().mean().clamp(min=1e-12))
-    return l_dstl + gamma * ratio * l_ori
+    ratio = l_ref.detach().mean() / l_aux.detach().mean().clamp(min=1e-12)
+    return weight * ratio * l_aux
+
+
+def with_rescaled_ori(l_dstl: torch.Tensor, l_ori: torch.Tensor, gamma: float) -> torch.Tensor:
+    """L_dstl + gamma * r * L_ori per sample, r = stopgrad(mean L_dstl / mean L_ori) (SnapFusion §4 rescaling)."""
+    return l_dstl + rescaled(l_dstl, l_ori, gamma)

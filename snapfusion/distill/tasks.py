@@ -7,6 +7,7 @@ frozen VAE encoder and text tower. The teacher is a frozen UNet held by the task
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +18,16 @@ from snapfusion.config import from_dict, load_json, to_dict
 from snapfusion.data import SceneConfig, load_prompt_set
 from snapfusion.decoder.io import load_decoder
 from snapfusion.distill.evaluate import Row, mse_to, sample_rows, write_comparison
-from snapfusion.distill.losses import distill_loss, guidance_scales, v_loss, with_rescaled_ori
+from snapfusion.distill.losses import distill_loss, guidance_scales, rescaled, v_loss
 from snapfusion.distill.teacher import step_grid
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import KIND as UNET_KIND
 from snapfusion.models.unet import UNet, UNetConfig
+from snapfusion.models.unet_config import stage_widths
+from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig, part_folder
 from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig, part_folder
 from snapfusion.sampling import Denoiser, guided
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _unwrap
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _unwrap, feature_mse
 from snapfusion.weights import read_config
 
 
@@ -71,6 +74,10 @@ class VFinetuneConfig:
     offset_noise: float = 0.0          # as train-unet --offset-noise (docs/base_model.md); 0: plain N(0, 1) noise
     latent_pool: int = 0               # as train-unet --latent-pool; 0: render and encode every batch
     pool_workers: int = 8              # DataLoader workers that render the pool
+    kd_unet: str = ""                  # frozen eps teacher (e.g. the base UNet): adds robust-train's distillation
+                                       # terms on the v student's implied eps (docs/step_distillation.md, session 7)
+    kd_weight: float = 1.0             # x the Min-SNR eps MSE to the teacher's output
+    kd_feature_weight: float = 0.0     # x the MSE of the stage outputs to the teacher's (0: off)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class DistillConfig:
     offset_noise: float = 0.0
     latent_pool: int = 0
     pool_workers: int = 8
+    feature_weight: float = 0.0        # > 0: adds this x r x the MSE of the student's stage outputs to the teacher's
+                                       # at (z_t, t, c), r = stopgrad(mean L_dstl / mean L_feat) (a variant, not the
+                                       # paper's; docs/step_distillation.md, session 7)
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -101,16 +111,19 @@ class DistillConfig:
             raise ConfigError(f"guidance range must satisfy 1 <= low <= high, got {self.guidance_range}")
         if self.ori_weight < 0:
             raise ConfigError(f"ori_weight (gamma) must be >= 0, got {self.ori_weight}")
+        if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
+            raise ConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
 
 
-def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig) -> UNetTask:
-    """The base model's UNet stage, reused for its data, frozen encoder and text tower."""
+def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig, **kd) -> UNetTask:
+    """The base model's UNet stage, reused for its data, frozen encoder and text tower (and ``kd``: its
+    distillation teacher, UNetTaskConfig's kd_* fields)."""
     return UNetTask(UNetTaskConfig(model=model, vae=str(source.encoder_folder()),
                                    text_encoder=str(part_folder(source.pipeline, "text_encoder")),
                                    image_size=cfg.image_size, schedule=source.pipeline_config().schedule,
                                    uncond_prob=cfg.uncond_prob, data=cfg.data, sample_prompts=cfg.sample_prompts,
                                    seed=cfg.seed, offset_noise=cfg.offset_noise, latent_pool=cfg.latent_pool,
-                                   pool_workers=cfg.pool_workers))
+                                   pool_workers=cfg.pool_workers, **kd))
 
 
 @torch.no_grad()
@@ -122,14 +135,21 @@ def _encode(data: UNetTask, batch: dict, generator: torch.Generator) -> tuple[to
 
 
 class _Tap:
-    """Calls a network and keeps its last raw output: the student's unguided v_hat(c) for L_ori, no second pass."""
+    """Calls a network and keeps its last raw output: the student's unguided v_hat(c) for L_ori, no second pass
+    (and, with ``features``, its stage outputs of that call)."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: nn.Module, features: bool = False):
         self.network = network
         self.last: torch.Tensor | None = None
+        self.features: list[torch.Tensor] | None = None
+        self._want_features = features
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        self.last = self.network(z, t, context)  # (B or 2B, C, H, W); guided() puts cond first
+        if self._want_features:
+            self.features = []
+            self.last = self.network(z, t, context, features=self.features)
+        else:
+            self.last = self.network(z, t, context)  # (B or 2B, C, H, W); guided() puts cond first
         return self.last
 
 
@@ -193,7 +213,10 @@ class VFinetuneTask(_OnBaseData):
         self.cfg = cfg
         source_config = read_config(cfg.source.unet_folder(), UNetConfig, kind=UNET_KIND)
         self.model_config = dataclasses.replace(source_config, prediction_type="v_prediction")
-        self.data = _data_task(cfg.source, self.model_config, cfg)
+        kd = {}
+        if cfg.kd_unet:
+            kd = dict(kd_unet=cfg.kd_unet, kd_weight=cfg.kd_weight, kd_feature_weight=cfg.kd_feature_weight)
+        self.data = _data_task(cfg.source, self.model_config, cfg, **kd)  # loads and checks the kd teacher
         self.schedule = self.data.schedule
         self.sampler = _Sampler(self.data, cfg.source, cfg)
 
@@ -211,8 +234,13 @@ class VFinetuneTask(_OnBaseData):
                           generator=generator)  # (B,)
         eps = self.data.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)  # (B, 4, h, w)
-        pred = Denoiser(model, self.schedule, "v_prediction")(z, t, context)
-        return v_loss(pred, x0, eps, t, self.schedule), {}
+        tap = _Tap(model, features=self.data.kd is not None and self.cfg.kd_feature_weight > 0)
+        pred = Denoiser(tap, self.schedule, "v_prediction")(z, t, context)
+        loss = v_loss(pred, x0, eps, t, self.schedule)
+        if self.data.kd is None:
+            return loss, {}
+        kd, logs = self.data.kd_terms(pred.eps, z, t, context, tap.features)  # eps-space, as robust-train's
+        return loss + kd, logs
 
     def sample_grid(self, model, path: Path) -> None:
         unet = _unwrap(model)
@@ -236,6 +264,9 @@ class DistillTask(_OnBaseData):
         if self.student_config.context_dim != self.teacher.config.context_dim:
             raise ConfigError(f"student context_dim {self.student_config.context_dim} != teacher's "
                               f"{self.teacher.config.context_dim} ({self.student_folder})")
+        if cfg.feature_weight > 0 and stage_widths(self.student_config) != stage_widths(self.teacher.config):
+            raise ConfigError(f"--feature-weight: the teacher's stage widths {stage_widths(self.teacher.config)} "
+                              f"differ from the student's {stage_widths(self.student_config)}")
         self.data = _data_task(cfg.source, self.student_config, cfg)
         self.schedule = self.data.schedule
         self.grid = step_grid(cfg.student_steps, self.schedule.num_train_timesteps)
@@ -265,15 +296,23 @@ class DistillTask(_OnBaseData):
         z = self.schedule.add_noise(x0, eps, t)
         cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
-        tap = _Tap(model)
+        tap = _Tap(model, features=c.feature_weight > 0)
         student = Denoiser(tap, self.schedule, self.student_config.prediction_type)
         teacher = Denoiser(_outside_autocast(self.teacher.to(x0.device)), self.schedule,
                            self.teacher.config.prediction_type)
         l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, t, t_mid,
                               t_end, self.schedule)
         l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
-        total = with_rescaled_ori(l_dstl, l_ori, c.ori_weight)
-        return total, {"cfg_aware": float(cfg_aware), "l_dstl": l_dstl.mean().item(), "l_ori": l_ori.mean().item()}
+        total = l_dstl + rescaled(l_dstl, l_ori, c.ori_weight)
+        logs = {"cfg_aware": float(cfg_aware), "l_dstl": l_dstl.mean().item(), "l_ori": l_ori.mean().item()}
+        if c.feature_weight > 0:  # the teacher's stage outputs on the cond input, in the loop's autocast
+            teacher_features: list[torch.Tensor] = []
+            with torch.no_grad():
+                self.teacher(z, t, cond, features=teacher_features)
+            l_feat = feature_mse([f[:B] for f in tap.features], teacher_features)  # cond half of a guided pass
+            total = total + rescaled(l_dstl, l_feat, c.feature_weight)
+            logs["l_feat"] = l_feat.mean().item()
+        return total, logs
 
     def sample_grid(self, model, path: Path) -> None:
         unet = _unwrap(model)
