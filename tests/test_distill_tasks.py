@@ -130,40 +130,58 @@ def test_corrupt_model_index_is_a_one_line_error(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def _nudged(model, seed=5, scale=0.01):
+    """``model`` with every weight moved by scale x N(0, 1): its stage outputs differ from its source's."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def _draw(task, batch, seed=0):
+    """The loss's own draws, replayed: x0, context, t and z of a v fine-tuning loss call with this seed."""
+    from snapfusion.distill.tasks import _encode
+
+    gen = torch.Generator().manual_seed(seed)
+    x0, context = _encode(task.data, batch, gen)
+    t = torch.randint(0, task.schedule.num_train_timesteps, (x0.shape[0],), generator=gen)
+    eps = task.data.noise(x0, gen)
+    return x0, context, t, eps, task.schedule.add_noise(x0, eps, t)
+
+
 def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_eps(source, tmp_path):
     """finetune-v --kd-unet T: the loss is L_ori + kd_weight x the Min-SNR eps MSE of the v student's implied eps
-    to T's, + kd_feature_weight x the stage-output MSE. Started from T's weights, the stage outputs still agree
-    (feature term 0) but the output, now read as v, does not (kd term > 0); a v-prediction teacher is refused."""
+    to T's + kd_feature_weight x the stage-output MSE to T's, both recomputed here by hand. Started from T's weights
+    the stage outputs agree (feature term 0) but the output, now read as v, does not; a v teacher is refused."""
     import dataclasses
 
     from snapfusion.distill.losses import v_loss
     from snapfusion.sampling import Denoiser
-    from snapfusion.train.tasks import eps_mse_min_snr
+    from snapfusion.train.tasks import eps_mse_min_snr, feature_mse
 
     teacher_folder = source.unet_folder()
     plain = VFinetuneTask(VFinetuneConfig(source=source, image_size=64))
     kd = VFinetuneTask(VFinetuneConfig(source=source, image_size=64, kd_unet=str(teacher_folder), kd_weight=2.0,
                                        kd_feature_weight=3.0))
-    model = kd.build()
     batch = kd.collate([kd.dataset()[i] for i in range(2)])
+    start = kd.build()
+    _, logs = kd.loss(start, batch, torch.Generator().manual_seed(0))
+    assert float(logs["kd"]) > 0 and float(logs["kd_feat"]) < 1e-10
+    model = _nudged(kd.build())
     loss, logs = kd.loss(model, batch, torch.Generator().manual_seed(0))
     base, base_logs = plain.loss(model, batch, torch.Generator().manual_seed(0))
-    assert base_logs == {} and set(logs) == {"kd", "kd_feat"}
-    assert float(logs["kd"]) > 0 and float(logs["kd_feat"]) < 1e-10  # same weights: same stage outputs
+    assert base_logs == {} and float(logs["kd_feat"]) > 0
     torch.testing.assert_close((loss - base).mean(), 2.0 * logs["kd"] + 3.0 * logs["kd_feat"])
-    # the kd term recomputed by hand on the same draw: the student's implied eps against the teacher's eps
-    gen = torch.Generator().manual_seed(0)
-    from snapfusion.distill.tasks import _encode
-    x0, context = _encode(kd.data, batch, gen)
-    t = torch.randint(0, kd.schedule.num_train_timesteps, (2,), generator=gen)
-    eps = kd.data.noise(x0, gen)
-    z = kd.schedule.add_noise(x0, eps, t)
+    x0, context, t, eps, z = _draw(kd, batch)
     with torch.no_grad():
-        pred = Denoiser(model, kd.schedule, "v_prediction")(z, t, context)
+        fs, ft = [], []
+        pred = Denoiser(lambda *a: model(*a, features=fs), kd.schedule, "v_prediction")(z, t, context)
+        target = kd.data.kd(z, t, context, features=ft)
         alpha, sigma = kd.schedule.alpha_sigma(t)
-        want = eps_mse_min_snr(pred.eps, kd.data.kd(z, t, context), (alpha / sigma) ** 2, 5.0)
-    torch.testing.assert_close(logs["kd"], want.mean())
-    torch.testing.assert_close(base, v_loss(pred, x0, eps, t, kd.schedule))
+        torch.testing.assert_close(logs["kd"], eps_mse_min_snr(pred.eps, target, (alpha / sigma) ** 2, 5.0).mean())
+        torch.testing.assert_close(logs["kd_feat"], feature_mse(fs, ft).mean())
+        torch.testing.assert_close(base, v_loss(pred, x0, eps, t, kd.schedule))
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad is None for p in kd.data.kd.parameters())
@@ -172,36 +190,54 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
         VFinetuneTask(VFinetuneConfig(source=source, image_size=64, kd_unet=str(tmp_path / "v")))
 
 
-def test_distill_feature_term_is_rescaled_to_its_weight_of_l_dstl(source, tmp_path):
-    """distill --feature-weight f: + f x r x L_feat with r = mean L_dstl / mean L_feat, so the term's batch mean is
-    f x mean L_dstl; L_feat compares the cond half of a guided student pass; unequal stage widths are refused."""
+def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_rescaled(source, tmp_path):
+    """distill --feature-weight f: L_feat is the stage-output MSE of the student's conditional pass (the cond half
+    of a guided 2B pass) to the teacher's at (z_t, t, c), so it is 0 for a student equal to its teacher even under
+    guidance; the term adds f x r x L_feat, r = mean L_dstl / mean L_feat, so its batch mean is f x mean L_dstl;
+    its gradient reaches the student on its own; unequal stage widths and bad weights are refused."""
     import dataclasses
+
+    from snapfusion.distill.losses import rescaled
+    from snapfusion.train.tasks import feature_mse
 
     for cfg_prob in (0.0, 1.0):
         plain = DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=cfg_prob, image_size=64))
         feat = DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=cfg_prob, image_size=64,
                                          feature_weight=0.5))
-        torch.manual_seed(5)
-        model = feat.build()
-        with torch.no_grad():  # move the student off the teacher so the stage outputs differ
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
         batch = feat.collate([feat.dataset()[i] for i in range(2)])
+        _, logs = feat.loss(feat.build(), batch, torch.Generator().manual_seed(0))
+        assert logs["cfg_aware"] == cfg_prob and logs["l_feat"] < 1e-10  # the uncond half would not match
+        model = _nudged(feat.build())
         loss, logs = feat.loss(model, batch, torch.Generator().manual_seed(0))
         base, base_logs = plain.loss(model, batch, torch.Generator().manual_seed(0))
-        assert "l_feat" not in base_logs and logs["l_feat"] > 0 and logs["cfg_aware"] == cfg_prob
+        assert "l_feat" not in base_logs and logs["l_feat"] > 0
         torch.testing.assert_close((loss - base).mean(), torch.tensor(0.5 * logs["l_dstl"]), rtol=1e-5, atol=0)
-        loss.mean().backward()
-        assert all(p.grad is not None for p in model.parameters())
-    with pytest.raises(ConfigError, match="feature_weight"):
+    # L_feat by hand on the loss's own draws (cfg_prob 1: the same t and z_t as the loss saw)
+    from snapfusion.distill.tasks import _encode
+
+    gen = torch.Generator().manual_seed(0)
+    x0, cond = _encode(feat.data, batch, gen)
+    t, _, _ = feat.grid.sample(2, gen)
+    z = feat.schedule.add_noise(x0, feat.data.noise(x0, gen), t)
+    fs, ft = [], []
+    model(z, t, cond, features=fs)
+    with torch.no_grad():
+        feat.teacher(z, t, cond, features=ft)
+    l_feat = feature_mse(fs, ft)
+    torch.testing.assert_close(l_feat.mean().detach(), torch.tensor(logs["l_feat"]), rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(rescaled(torch.ones(2), l_feat, 0.5).sum(), list(model.parameters()),
+                                allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    with pytest.raises(ConfigError, match="feature-weight"):
         DistillConfig(source=source, feature_weight=-1.0)
+    with pytest.raises(ConfigError, match="feature-weight"):
+        DistillConfig(source=source, feature_weight=float("nan"))
     teacher = UNet.load(source.unet_folder())
-    widths = [2 * s.channels for s in teacher.config.down]
-    wide = dataclasses.replace(teacher.config,
-                               down=tuple(dataclasses.replace(s, channels=w) for s, w in zip(teacher.config.down, widths)),
-                               up=tuple(dataclasses.replace(s, channels=w) for s, w in
-                                        zip(teacher.config.up, reversed(widths))),
-                               mid=dataclasses.replace(teacher.config.mid, channels=widths[-1]))
+    c = teacher.config
+    widths = [2 * s.channels for s in c.down]
+    wide = dataclasses.replace(c, down=tuple(dataclasses.replace(s, channels=w) for s, w in zip(c.down, widths)),
+                               up=tuple(dataclasses.replace(s, channels=w) for s, w in zip(c.up, reversed(widths))),
+                               mid=dataclasses.replace(c.mid, channels=widths[-1]))
     UNet(wide).save(tmp_path / "wide")
     with pytest.raises(ConfigError, match="stage widths"):
         DistillTask(DistillConfig(source=source, student_unet=str(tmp_path / "wide"), feature_weight=0.5))

@@ -18,13 +18,12 @@ from snapfusion.config import from_dict, load_json, to_dict
 from snapfusion.data import SceneConfig, load_prompt_set
 from snapfusion.decoder.io import load_decoder
 from snapfusion.distill.evaluate import Row, mse_to, sample_rows, write_comparison
-from snapfusion.distill.losses import distill_loss, guidance_scales, rescaled, v_loss
+from snapfusion.distill.losses import distill_loss, guidance_scales, rescaled, v_loss, with_rescaled_ori
 from snapfusion.distill.teacher import step_grid
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import KIND as UNET_KIND
 from snapfusion.models.unet import UNet, UNetConfig
 from snapfusion.models.unet_config import stage_widths
-from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig, part_folder
 from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig, part_folder
 from snapfusion.sampling import Denoiser, guided
 from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _unwrap, feature_mse
@@ -112,7 +111,7 @@ class DistillConfig:
         if self.ori_weight < 0:
             raise ConfigError(f"ori_weight (gamma) must be >= 0, got {self.ori_weight}")
         if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
-            raise ConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
+            raise ConfigError(f"--feature-weight must be a finite number >= 0, got {self.feature_weight}")
 
 
 def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig, **kd) -> UNetTask:
@@ -138,18 +137,18 @@ class _Tap:
     """Calls a network and keeps its last raw output: the student's unguided v_hat(c) for L_ori, no second pass
     (and, with ``features``, its stage outputs of that call)."""
 
-    def __init__(self, network: nn.Module, features: bool = False):
+    def __init__(self, network: nn.Module, keep_features: bool = False):
         self.network = network
-        self.last: torch.Tensor | None = None
-        self.features: list[torch.Tensor] | None = None
-        self._want_features = features
+        self.last: torch.Tensor | None = None          # (B or 2B, C, H, W); guided() puts cond first
+        self.features: list[torch.Tensor] | None = None  # its stage outputs, same batch layout
+        self.keep_features = keep_features
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        if self._want_features:
+        if self.keep_features:
             self.features = []
             self.last = self.network(z, t, context, features=self.features)
         else:
-            self.last = self.network(z, t, context)  # (B or 2B, C, H, W); guided() puts cond first
+            self.last = self.network(z, t, context)
         return self.last
 
 
@@ -234,13 +233,12 @@ class VFinetuneTask(_OnBaseData):
                           generator=generator)  # (B,)
         eps = self.data.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)  # (B, 4, h, w)
-        tap = _Tap(model, features=self.data.kd is not None and self.cfg.kd_feature_weight > 0)
+        tap = _Tap(model, keep_features=self.data.kd is not None and self.cfg.kd_feature_weight > 0)
         pred = Denoiser(tap, self.schedule, "v_prediction")(z, t, context)
         loss = v_loss(pred, x0, eps, t, self.schedule)
         if self.data.kd is None:
             return loss, {}
-        kd, logs = self.data.kd_terms(pred.eps, z, t, context, tap.features)  # eps-space, as robust-train's
-        return loss + kd, logs
+        return self.data.add_kd_terms(loss, pred.eps, z, t, context, tap.features)  # eps-space, as robust-train's
 
     def sample_grid(self, model, path: Path) -> None:
         unet = _unwrap(model)
@@ -296,16 +294,17 @@ class DistillTask(_OnBaseData):
         z = self.schedule.add_noise(x0, eps, t)
         cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
-        tap = _Tap(model, features=c.feature_weight > 0)
+        tap = _Tap(model, keep_features=c.feature_weight > 0)
         student = Denoiser(tap, self.schedule, self.student_config.prediction_type)
         teacher = Denoiser(_outside_autocast(self.teacher.to(x0.device)), self.schedule,
                            self.teacher.config.prediction_type)
         l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, t, t_mid,
                               t_end, self.schedule)
         l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
-        total = l_dstl + rescaled(l_dstl, l_ori, c.ori_weight)
+        total = with_rescaled_ori(l_dstl, l_ori, c.ori_weight)
         logs = {"cfg_aware": float(cfg_aware), "l_dstl": l_dstl.mean().item(), "l_ori": l_ori.mean().item()}
-        if c.feature_weight > 0:  # the teacher's stage outputs on the cond input, in the loop's autocast
+        if c.feature_weight > 0:  # the teacher's stage outputs on the cond input, in the loop's autocast (bf16 on
+            # GPUs: a feature target, not the x-space regression target the fp32 two steps give)
             teacher_features: list[torch.Tensor] = []
             with torch.no_grad():
                 self.teacher(z, t, cond, features=teacher_features)

@@ -404,13 +404,12 @@ class UNetTask:
         loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
         if self.kd is None:
             return loss, {}
-        kd, logs = self.kd_terms(pred, z, t, context, student_features)
-        return loss + kd, logs
+        return self.add_kd_terms(loss, pred, z, t, context, student_features)
 
-    def kd_terms(self, pred_eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 student_features: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
-        """The distillation terms (B,) against the frozen ``kd`` teacher on the student's input (z, t, context):
-        kd_weight x the Min-SNR eps MSE of the student's (implied) eps to the teacher's, plus, when
+    def add_kd_terms(self, loss: torch.Tensor, pred_eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+                     context: torch.Tensor, student_features: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+        """``loss`` (B,) plus the distillation terms against the frozen ``kd`` teacher on the student's input
+        (z, t, context): kd_weight x the Min-SNR eps MSE of the student's (implied) eps to the teacher's, then, when
         ``student_features`` holds the student's stage outputs, kd_feature_weight x their MSE to the teacher's.
         Shared by train-unet / robust-train (eps students) and finetune-v (a v student's implied eps)."""
         alpha, sigma = self.schedule.alpha_sigma(t)
@@ -419,11 +418,11 @@ class UNetTask:
         with torch.no_grad():  # under the loop's autocast, as the student: the target costs a mixed-precision pass
             target = self.kd.to(z.device)(z, t, context, features=teacher_features)
         kd = eps_mse_min_snr(pred_eps, target, snr, self.cfg.min_snr_gamma)
-        total, logs = self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
+        loss, logs = loss + self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
         if student_features is not None:
             feat = feature_mse(student_features, teacher_features)
-            total, logs = total + self.cfg.kd_feature_weight * feat, {**logs, "kd_feat": feat.detach().mean()}
-        return total, logs
+            loss, logs = loss + self.cfg.kd_feature_weight * feat, {**logs, "kd_feat": feat.detach().mean()}
+        return loss, logs
 
     def save(self, model, folder: Path) -> None:
         _unwrap(model).save(folder)
