@@ -301,6 +301,32 @@ def check_noise_data_options(a: argparse.Namespace) -> None:
         raise SnapFusionError(f"--latent-pool must be >= 0, got {a.latent_pool}")
 
 
+def add_kd_options(p: argparse.ArgumentParser) -> None:
+    """--kd-unet, --kd-weight, --kd-feature-weight: distillation from a frozen eps teacher UNet (robust-train,
+    finetune-v)."""
+    p.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder: add its output as a second "
+                   "target, on the student's (implied) eps (output-level knowledge distillation, as BK-SDM fine-tunes "
+                   "a pruned UNet)")
+    p.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
+    p.add_argument("--kd-feature-weight", type=float, default=None, help="with --kd-unet: also match the "
+                   "teacher's stage outputs, MSE summed over stages times this weight (BK-SDM's feature-level "
+                   "distillation; default 0: off)")
+
+
+def kd_options(a: argparse.Namespace) -> dict:
+    """UNetTaskConfig's kd_* fields from add_kd_options' flags ({} without --kd-unet); a weight without a teacher is
+    a one-line error."""
+    from snapfusion.errors import SnapFusionError
+
+    for flag, value in (("--kd-weight", a.kd_weight), ("--kd-feature-weight", a.kd_feature_weight)):
+        if value is not None and not a.kd_unet:
+            raise SnapFusionError(f"{flag} needs --kd-unet (the teacher it distills from)")
+    if not a.kd_unet:
+        return {}
+    return dict(kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight,
+                kd_feature_weight=a.kd_feature_weight or 0.0)
+
+
 def _add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
     p.add_argument("--run-dir", required=True, help="checkpoints, logs and samples go here")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")

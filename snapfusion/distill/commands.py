@@ -21,19 +21,12 @@ def _source(a: argparse.Namespace):
 
 
 def cmd_finetune_v(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options
+    from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options, kd_options
     from snapfusion.distill.stages import finetune_v
     from snapfusion.distill.tasks import VFinetuneConfig
-    from snapfusion.errors import SnapFusionError
 
     check_noise_data_options(a)
-    for flag, value in (("--kd-weight", a.kd_weight), ("--kd-feature-weight", a.kd_feature_weight)):
-        if value is not None and not a.kd_unet:
-            raise SnapFusionError(f"{flag} needs --kd-unet (the teacher it distills from)")
-    kd = {}
-    if a.kd_unet:
-        kd = dict(kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight,
-                  kd_feature_weight=a.kd_feature_weight or 0.0)
+    kd = kd_options(a)
     cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=_data_cfg(a),
                           sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
                           pool_workers=max(1, a.num_workers), **kd)
@@ -71,17 +64,13 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     """Add the step-distillation sub-commands to the ``snapfusion`` parser."""
-    from snapfusion.cli import _add_train_options
+    from snapfusion.cli import _add_train_options, add_kd_options
 
     p = sub.add_parser("finetune-v", help="fine-tune a UNet from eps- to v-prediction (SnapFusion §4, L_ori)",
                        epilog="example: snapfusion finetune-v --run-dir runs/vtune --model base --max-minutes 8")
     _add_train_options(p, steps=4000, batch=64, lr=5e-5)
     _add_source_options(p)
-    p.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder (e.g. the base's): add "
-                   "robust-train's distillation term on the v student's implied eps (BK-SDM output KD)")
-    p.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
-    p.add_argument("--kd-feature-weight", type=float, default=None, help="with --kd-unet: also match the "
-                   "teacher's stage outputs, MSE summed over stages times this weight (default 0: off)")
+    add_kd_options(p)
     p.set_defaults(func=cmd_finetune_v)
 
     p = sub.add_parser("distill", help="CFG-aware step distillation: 1 student step = 2 teacher steps (16 -> 8)",

@@ -58,20 +58,15 @@ def _init_folder(a: argparse.Namespace) -> str:
 
 
 def cmd_robust_train(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _loop_cfg
-    from snapfusion.errors import SnapFusionError
+    from snapfusion.cli import _loop_cfg, kd_options
     from snapfusion.evolve.robust import RobustTask
     from snapfusion.train.loop import train
 
     init = _init_folder(a)
     cfg = _task_cfg(a, _unet_cfg(a, init), init)
-    for flag, value in (("--kd-weight", a.kd_weight), ("--kd-feature-weight", a.kd_feature_weight)):
-        if value is not None and not a.kd_unet:
-            raise SnapFusionError(f"{flag} needs --kd-unet (the teacher it distills from)")
-    if a.kd_unet:
-        cfg = dataclasses.replace(cfg, unet=dataclasses.replace(
-            cfg.unet, kd_unet=a.kd_unet, kd_weight=1.0 if a.kd_weight is None else a.kd_weight,
-            kd_feature_weight=a.kd_feature_weight or 0.0))
+    kd = kd_options(a)
+    if kd:
+        cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, **kd))
     train(_loop_cfg(a), RobustTask(cfg), resume=a.resume)
 
 
@@ -247,19 +242,14 @@ def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -
 
 def register_runs(sub: argparse._SubParsersAction) -> None:
     """Add ``robust-train``, ``evolve`` and ``bk-sdm``."""
-    from snapfusion.cli import _add_train_options
+    from snapfusion.cli import _add_train_options, add_kd_options
 
     r = sub.add_parser("robust-train", help="train a UNet with random block skips (SnapFusion §3.1); "
                        "--p-res 1 --p-attn 1 is plain fine-tuning", epilog="example: snapfusion robust-train "
                        "--run-dir runs/robust --model base --max-steps 2000")
     _add_train_options(r, steps=2000, batch=32, lr=5e-5)
     _add_model_options(r)
-    r.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder: add its output as a second "
-                   "target (output-level knowledge distillation, as BK-SDM fine-tunes a pruned UNet)")
-    r.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
-    r.add_argument("--kd-feature-weight", type=float, default=None, help="with --kd-unet: also match the "
-                   "teacher's stage outputs, MSE summed over stages times this weight (BK-SDM's feature-level "
-                   "distillation; default 0: off)")
+    add_kd_options(r)
     r.set_defaults(func=cmd_robust_train)
 
     e = sub.add_parser("evolve", help="architecture evolution under a latency budget (SnapFusion Alg. 1)",
