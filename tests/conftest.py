@@ -19,6 +19,15 @@ from snapfusion.pipeline import Pipeline, PipelineConfig  # noqa: E402
 TINY_TEXT = TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, projection_dim=32)
 
 
+def doubled_stage_widths(cfg):
+    """``cfg`` (a UNetConfig) with every stage twice as wide: the same channels in and out and context width, other
+    stage widths (what feature distillation must refuse to pair)."""
+    widths = [2 * s.channels for s in cfg.down]
+    return dataclasses.replace(cfg, down=tuple(dataclasses.replace(s, channels=w) for s, w in zip(cfg.down, widths)),
+                               up=tuple(dataclasses.replace(s, channels=w) for s, w in zip(cfg.up, reversed(widths))),
+                               mid=dataclasses.replace(cfg.mid, channels=widths[-1]))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline() -> Pipeline:
     """A random-weight pipeline with SD's structure at toy size (64 px images, 8 px latents)."""

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import doubled_stage_widths
 from snapfusion.cli import main
 from snapfusion.distill.stages import distill_steps, finetune_v
 from snapfusion.distill.tasks import DistillConfig, DistillTask, ModelSource, VFinetuneConfig, VFinetuneTask
@@ -195,8 +196,6 @@ def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_res
     of a guided 2B pass) to the teacher's at (z_t, t, c), so it is 0 for a student equal to its teacher even under
     guidance; the term adds f x r x L_feat, r = mean L_dstl / mean L_feat, so its batch mean is f x mean L_dstl;
     its gradient reaches the student on its own; unequal stage widths and bad weights are refused."""
-    import dataclasses
-
     from snapfusion.distill.losses import rescaled
     from snapfusion.train.tasks import feature_mse
 
@@ -232,13 +231,7 @@ def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_res
         DistillConfig(source=source, feature_weight=-1.0)
     with pytest.raises(ConfigError, match="feature-weight"):
         DistillConfig(source=source, feature_weight=float("nan"))
-    teacher = UNet.load(source.unet_folder())
-    c = teacher.config
-    widths = [2 * s.channels for s in c.down]
-    wide = dataclasses.replace(c, down=tuple(dataclasses.replace(s, channels=w) for s, w in zip(c.down, widths)),
-                               up=tuple(dataclasses.replace(s, channels=w) for s, w in zip(c.up, reversed(widths))),
-                               mid=dataclasses.replace(c.mid, channels=widths[-1]))
-    UNet(wide).save(tmp_path / "wide")
+    UNet(doubled_stage_widths(UNet.load(source.unet_folder()).config)).save(tmp_path / "wide")
     with pytest.raises(ConfigError, match="stage widths"):
         DistillTask(DistillConfig(source=source, student_unet=str(tmp_path / "wide"), feature_weight=0.5))
     DistillTask(DistillConfig(source=source, student_unet=str(tmp_path / "wide")))  # fine without the term

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, doubled_stage_widths
 from snapfusion.errors import ConfigError
 from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
 from snapfusion.models.text import TextEncoder, save_text_encoder
@@ -180,14 +180,7 @@ def test_feature_kd_adds_stage_output_distances_to_an_evolved_student(parts, tmp
     (dict(down=None), 1.0, "stage widths"), ({}, -1.0, "kd-feature-weight"), ({}, float("inf"), "kd-feature-weight"),
 ])
 def test_feature_kd_refuses_a_teacher_with_other_stages_or_a_bad_weight(parts, tmp_path, change, weight, message):
-    cfg = UNET
-    if "down" in change:  # wider first stage everywhere it appears: same channels in/out, other stage widths
-        widths = [2 * s.channels for s in UNET.down]
-        cfg = dataclasses.replace(UNET, down=tuple(dataclasses.replace(s, channels=w) for s, w in
-                                                   zip(UNET.down, widths)),
-                                  up=tuple(dataclasses.replace(s, channels=w) for s, w in
-                                           zip(UNET.up, reversed(widths))),
-                                  mid=dataclasses.replace(UNET.mid, channels=widths[-1]))
+    cfg = doubled_stage_widths(UNET) if "down" in change else UNET
     UNet(cfg).save(tmp_path / "t")
     with pytest.raises(ConfigError, match=message):
         UNetTask(UNetTaskConfig(model=UNET, kd_unet=str(tmp_path / "t"), kd_feature_weight=weight, **parts))
