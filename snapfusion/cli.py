@@ -211,7 +211,7 @@ def _loop_cfg(a: argparse.Namespace):
     return loop_config(run_dir=a.run_dir, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
                        warmup_steps=a.warmup_steps, ema_decay=a.ema_decay, mixed_precision=a.mixed_precision,
                        log_every=a.log_every, sample_every=a.sample_every, checkpoint_every=a.checkpoint_every,
-                       max_minutes=a.max_minutes, seed=a.seed, num_workers=a.num_workers)
+                       max_minutes=a.max_minutes, seed=a.seed, num_workers=a.num_workers, compile=a.compile)
 
 
 def _data_cfg(a: argparse.Namespace):
@@ -235,6 +235,8 @@ def cmd_train_text(a: argparse.Namespace) -> None:
 
 
 def cmd_train_unet(a: argparse.Namespace) -> None:
+    import dataclasses
+
     from snapfusion.config import load_json
     from snapfusion.errors import SnapFusionError
     from snapfusion.models.presets import base_unet
@@ -258,7 +260,11 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     if a.sample_every and not decoder and load_json(Path(vae, "config.json")).get("kind") != "vae":
         raise SnapFusionError(f"--vae {vae} holds no decoder: pass --vae-decoder for the sample grids "
                               "(or --sample-every 0)")
-    cfg = UNetTaskConfig(model=base_unet(), vae=vae, text_encoder=text, image_size=a.image_size,
+    model = base_unet()
+    if init:  # continuing a trained UNet: keep its prediction type (e.g. the v-tuned base)
+        model = dataclasses.replace(model, prediction_type=load_json(Path(init, "config.json"))["config"].get(
+            "prediction_type", model.prediction_type))
+    cfg = UNetTaskConfig(model=model, vae=vae, text_encoder=text, image_size=a.image_size,
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise)
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
@@ -302,9 +308,9 @@ def check_noise_data_options(a: argparse.Namespace) -> None:
 
 
 def add_kd_options(p: argparse.ArgumentParser) -> None:
-    """--kd-unet, --kd-weight, --kd-feature-weight: distillation from a frozen eps teacher UNet (robust-train,
+    """--kd-unet, --kd-weight, --kd-feature-weight: distillation from a frozen eps or v teacher UNet (robust-train,
     finetune-v)."""
-    p.add_argument("--kd-unet", default=None, help="frozen eps teacher UNet folder: add its output as a second "
+    p.add_argument("--kd-unet", default=None, help="frozen teacher UNet folder (eps or v): add its (implied) eps as a "
                    "target, on the student's (implied) eps (output-level knowledge distillation, as BK-SDM fine-tunes "
                    "a pruned UNet)")
     p.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
@@ -343,6 +349,9 @@ def _add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--num-emoji", type=int, default=None, help="train on the first N atlas emoji (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the trained UNet (train-unet, finetune-v, distill): faster steps on a GPU "
+                   "after a one-off compile of a few minutes, which counts against --max-minutes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-text", help="pretrain the CLIP text tower contrastively (then it stays frozen)")
     _add_train_options(t, steps=4000, batch=256, lr=5e-4)
     t.set_defaults(func=cmd_train_text)
-    t = sub.add_parser("train-unet", help="train the eps-prediction UNet (frozen text tower and autoencoder)")
+    t = sub.add_parser("train-unet", help="train the base UNet (frozen text tower and autoencoder): eps-prediction "
+                       "from scratch; a --init-unet / --from-pipeline UNet keeps its own prediction type")
     _add_train_options(t, steps=40000, batch=64, lr=2e-4)
     t.add_argument("--vae", default=None, help="folder of the trained autoencoder (its final/ export)")
     t.add_argument("--text-encoder", default=None, help="folder of the trained text encoder")

@@ -154,7 +154,8 @@ def _draw(task, batch, seed=0):
 def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_eps(source, tmp_path):
     """finetune-v --kd-unet T: the loss is L_ori + kd_weight x the Min-SNR eps MSE of the v student's implied eps
     to T's + kd_feature_weight x the stage-output MSE to T's, both recomputed here by hand. Started from T's weights
-    the stage outputs agree (feature term 0) but the output, now read as v, does not; a v teacher is refused."""
+    the stage outputs agree (feature term 0) but the output, now read as v, does not; a v teacher's target is its
+    implied eps."""
     import dataclasses
 
     from snapfusion.distill.losses import v_loss
@@ -186,9 +187,19 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad is None for p in kd.data.kd.parameters())
-    UNet(dataclasses.replace(UNet.load(teacher_folder).config, prediction_type="v_prediction")).save(tmp_path / "v")
-    with pytest.raises(ConfigError, match="must predict epsilon"):
-        VFinetuneTask(VFinetuneConfig(source=source, image_size=64, kd_unet=str(tmp_path / "v")))
+    # a v teacher (session 8): T's own weights read as v. Its target is its implied eps, sigma z + alpha v_hat, so
+    # the student started from T's weights (also read as v) has nothing left to distill
+    as_v = UNet.load(teacher_folder)
+    v_teacher = UNet(dataclasses.replace(as_v.config, prediction_type="v_prediction"))
+    v_teacher.load_state_dict(as_v.state_dict())
+    v_teacher.save(tmp_path / "v")
+    kd_v = VFinetuneTask(VFinetuneConfig(source=source, image_size=64, kd_unet=str(tmp_path / "v")))
+    _, logs = kd_v.loss(kd_v.build(), batch, torch.Generator().manual_seed(0))
+    assert float(logs["kd"]) < 1e-10
+    _, logs = kd_v.loss(model, batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v_target = Denoiser(kd_v.data.kd, kd.schedule, "v_prediction")(z, t, context).eps
+        torch.testing.assert_close(logs["kd"], eps_mse_min_snr(pred.eps, v_target, (alpha / sigma) ** 2, 5.0).mean())
 
 
 def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_rescaled(source, tmp_path):

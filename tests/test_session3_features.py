@@ -195,12 +195,13 @@ def test_malformed_or_dangling_shared_parts_are_refused(tiny_pipeline, tmp_path)
             Pipeline.load(tmp_path / "s")
 
 
-def test_eps_stages_refuse_a_v_prediction_unet(tiny_pipeline):
+def test_unet_stages_train_eps_and_v_unets_and_refuse_other_types(tiny_pipeline):
     import dataclasses
 
     from snapfusion.errors import ConfigError
-    from snapfusion.train.tasks import require_eps
+    from snapfusion.train.tasks import require_known_prediction
 
-    require_eps(tiny_pipeline.unet.config, "train-unet")
-    with pytest.raises(ConfigError, match="finetune-v or distill"):
-        require_eps(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="v_prediction"), "robust-train")
+    require_known_prediction(tiny_pipeline.unet.config, "train-unet")
+    require_known_prediction(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="v_prediction"), "x")
+    with pytest.raises(ConfigError, match="epsilon or v_prediction"):
+        require_known_prediction(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="sample"), "x")

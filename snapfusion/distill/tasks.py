@@ -73,9 +73,9 @@ class VFinetuneConfig:
     offset_noise: float = 0.0          # as train-unet --offset-noise (docs/base_model.md); 0: plain N(0, 1) noise
     latent_pool: int = 0               # as train-unet --latent-pool; 0: render and encode every batch
     pool_workers: int = 8              # DataLoader workers that render the pool
-    kd_unet: str = ""                  # frozen eps teacher (e.g. the base UNet): adds robust-train's distillation
+    kd_unet: str = ""                  # frozen eps or v teacher (e.g. the base UNet): adds robust-train's distillation
                                        # terms on the v student's implied eps (docs/step_distillation.md, session 7)
-    kd_weight: float = 1.0             # x the Min-SNR eps MSE to the teacher's output
+    kd_weight: float = 1.0             # x the Min-SNR eps MSE to the teacher's (implied) eps
     kd_feature_weight: float = 0.0     # x the MSE of the stage outputs to the teacher's (0: off)
 
 
@@ -207,6 +207,7 @@ class VFinetuneTask(_OnBaseData):
     """eps -> v: the same network trained with L_ori = ||v_hat - v||^2 from the source UNet's weights."""
 
     name = "finetune-v"
+    compiles = True  # the loss calls the trained UNet itself (through _Tap)
 
     def __init__(self, cfg: VFinetuneConfig):
         self.cfg = cfg
@@ -253,6 +254,7 @@ class DistillTask(_OnBaseData):
     """Student n steps vs teacher 2n steps; per iteration L_cfg with probability p else L_vani, plus gamma L_ori."""
 
     name = "distill"
+    compiles = True
 
     def __init__(self, cfg: DistillConfig):
         self.cfg = cfg

@@ -1,8 +1,8 @@
 """Robust training (SnapFusion §3.1): each CA and RN block runs with probability p, otherwise it is skipped.
 
 A skipped attn block is the identity; a skipped res block keeps only its shortcut (``UNet.forward`` skip rule).
-``RobustTask`` is ``UNetTask`` (eps loss on scenes, frozen text tower and VAE encoder) with the UNet called through
-random skips and started from given weights; with p = 1 it is plain fine-tuning of those weights.
+``RobustTask`` is ``UNetTask`` (its eps or v loss on scenes, frozen text tower and VAE encoder) with the UNet called
+through random skips and started from given weights; with p = 1 it is plain fine-tuning of those weights.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from snapfusion.config import to_dict
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import UNet, inherit_weights
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, require_eps
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, require_known_prediction
 from snapfusion.weights import WEIGHTS_STEM, load_safetensors, resolve_weights
 
 Granularity = Literal["sample", "batch"]
@@ -85,6 +85,7 @@ class RobustTask(UNetTask):
     """``UNetTask`` with random block skips (robust training) and a weight initialisation."""
 
     name = "robust_unet"
+    compiles = False  # the skipped blocks change every step: a compiled UNet would recompile each time
 
     def __init__(self, cfg: RobustTaskConfig):
         super().__init__(cfg.unet)
@@ -94,7 +95,7 @@ class RobustTask(UNetTask):
         return to_dict(self.robust_cfg)
 
     def build(self) -> nn.Module:
-        require_eps(self.cfg.model, "robust-train / evolve")
+        require_known_prediction(self.cfg.model, "robust-train / evolve")
         model = UNet(self.cfg.model)
         return load_matching(model, self.robust_cfg.init) if self.robust_cfg.init else model
 

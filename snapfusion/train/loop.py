@@ -47,12 +47,16 @@ class LoopConfig:
     max_minutes: float = 0.0             # > 0: stop with a checkpoint after this much wall time (chunked runs)
     seed: int = 0
     num_workers: int = 4
+    compile: bool = False                # torch.compile the trained module's forward in place (GPU speed; the
+                                         # first steps pay the compile time; weights and checkpoints unchanged)
 
 
 class Task(Protocol):
     """What a training stage supplies to the loop (see snapfusion/train/tasks.py)."""
 
     name: str
+    # optional ``compiles = True``: the loss calls the trained module itself with one fixed graph, so --compile can
+    # compile it in place (not: modules used through their methods, or random block skips that change the graph)
 
     def build(self) -> nn.Module: ...                      # the trainable module (ModuleDict if several)
     def dataset(self) -> Dataset: ...                      # map-style, procedurally indexed by sample number
@@ -136,6 +140,11 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
             task.load(ema, existing / "ema")
         history = ckpt_io.read_checkpoint_state(existing, opt)
         step = history["step"]
+    if cfg.compile:
+        if not getattr(task, "compiles", False):
+            raise SnapFusionError(f"--compile: the {task.name} stage does not support it (its loss does not call the "
+                                  "trained network through one fixed graph); run it without --compile")
+        model.compile()  # in place, after the EMA copy: parameter names and checkpoint keys stay the same
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json({"loop": to_dict(cfg), "task": task.describe()}, run_dir / "run_config.json")
@@ -206,7 +215,9 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 t_last, n_seen = now, 0
             if main and cfg.sample_every and step % cfg.sample_every == 0:
-                task.sample_grid(ema if ema is not None else unwrapped, run_dir / "samples" / f"step_{step:07d}.png")
+                with _eager(cfg.compile):  # without EMA the grid runs the compiled module: no recompiles for it
+                    task.sample_grid(ema if ema is not None else unwrapped,
+                                     run_dir / "samples" / f"step_{step:07d}.png")
             if checkpoint_now:
                 save(step)
             if stop_now:
@@ -217,6 +228,13 @@ def train(cfg: LoopConfig, task: Task, *, resume: bool = False) -> dict[str, Any
     if main:
         print(f"[{task.name}] stopped at step {step} ({stop_reason}); checkpoint in {run_dir}", flush=True)
     return {"step": step, "stop_reason": stop_reason, "history": history.get("history", []), "is_main": main}
+
+
+def _eager(compiled: bool):
+    """A context running compiled modules eagerly (torch >= 2.6), or nothing."""
+    if compiled and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
 
 
 def is_main_process() -> bool:

@@ -24,7 +24,7 @@ from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Dec
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import UNetConfig, stage_widths
-from snapfusion.schedule import NoiseSchedule, ScheduleConfig
+from snapfusion.schedule import NoiseSchedule, ScheduleConfig, eps_from_v, expand_to
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, WEIGHTS_STEM
 
 STREAM_LENGTH = 2**40  # the training stream is procedural: effectively endless
@@ -79,6 +79,26 @@ def eps_mse_min_snr(pred: torch.Tensor, eps: torch.Tensor, snr: torch.Tensor, ga
     if gamma <= 0:
         return mse
     return mse * torch.clamp(snr, max=gamma) / snr
+
+
+def v_mse_min_snr(pred: torch.Tensor, v: torch.Tensor, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample v MSE with Min-SNR-gamma weights min(SNR, gamma) / (SNR + 1): the same x-space weighting as
+    ``eps_mse_min_snr``, since ||v_hat - v||^2 = (SNR + 1) ||x_hat - x||^2 (Hang et al. 2023); gamma 0 = plain."""
+    mse = (pred.float() - v.float()).pow(2).flatten(1).mean(1)
+    if gamma <= 0:
+        return mse
+    return mse * torch.clamp(snr, max=gamma) / (snr + 1)
+
+
+def as_eps(output: torch.Tensor, prediction_type: str, z: torch.Tensor, alpha: torch.Tensor,
+           sigma: torch.Tensor) -> torch.Tensor:
+    """A UNet's raw output as its eps estimate (B, C, h, w): itself for eps models, sigma z + alpha v for v models;
+    alpha, sigma (B,) per sample."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return eps_from_v(z.float(), output.float(), expand_to(alpha, z), expand_to(sigma, z))
+    raise ConfigError(f"unknown prediction type {prediction_type!r}")
 
 
 # ---- the autoencoder -------------------------------------------------------------------------------------
@@ -249,7 +269,7 @@ class TextTask:
         pass  # nothing visual: retrieval accuracy is logged every step
 
 
-# ---- the UNet (eps-prediction latent diffusion, 10% empty captions for guidance) -------------------------
+# ---- the UNet (eps- or v-prediction latent diffusion, 10% empty captions for guidance) ------------------
 
 @dataclass(frozen=True)
 class UNetTaskConfig:
@@ -259,7 +279,7 @@ class UNetTaskConfig:
     image_size: int = 512
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     uncond_prob: float = 0.1      # SD: 10% empty captions so that classifier-free guidance works
-    min_snr_gamma: float = 5.0    # 0 = plain eps MSE (SD); 5 speeds up convergence (Hang et al. 2023)
+    min_snr_gamma: float = 5.0    # 0 = plain eps or v MSE (SD); 5 speeds up convergence (Hang et al. 2023)
     data: SceneConfig = field(default_factory=SceneConfig)
     sample_prompts: int = 8
     seed: int = 2
@@ -270,7 +290,7 @@ class UNetTaskConfig:
                                   # SD's schedule leaks each channel's mean at t = T, so without it the model
                                   # cannot choose a flat background's color at sampling time)
     init_unet: str = ""           # folder of a UNet to start from (a fresh run only; --resume reads the checkpoint)
-    kd_unet: str = ""             # folder of a frozen eps UNet (the teacher): adds kd_weight x the same weighted MSE
+    kd_unet: str = ""             # folder of a frozen UNet, eps or v (the teacher): adds kd_weight x the eps-space MSE
                                   # to its prediction on the same input (BK-SDM's output-level distillation)
     kd_weight: float = 1.0
     kd_feature_weight: float = 0.0  # > 0 (needs kd_unet): adds this x the MSE between student and teacher stage
@@ -278,12 +298,15 @@ class UNetTaskConfig:
     vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
 
 
-def require_eps(model: UNetConfig, command: str) -> None:
-    """The UNet stage's loss is eps-MSE: refuse a v-prediction UNet (e.g. a distilled student) rather than train it
-    toward the wrong target."""
-    if model.prediction_type != "epsilon":
-        raise ConfigError(f"{command} trains eps-prediction UNets; this one predicts {model.prediction_type} "
-                          "(fine-tune it with finetune-v or distill)")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def require_known_prediction(model: UNetConfig, command: str) -> None:
+    """The UNet stage trains eps- and v-prediction UNets (its Min-SNR loss in the model's own parameterisation);
+    refuse anything else rather than train it toward the wrong target."""
+    if model.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"{command} trains {' or '.join(PREDICTION_TYPES)} UNets; this one predicts "
+                          f"{model.prediction_type}")
 
 
 class PooledCaptions(torch.utils.data.Dataset):
@@ -329,6 +352,7 @@ class LatentPool:
 
 class UNetTask:
     name = "unet"
+    compiles = True  # the loss calls the UNet itself (loop --compile)
 
     def __init__(self, cfg: UNetTaskConfig):
         self.cfg = cfg
@@ -344,7 +368,7 @@ class UNetTask:
         return to_dict(self.cfg)
 
     def build(self) -> nn.Module:
-        require_eps(self.cfg.model, "train-unet")
+        require_known_prediction(self.cfg.model, "train-unet")
         if not self.cfg.init_unet:
             return UNet(self.cfg.model)
         unet = UNet.load(self.cfg.init_unet, dtype=torch.float32)  # fp32 master weights
@@ -401,22 +425,28 @@ class UNetTask:
         pred = model(z, t, context, features=student_features) if use_features else model(z, t, context)
         alpha, sigma = self.schedule.alpha_sigma(t)
         snr = (alpha / sigma) ** 2
-        loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
+        if self.cfg.model.prediction_type == "v_prediction":  # a v model (e.g. the v-tuned base): the v target
+            loss = v_mse_min_snr(pred, self.schedule.velocity(x0, eps, t), snr, self.cfg.min_snr_gamma)
+        else:
+            loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
         if self.kd is None:
             return loss, {}
-        return self.add_kd_terms(loss, pred, z, t, context, student_features)
+        pred_eps = as_eps(pred, self.cfg.model.prediction_type, z, alpha, sigma)
+        return self.add_kd_terms(loss, pred_eps, z, t, context, student_features)
 
     def add_kd_terms(self, loss: torch.Tensor, pred_eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                      context: torch.Tensor, student_features: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
         """``loss`` (B,) plus the distillation terms against the frozen ``kd`` teacher on the student's input
-        (z, t, context): kd_weight x the Min-SNR eps MSE of the student's (implied) eps to the teacher's, then, when
-        ``student_features`` holds the student's stage outputs, kd_feature_weight x their MSE to the teacher's.
-        Shared by train-unet / robust-train (eps students) and finetune-v (a v student's implied eps)."""
+        (z, t, context): kd_weight x the Min-SNR eps MSE of the student's (implied) eps to the teacher's (implied)
+        eps, then, when ``student_features`` holds the student's stage outputs, kd_feature_weight x their MSE to the
+        teacher's.
+        Shared by train-unet / robust-train (eps or v students) and finetune-v."""
         alpha, sigma = self.schedule.alpha_sigma(t)
         snr = (alpha / sigma) ** 2
         teacher_features: list[torch.Tensor] | None = [] if student_features is not None else None
         with torch.no_grad():  # under the loop's autocast, as the student: the target costs a mixed-precision pass
             target = self.kd.to(z.device)(z, t, context, features=teacher_features)
+        target = as_eps(target, self.kd.config.prediction_type, z, alpha, sigma)  # a v teacher: its implied eps
         kd = eps_mse_min_snr(pred_eps, target, snr, self.cfg.min_snr_gamma)
         loss, logs = loss + self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
         if student_features is not None:
@@ -467,7 +497,7 @@ def feature_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> tor
 
 
 def _load_kd_teacher(cfg: UNetTaskConfig, context_dim: int) -> UNet:
-    """The frozen eps teacher of output-level distillation; it must read the run's latents and text context."""
+    """The frozen teacher (eps or v) of output-level distillation; it must read the run's latents and text context."""
     if not (math.isfinite(cfg.kd_weight) and cfg.kd_weight > 0):
         raise ConfigError(f"--kd-weight must be a finite number > 0, got {cfg.kd_weight}")
     if not (math.isfinite(cfg.kd_feature_weight) and cfg.kd_feature_weight >= 0):
@@ -476,8 +506,9 @@ def _load_kd_teacher(cfg: UNetTaskConfig, context_dim: int) -> UNet:
         raise ConfigError(f"--kd-unet: no UNet folder at {cfg.kd_unet}")
     teacher = UNet.load(cfg.kd_unet, dtype=torch.float32).eval().requires_grad_(False)
     got, want = teacher.config, cfg.model
-    if got.prediction_type != "epsilon":
-        raise ConfigError(f"--kd-unet {cfg.kd_unet}: the teacher must predict epsilon, it predicts {got.prediction_type}")
+    if got.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"--kd-unet {cfg.kd_unet}: the teacher must predict {' or '.join(PREDICTION_TYPES)}, it "
+                          f"predicts {got.prediction_type}")
     if (got.in_channels, got.out_channels, got.context_dim) != (want.in_channels, want.out_channels, context_dim):
         raise ConfigError(f"--kd-unet {cfg.kd_unet}: channels in/out and context width "
                           f"{(got.in_channels, got.out_channels, got.context_dim)} do not match the run's "
