@@ -24,7 +24,8 @@ from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Dec
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import UNetConfig, stage_widths
-from snapfusion.schedule import NoiseSchedule, ScheduleConfig, eps_from_v, expand_to
+from snapfusion.sampling import Denoiser
+from snapfusion.schedule import NoiseSchedule, ScheduleConfig
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, WEIGHTS_STEM
 
 STREAM_LENGTH = 2**40  # the training stream is procedural: effectively endless
@@ -88,17 +89,6 @@ def v_mse_min_snr(pred: torch.Tensor, v: torch.Tensor, snr: torch.Tensor, gamma:
     if gamma <= 0:
         return mse
     return mse * torch.clamp(snr, max=gamma) / (snr + 1)
-
-
-def as_eps(output: torch.Tensor, prediction_type: str, z: torch.Tensor, alpha: torch.Tensor,
-           sigma: torch.Tensor) -> torch.Tensor:
-    """A UNet's raw output as its eps estimate (B, C, h, w): itself for eps models, sigma z + alpha v for v models;
-    alpha, sigma (B,) per sample."""
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return eps_from_v(z.float(), output.float(), expand_to(alpha, z), expand_to(sigma, z))
-    raise ConfigError(f"unknown prediction type {prediction_type!r}")
 
 
 # ---- the autoencoder -------------------------------------------------------------------------------------
@@ -431,7 +421,7 @@ class UNetTask:
             loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
         if self.kd is None:
             return loss, {}
-        pred_eps = as_eps(pred, self.cfg.model.prediction_type, z, alpha, sigma)
+        pred_eps = Denoiser(model, self.schedule, self.cfg.model.prediction_type).to_prediction(pred, z, t).eps
         return self.add_kd_terms(loss, pred_eps, z, t, context, student_features)
 
     def add_kd_terms(self, loss: torch.Tensor, pred_eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
@@ -445,8 +435,8 @@ class UNetTask:
         snr = (alpha / sigma) ** 2
         teacher_features: list[torch.Tensor] | None = [] if student_features is not None else None
         with torch.no_grad():  # under the loop's autocast, as the student: the target costs a mixed-precision pass
-            target = self.kd.to(z.device)(z, t, context, features=teacher_features)
-        target = as_eps(target, self.kd.config.prediction_type, z, alpha, sigma)  # a v teacher: its implied eps
+            raw = self.kd.to(z.device)(z, t, context, features=teacher_features)
+        target = Denoiser(self.kd, self.schedule, self.kd.config.prediction_type).to_prediction(raw, z, t).eps
         kd = eps_mse_min_snr(pred_eps, target, snr, self.cfg.min_snr_gamma)
         loss, logs = loss + self.cfg.kd_weight * kd, {"kd": kd.detach().mean()}
         if student_features is not None:
