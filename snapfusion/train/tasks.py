@@ -9,7 +9,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Dec
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import UNetConfig, stage_widths
-from snapfusion.sampling import Denoiser
+from snapfusion.sampling import Denoiser, PredictionType
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, WEIGHTS_STEM
 
@@ -288,7 +288,7 @@ class UNetTaskConfig:
     vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = get_args(PredictionType)  # what sampling.Denoiser converts: the one list of them
 
 
 def require_known_prediction(model: UNetConfig, command: str) -> None:
