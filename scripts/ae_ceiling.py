@@ -1,85 +1,128 @@
 """The autoencoder's ceiling on the evaluation: the test prompts' own renders, sent through the encoder and a decoder
-(no UNet), read by the same evaluators. No UNet on this latent space can score more than what survives the round
-trip, so this is the upper bound the base model's attribute target is measured against.
+(no UNet), read by the same evaluators.
 
     python scripts/ae_ceiling.py --model base --num-emoji 40 --out docs/img/s9_eval/ae_ceiling.json
-    python scripts/ae_ceiling.py --model base --decoder snapfusion/assets/models/parts/vae_decoder_half ...
+    python scripts/ae_ceiling.py --model base --decoder snapfusion/assets/models/parts/vae_decoder_half --out ...
 
-Rows: the renders themselves, and the round trip through the posterior mean (the latent a UNet aims at). Same
-metrics as ``snapfusion eval`` (CLIP score, domain FID, attribute accuracy with per-image results).
+Rows, each with the metrics of ``snapfusion eval`` (CLIP score, domain FID, attribute accuracy with per-image
+results): ``renders`` (the true images), ``round_trip`` (decoded from the posterior mean, the encoder's best latent;
+``--latents mean``, the default) and ``round_trip_sample`` (``--latents sample``: decoded from one seeded posterior
+draw per image, the kind of latent a UNet is trained to generate, so about what a UNet that modelled its training
+data perfectly would score); ``--latents both`` gives both. The decoder runs in fp32.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from snapfusion.cli import model_folder
+from snapfusion.cli import _device, model_folder
 from snapfusion.data import Scene, render
 from snapfusion.decoder.evaluate import decode_unit
 from snapfusion.decoder.io import load_decoder
+from snapfusion.errors import SnapFusionError
 from snapfusion.eval.evaluators import evaluate_images, load_evaluators
-from snapfusion.eval.runner import load_records
+from snapfusion.eval.runner import images_to_tensor, load_records
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
-from snapfusion.pipeline import part_folder
+from snapfusion.pipeline import check_size, part_folder
+from snapfusion.train.tasks import images_to_unit
+
+SAMPLE_SEED = 0  # the posterior draws of --sample: image i uses seed SAMPLE_SEED + i
 
 
 def renders(records: list[dict], size: int) -> torch.Tensor:
     """uint8 (N, 3, size, size) renders of the records' scenes."""
-    return torch.from_numpy(np.stack([np.asarray(render(Scene.from_dict(r["scene"]), size)) for r in records])
-                            ).permute(0, 3, 1, 2).contiguous()
+    return images_to_tensor([render(Scene.from_dict(r["scene"]), size) for r in records])
 
 
 @torch.no_grad()
-def round_trip(encoder: Encoder, decoder: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """uint8 images -> posterior-mean latents -> decoded uint8 images, in batches on the encoder's device."""
+def round_trip(encoder: Encoder, decoder: torch.nn.Module, images: torch.Tensor, batch_size: int, *,
+               sample: bool = False) -> torch.Tensor:
+    """uint8 images -> diffusion latents (the posterior mean, or with ``sample`` a draw seeded by the image's index, so
+    the result does not depend on the batch size) -> decoded uint8 images, in batches on the encoder's device."""
     device = next(encoder.parameters()).device
     out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i: i + batch_size].to(device).float() / 127.5 - 1
-        z = encoder.latents_from_images(x, sample=False)
+    for start in range(0, len(images), batch_size):
+        posterior = encoder.encode(images_to_unit(images[start: start + batch_size], device))
+        raw = posterior.mean
+        if sample:
+            noise = torch.stack([torch.randn(raw.shape[1:], device=device, dtype=raw.dtype,
+                                             generator=torch.Generator(device).manual_seed(SAMPLE_SEED + start + i))
+                                 for i in range(len(raw))])
+            raw = raw + posterior.std * noise
+        z = raw * encoder.config.scaling_factor
         out.append((decode_unit(decoder, z, batch_size=batch_size) * 255).round().to(torch.uint8))
-    return torch.cat(out)
+    result = torch.cat(out)
+    if result.shape != images.shape:
+        raise SnapFusionError(f"the round trip turned {tuple(images.shape[1:])} images into {tuple(result.shape[1:])}")
+    return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="base", help="a pipeline with an encoder (vae_encoder/)")
-    p.add_argument("--decoder", default="", help="a decoder folder (default: the model's own)")
-    p.add_argument("--prompts", default="test")
-    p.add_argument("--num-emoji", type=int, default=40)
-    p.add_argument("--num-images", type=int, default=0, help="the first N records (0: all)")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
+    p.add_argument("--model", default="base", help="a pipeline with an encoder (vae_encoder/) (default %(default)s)")
+    p.add_argument("--decoder", default=None, help="a decoder or pipeline folder (default: the model's own)")
+    p.add_argument("--prompts", default="test", help="a shipped prompt set or a .jsonl (default %(default)s)")
+    p.add_argument("--num-emoji", type=int, default=40, help="keep prompts with the first N emoji (default %(default)s)")
+    p.add_argument("--num-images", type=int, default=0, help="the first N records, N >= 2 (default: all)")
+    p.add_argument("--size", type=int, default=512, help="render side, a multiple of 8 (default %(default)s)")
+    p.add_argument("--latents", choices=("mean", "sample", "both"), default="mean",
+                   help="round trip through the posterior mean, seeded posterior draws, or both (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per encoder/decoder call (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
+    p.add_argument("--out", required=True, help="the JSON report")
+    return p.parse_args(argv)
 
-    root = model_folder(a.model)
-    encoder = load_autoencoder(part_folder(root, "vae_encoder"), Encoder).to(a.device).eval()
-    decoder = load_decoder(a.decoder or part_folder(root, "vae_decoder"), device=a.device).float().eval()
+
+def run(a: argparse.Namespace) -> dict:
+    """Check every argument, then render, round-trip and evaluate; the report written to ``a.out``."""
+    check_size(a.size, a.size, 8)
+    if a.batch_size < 1:
+        raise SnapFusionError(f"--batch-size must be at least 1, got {a.batch_size}")
+    device = _device(a.device)
     records = load_records(a.prompts, a.num_emoji)
-    records = records[: a.num_images] if a.num_images else records
+    if a.num_images:
+        if not 2 <= a.num_images <= len(records):
+            raise SnapFusionError(f"--num-images must be from 2 to the set's {len(records)} records (the domain FID "
+                                  f"needs two images), got {a.num_images}")
+        records = records[: a.num_images]
+    root = model_folder(a.model)
+    decoder_folder = Path(a.decoder) if a.decoder else part_folder(root, "vae_decoder")
+    encoder = load_autoencoder(part_folder(root, "vae_encoder"), Encoder).to(device).eval()
+    decoder = load_decoder(decoder_folder, device=device).eval()
+    ev = load_evaluators(device=device)
     prompts, scenes = [r["prompt"] for r in records], [r["scene"] for r in records]
-    ev = load_evaluators(device=a.device)
     t0 = time.time()
     real = renders(records, a.size)
     rows = {"renders": evaluate_images(ev, real, prompts, scenes)}
-    rows["round_trip"] = evaluate_images(ev, round_trip(encoder, decoder, real, a.batch_size), prompts, scenes)
-    report = {"model": str(root), "decoder": str(a.decoder or part_folder(root, "vae_decoder")),
-              "prompts": a.prompts, "num_emoji": a.num_emoji, "images": len(records), "size": a.size,
+    for name, sample in (("round_trip", False), ("round_trip_sample", True)):
+        if a.latents in ("both", "sample" if sample else "mean"):
+            decoded = round_trip(encoder, decoder, real, a.batch_size, sample=sample)
+            rows[name] = evaluate_images(ev, decoded, prompts, scenes)
+    report = {"model": str(root), "decoder": str(decoder_folder), "decoder_dtype": "fp32", "prompts": a.prompts,
+              "num_emoji": a.num_emoji, "images": len(records), "size": a.size, "latents": a.latents, "sample_seed": SAMPLE_SEED,
               "seconds": round(time.time() - t0, 1), "results": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
-    for name, r in rows.items():
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        report = run(parse_args(argv))
+    except (SnapFusionError, OSError) as err:
+        print(f"ae_ceiling: error: {err}", file=sys.stderr)
+        return 2
+    for name, r in report["results"].items():
         print(f"{name}: CLIP {r['clip_score']:.2f}  FID {r['domain_fid']:.3f}  "
               + "  ".join(f"{k} {100 * v:.1f}" for k, v in r["attributes"].items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

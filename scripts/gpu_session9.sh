@@ -9,8 +9,8 @@
 #   lane B (GPU 1), "continued": the shipped base continued B_MIN minutes at 256², then B2_MIN at 512² (46 + B_MIN +
 #     B2_MIN GPU-minutes in all); its evaluation as lane A's; the shipped base on train200; the autoencoder's ceiling
 #     (scripts/ae_ceiling.py); the sweep 1.5,4.5,10.5 of both new models.
-# Output in $R/out: results.tar.gz (logs, metrics, JSON) and weights.tar.NN (15 MiB pieces, both UNets in fp16; a
-# later call fetches what one call cannot return).
+# Output: $R/out/results.tar.gz (logs, metrics, JSON) and $STAGE/{scratch,cont}.tar.NN (15 MiB pieces of each UNet in
+# fp16; one call can return the results and one model's pieces, a second call the other model's).
 #
 # Staging (a call copies at most 64 MiB): call 1 carries the code, the evaluators and base/{text_encoder,vae_encoder,
 # vae_decoder,model_index.json} (not base/unet, parts/ or the student) and starts the run at once:
@@ -18,10 +18,14 @@
 #     > /root/stage/s9.log 2>&1 < /dev/null &)
 # call 2 carries base/unet (and the code, without the evaluators):
 #   bash scripts/gpu_session9.sh stash && touch /root/stage/call2.done
-# later calls: cat /root/stage/s9.log; after "SESSION DONE" copy /root/stage/runs/s9/out/* to $OUT.
+# later calls: cat /root/stage/s9.log; after "SESSION DONE" copy /root/stage/runs/s9/out/* and /root/stage/cont.tar.*
+# to $OUT (then, in another call, /root/stage/scratch.tar.*).
+# Known limit: `timeout` puts its command in a new process group, so an evaluation still running when a lane's
+# LANE_S runs out is not killed with the lane and may write while the results are packed.
 # As run on 2026-11-30 (2 x H200, 28.8 of the session's 30 device-minutes held in all): both lanes as written,
 # except that the three train200 evaluations failed (the script passed --num-images 485 to a set of 103 prompts;
-# fixed since: TRAIN200). Three short calls on the same warm machine followed, with /root/stage/repo as the working directory:
+# fixed since: TRAIN200). Three short calls on the same warm machine followed, with /root/stage/repo as the working
+# directory:
 #   1. both train200 runs again, and the continued model's 8-step baselines (eval --unet runs/s9/cont/final --steps 8
 #      --sampler ddim|dpmpp_2m --guidance-sweep 1.5,4.5,7.5,10.5), one GPU each;
 #   2. the two 256² stages' EMA weights evaluated at 256² (--size 256) and the continued one at 512², one seed;
@@ -40,7 +44,7 @@ TRAIN200=${TRAIN200:-103}  # the train200 prompts with the 40 emoji
 A_MIN=${A_MIN:-14}; A2_MIN=${A2_MIN:-3.5}; B_MIN=${B_MIN:-9}; B2_MIN=${B2_MIN:-4}; LANE_S=${LANE_S:-1290}
 SF="python3 -m snapfusion.cli"
 COMMON=(--num-emoji $EMOJI --sample-every 0 --offset-noise 0.1 --max-steps 1000000 --num-workers "$W" --log-every 25)
-EVAL_TIMEOUT=300
+EVAL_TIMEOUT=${EVAL_TIMEOUT:-300}
 for part in text_encoder vae_encoder vae_decoder; do
   test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
 done
@@ -69,8 +73,8 @@ lane_a() {
   stamp "A2 scratch at ${SIZE}², $A2_MIN min"
   high $R/scratch $R/scratch_low/final "$A2_MIN" > $R/scratch.log 2>&1 || stamp "scratch FAILED"
   tail -n 1 $R/scratch.log
-  [ -f $R/scratch/final/config.json ] || { stamp "no scratch model"; return 1; }
-  touch $R/scratch.done
+  [ -f $R/scratch/final/config.json ] || { stamp "no scratch model"; touch $R/scratch.done; return 1; }
+  touch $R/scratch.done  # also on failure: lane B waits for it
   evals scratch $R/scratch/final
   stamp "lane A done"
 }
@@ -87,11 +91,12 @@ lane_b() {
   [ -f $R/cont/final/config.json ] && evals cont $R/cont/final
   stamp "B3 diagnostics"
   NIMG=$TRAIN200 ev base_train200 "$BASE" 50 ddim 7.5 --prompts train200 --seeds-per-prompt 2
-  timeout 300 python3 scripts/ae_ceiling.py --model "$BASE" --num-emoji $EMOJI --num-images "$NIMG" --size "$SIZE" \
-    --batch-size 32 --device "$DEV" --out $R/eval/ae_ceiling.json > $R/eval/ae_ceiling.log 2>&1 \
+  timeout "$EVAL_TIMEOUT" python3 scripts/ae_ceiling.py --model "$BASE" --num-emoji $EMOJI --num-images "$NIMG" \
+    --size "$SIZE" --batch-size 32 --device "$DEV" --out $R/eval/ae_ceiling.json > $R/eval/ae_ceiling.log 2>&1 \
     && stamp "ae ceiling done" || stamp "ae ceiling FAILED"
   [ -f $R/cont/final/config.json ] && ev cont_50_sweep "$BASE" 50 ddim 1.5,4.5,10.5 --unet $R/cont/final
-  wait_for $R/scratch.done 900 && ev scratch_50_sweep "$BASE" 50 ddim 1.5,4.5,10.5 --unet $R/scratch/final
+  wait_for $R/scratch.done 900 && [ -f $R/scratch/final/config.json ] \
+    && ev scratch_50_sweep "$BASE" 50 ddim 1.5,4.5,10.5 --unet $R/scratch/final
   stamp "lane B done"
 }
 

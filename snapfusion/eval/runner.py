@@ -73,7 +73,8 @@ def _check_count(num_images: int, available: int, what: str = "prompt records") 
         raise SnapFusionError(f"--num-images {num_images} exceeds the {available} {what} of the set")
 
 
-def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> uint8 (N, 3, H, W), the evaluators' input."""
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
 
 
@@ -87,7 +88,7 @@ def generate_all(generate_fn: GenerateFn, records: Sequence[dict], guidance: flo
         images = generate_fn([r["prompt"] for r in chunk], [int(r["seed"]) for r in chunk], float(guidance))
         if len(images) != len(chunk):
             raise SnapFusionError(f"generate_fn returned {len(images)} images for {len(chunk)} prompts")
-        out.append(_to_tensor(images))
+        out.append(images_to_tensor(images))
         bar.update(len(chunk))
     bar.close()
     sizes = {tuple(t.shape[-2:]) for t in out}

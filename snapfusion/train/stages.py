@@ -22,7 +22,7 @@ from snapfusion.pipeline import Pipeline, PipelineConfig
 from snapfusion.train import state as ckpt_io
 from snapfusion.train.loop import LoopConfig, train
 from snapfusion.train.tasks import (AutoencoderTask, AutoencoderTaskConfig, TextTask, TextTaskConfig, UNetTask,
-                                    UNetTaskConfig, _images_to_unit, latent_scaling_factor)
+                                    UNetTaskConfig, images_to_unit, latent_scaling_factor)
 
 
 def _final_source(cfg: LoopConfig, result: dict) -> Path | None:
@@ -53,7 +53,7 @@ def train_autoencoder(cfg: LoopConfig, task_cfg: AutoencoderTaskConfig, *, resum
         return None
     vae = load_autoencoder(src, AutoencoderKL)
     ds = SceneDataset("test", task_cfg.image_size, 7, 32, task_cfg.data)
-    images = _images_to_unit(torch.stack([ds[i]["image"] for i in range(len(ds))]), torch.device("cpu"))
+    images = images_to_unit(torch.stack([ds[i]["image"] for i in range(len(ds))]), torch.device("cpu"))
     scale = latent_scaling_factor(vae.encoder, images)
     vae = _with_scaling(vae, scale)
     print(f"[autoencoder] latent scaling factor {scale:.5f} (1 / std of raw latents of 32 test renders)")

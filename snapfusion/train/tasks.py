@@ -31,7 +31,7 @@ from snapfusion.weights import load_into, load_safetensors, resolve_weights, WEI
 STREAM_LENGTH = 2**40  # the training stream is procedural: effectively endless
 
 
-def _images_to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def images_to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float in [-1, 1] on ``device``."""
     return images.to(device, non_blocking=True).float().div(127.5).sub(1.0)
 
@@ -127,7 +127,7 @@ class AutoencoderTask:
 
     def loss(self, model, batch, generator):
         c = self.cfg
-        x = _images_to_unit(batch["image"], generator.device)
+        x = images_to_unit(batch["image"], generator.device)
         posterior = _unwrap(model).encode(x)
         recon = _unwrap(model).decode(posterior.sample(generator))
         recon, x = recon.float(), x.float()
@@ -152,7 +152,7 @@ class AutoencoderTask:
         model = _unwrap(model)
         device = next(model.parameters()).device
         ds = SceneDataset("test", self.cfg.image_size, 123, 8, self.cfg.data)
-        x = _images_to_unit(torch.stack([ds[i]["image"] for i in range(4)]), device)
+        x = images_to_unit(torch.stack([ds[i]["image"] for i in range(4)]), device)
         recon = model.decode(model.encode(x).mode()).float()
         pics = to_pil(torch.cat([x, recon]).add(1).div(2))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ class TextTask:
 
     def loss(self, model, batch, generator):
         device = generator.device
-        t, i = model(batch["ids"].to(device), _images_to_unit(batch["image"], device))
+        t, i = model(batch["ids"].to(device), images_to_unit(batch["image"], device))
         loss = contrastive_loss(t, i, _unwrap(model).logit_scale)
         acc = ((t @ i.t()).argmax(1) == torch.arange(len(t), device=device)).float().mean()
         return loss, {"retrieval_acc": acc, "temperature": _unwrap(model).logit_scale.detach().exp()}
@@ -328,7 +328,7 @@ class LatentPool:
         # concatenate the fp16 pool)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for batch in loader:
-                posterior = encoder.encode(_images_to_unit(batch["image"], device))
+                posterior = encoder.encode(images_to_unit(batch["image"], device))
                 means.append(posterior.mean.half())
                 stds.append(posterior.std.half())
             self.mean, self.std = torch.cat(means), torch.cat(stds)  # (P, 4, h, w) each
@@ -386,7 +386,7 @@ class UNetTask:
         device = generator.device
         self.encoder.to(device)
         if self.cfg.latent_pool <= 0:
-            return self.encoder.latents_from_images(_images_to_unit(batch["image"], device), generator)
+            return self.encoder.latents_from_images(images_to_unit(batch["image"], device), generator)
         if self._pool is None:
             self._pool = LatentPool(self.encoder, self.cfg, device)
         return self._pool.sample(batch["index"].to(device), generator)
