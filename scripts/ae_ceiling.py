@@ -32,7 +32,7 @@ from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import check_size, part_folder
 from snapfusion.train.tasks import images_to_unit
 
-SAMPLE_SEED = 0  # the posterior draws of --sample: image i uses seed SAMPLE_SEED + i
+SAMPLE_SEED = 0  # the posterior draws of --latents sample: image i uses seed SAMPLE_SEED + i
 
 
 def renders(records: list[dict], size: int) -> torch.Tensor:
@@ -105,8 +105,8 @@ def run(a: argparse.Namespace) -> dict:
             decoded = round_trip(encoder, decoder, real, a.batch_size, sample=sample)
             rows[name] = evaluate_images(ev, decoded, prompts, scenes)
     report = {"model": str(root), "decoder": str(decoder_folder), "decoder_dtype": "fp32", "prompts": a.prompts,
-              "num_emoji": a.num_emoji, "images": len(records), "size": a.size, "latents": a.latents, "sample_seed": SAMPLE_SEED,
-              "seconds": round(time.time() - t0, 1), "results": rows}
+              "num_emoji": a.num_emoji, "images": len(records), "size": a.size, "latents": a.latents,
+              "sample_seed": SAMPLE_SEED, "seconds": round(time.time() - t0, 1), "results": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1))
     return report
