@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="base", help="a pipeline with an encoder (vae_encoder/) (default %(default)s)")
     p.add_argument("--decoder", default=None, help="a decoder or pipeline folder (default: the model's own)")
     p.add_argument("--prompts", default="test", help="a shipped prompt set or a .jsonl (default %(default)s)")
-    p.add_argument("--num-emoji", type=int, default=40, help="keep prompts with the first N emoji (default %(default)s)")
+    p.add_argument("--num-emoji", type=int, default=40,
+                   help="keep prompts with the first N emoji (default %(default)s)")
     p.add_argument("--num-images", type=int, default=0, help="the first N records, N >= 2 (default: all)")
     p.add_argument("--size", type=int, default=512, help="render side, a multiple of 8 (default %(default)s)")
     p.add_argument("--latents", choices=("mean", "sample", "both"), default="mean",
