@@ -224,7 +224,17 @@ def cmd_train_autoencoder(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import train_autoencoder
     from snapfusion.train.tasks import AutoencoderTaskConfig
 
-    train_autoencoder(_loop_cfg(a), AutoencoderTaskConfig(data=_data_cfg(a)), resume=a.resume)
+    from snapfusion.errors import SnapFusionError
+
+    init = None
+    if a.init:
+        init = model_folder(a.init)
+        if not init.is_dir():
+            raise SnapFusionError(f"--init {a.init}: no such model or folder")
+    if a.decoder_only and init is None:
+        raise SnapFusionError("--decoder-only needs --init (the trained autoencoder whose decoder is fine-tuned)")
+    train_autoencoder(_loop_cfg(a), AutoencoderTaskConfig(data=_data_cfg(a), init=str(init) if init else None,
+                                                          decoder_only=a.decoder_only), resume=a.resume)
 
 
 def cmd_train_text(a: argparse.Namespace) -> None:
@@ -409,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes")
     _add_train_options(t, steps=6000, batch=32, lr=2e-4)
+    t.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from this autoencoder: 'base', a pipeline folder or a train-autoencoder final/")
+    t.add_argument("--decoder-only", action="store_true",
+                   help="with --init: freeze the encoder and train the decoder alone, so that the latent space and "
+                   "every UNet trained on it stay valid (as SD's ft-MSE decoder)")
     t.set_defaults(func=cmd_train_autoencoder)
     t = sub.add_parser("train-text", help="pretrain the CLIP text tower contrastively (then it stays frozen)")
     _add_train_options(t, steps=4000, batch=256, lr=5e-4)

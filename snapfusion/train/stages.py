@@ -52,11 +52,14 @@ def train_autoencoder(cfg: LoopConfig, task_cfg: AutoencoderTaskConfig, *, resum
     if src is None:
         return None
     vae = load_autoencoder(src, AutoencoderKL)
-    ds = SceneDataset("test", task_cfg.image_size, 7, 32, task_cfg.data)
-    images = images_to_unit(torch.stack([ds[i]["image"] for i in range(len(ds))]), torch.device("cpu"))
-    scale = latent_scaling_factor(vae.encoder, images)
-    vae = _with_scaling(vae, scale)
-    print(f"[autoencoder] latent scaling factor {scale:.5f} (1 / std of raw latents of 32 test renders)")
+    if task_cfg.decoder_only:  # the encoder, and so the latent space and its scaling factor, are the init's
+        print(f"[autoencoder] decoder fine-tuned; latent scaling factor kept: {vae.config.scaling_factor:.5f}")
+    else:
+        ds = SceneDataset("test", task_cfg.image_size, 7, 32, task_cfg.data)
+        images = images_to_unit(torch.stack([ds[i]["image"] for i in range(len(ds))]), torch.device("cpu"))
+        scale = latent_scaling_factor(vae.encoder, images)
+        vae = _with_scaling(vae, scale)
+        print(f"[autoencoder] latent scaling factor {scale:.5f} (1 / std of raw latents of 32 test renders)")
     return _replace_dir(lambda d: save_autoencoder(d, vae), Path(cfg.run_dir) / "final", result["step"])
 
 

@@ -5,6 +5,7 @@ Each task owns its model construction, data, per-sample loss and saving; the loo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -105,6 +106,42 @@ class AutoencoderTaskConfig:
     kl_weight: float = 1e-6       # SD's KL-f8 uses a tiny KL term: latents stay close to a unit Gaussian
     data: SceneConfig = field(default_factory=SceneConfig)
     seed: int = 0
+    init: str | None = None       # start from this autoencoder: a "vae" folder or a pipeline (vae_encoder/ + vae_decoder/)
+    decoder_only: bool = False    # freeze the encoder (needs init): the latent space, and every UNet trained on it,
+                                  # stay valid; SD's ft-MSE decoder was trained the same way
+
+
+def load_initial_autoencoder(folder: str | Path) -> AutoencoderKL:
+    """A whole autoencoder from a "vae" folder, or from a pipeline's encoder and decoder (the pipeline's ``parts``
+    honoured), to continue training."""
+    from snapfusion.config import load_json
+    from snapfusion.pipeline import INDEX, part_folder
+
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        enc_dir, dec_dir = part_folder(folder, "vae_encoder"), part_folder(folder, "vae_decoder")
+        for part in (enc_dir, dec_dir):
+            if not (part / "config.json").is_file():
+                raise ConfigError(f"{folder}: no {part.name}/config.json (a pipeline shipped without its encoder "
+                                  f"cannot be the start of autoencoder training)")
+        encoder, decoder = load_autoencoder(enc_dir, Encoder), load_autoencoder(dec_dir, Decoder)
+        if encoder.config.scaling_factor != decoder.config.scaling_factor:
+            raise ConfigError(f"{folder}: the encoder's scaling factor {encoder.config.scaling_factor} differs from "
+                              f"the decoder's {decoder.config.scaling_factor}")
+        config = dataclasses.replace(encoder.config, decoder_widths=decoder.config.decoder_widths)
+        if dataclasses.replace(decoder.config, encoder_widths=encoder.config.encoder_widths) != config:
+            raise ConfigError(f"{folder}: the encoder's and decoder's configs differ beyond the decoder widths; "
+                              "they are not one autoencoder")
+        model = AutoencoderKL(config)
+        model.encoder.load_state_dict(encoder.state_dict())
+        model.decoder.load_state_dict(decoder.state_dict())
+        return model
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--init {folder}: neither a pipeline ({INDEX}) nor an autoencoder (config.json)")
+    kind = load_json(folder / "config.json").get("kind")
+    if kind != "vae":
+        raise ConfigError(f"--init {folder}: kind {kind!r}, need a whole autoencoder (vae) or a pipeline")
+    return load_autoencoder(folder, AutoencoderKL)
 
 
 class AutoencoderTask:
@@ -114,10 +151,20 @@ class AutoencoderTask:
         self.cfg = cfg
 
     def describe(self) -> dict:
-        return to_dict(self.cfg)
+        d = to_dict(self.cfg)
+        if self.cfg.init:  # the architecture and scaling factor are the init's, not the default config's
+            d.pop("model")
+        return d
 
     def build(self) -> nn.Module:
-        return AutoencoderKL(self.cfg.model)
+        if self.cfg.init is None:
+            if self.cfg.decoder_only:
+                raise ConfigError("decoder-only training needs a trained autoencoder to start from (--init)")
+            return AutoencoderKL(self.cfg.model)
+        model = load_initial_autoencoder(self.cfg.init)
+        if self.cfg.decoder_only:
+            model.encoder.requires_grad_(False)
+        return model
 
     def dataset(self):
         return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
@@ -128,7 +175,8 @@ class AutoencoderTask:
     def loss(self, model, batch, generator):
         c = self.cfg
         x = images_to_unit(batch["image"], generator.device)
-        posterior = _unwrap(model).encode(x)
+        with torch.set_grad_enabled(not c.decoder_only and torch.is_grad_enabled()):
+            posterior = _unwrap(model).encode(x)
         recon = _unwrap(model).decode(posterior.sample(generator))
         recon, x = recon.float(), x.float()
         l1 = (recon - x).abs().flatten(1).mean(1)
