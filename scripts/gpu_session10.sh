@@ -23,6 +23,11 @@
 # call 2 carries base/unet (and the code, without the evaluators):
 #   bash scripts/gpu_session10.sh stash && touch /root/stage/call2.done
 # later calls: cat /root/stage/s10.log; after "SESSION DONE" copy /root/stage/runs/s10/out/* to $OUT.
+# As run on 2026-11-30 (2 x H200, 25.4 of the session's 30 device-minutes held): a first run as written was lost after
+# 8 minutes, when the machine was reclaimed after 30 idle seconds between two monitoring calls (its decoder chunks had
+# read 88.5, 90.1 and 90.7 % in scripts/ae_ceiling.py after 2, 4 and 6 minutes). It was run again on a fresh machine
+# with DEC_CHUNKS=2 DEC_MIN=2.5 VMIN=7 HMIN=3 LANE_S=960 (the same two calls); both lanes finished in 15.5 minutes.
+# Fetched: results.tar.gz and weights.tar.00-01 (the three shipped weight sets).
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st10 DEVICE=cpu SIZE=64 NIMG=2 K=1 POOL=8 DPOOL=8 HPOOL=8 VMIN=0.2
 #   DEC_MIN=0.1 DEC_CHUNKS=2 HMIN=0.1 DIST_STEPS=2 DBATCH=2 W=1 bash scripts/gpu_session10.sh run (after stash, the
 #   gpu_inputs copy and the touch)

@@ -221,10 +221,9 @@ def _data_cfg(a: argparse.Namespace):
 
 
 def cmd_train_autoencoder(a: argparse.Namespace) -> None:
+    from snapfusion.errors import SnapFusionError
     from snapfusion.train.stages import train_autoencoder
     from snapfusion.train.tasks import AutoencoderTaskConfig
-
-    from snapfusion.errors import SnapFusionError
 
     init = None
     if a.init:

@@ -14,7 +14,8 @@ from snapfusion.cli import model_folder
 from snapfusion.data import Scene, render
 from snapfusion.decoder.evaluate import decode_unit, psnr
 from snapfusion.decoder.io import load_decoder
-from snapfusion.eval.evaluators import evaluate_images, load_evaluators
+from snapfusion.eval.evaluators import clip_features, domain_fid, evaluate_images, load_evaluators
+from snapfusion.eval.frechet import gaussian_stats
 from snapfusion.eval.runner import load_records
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import part_folder
@@ -92,6 +93,11 @@ def test_command_reports_the_evaluators_reading(tmp_path):
                              [r["scene"] for r in records])
     assert report["results"]["renders"]["all_per_image"] == direct["all_per_image"]
     assert report["results"]["renders"]["clip_score"] == pytest.approx(direct["clip_score"], abs=1e-4)
+    ev = load_evaluators()  # fid_vs_renders: the renders against their own stats are at 0, the round trips above it
+    real = ae_ceiling.renders(records, 64)
+    assert domain_fid(ev, real, gaussian_stats(clip_features(ev.clip, real))) == pytest.approx(0, abs=1e-3)
+    assert report["results"]["renders"]["fid_vs_renders"] == 0
+    assert all(report["results"][k]["fid_vs_renders"] > 1e-3 for k in ("round_trip", "round_trip_sample"))
 
 
 @pytest.mark.parametrize("args, message", [
