@@ -50,11 +50,12 @@ def run(model: str, decoders: list[str], size: int) -> dict:
     root = model_folder(model)
     encoder = load_autoencoder(part_folder(root, "vae_encoder"), Encoder).eval()
     folders = decoders or [str(part_folder(root, "vae_decoder"))]
+    loaded = {f: load_decoder(f).eval() for f in folders}
     rows = []
     for color, background in CASES:
         x = image(color, background, size)
         rows.append({"color": color, "rgb": list(COLORS[color]), "background": background,
-                     "decoded_center": {f: center_rgb(encoder, load_decoder(f).eval(), x) for f in folders}})
+                     "decoded_center": {f: center_rgb(encoder, d, x) for f, d in loaded.items()}})
     return {"model": str(root), "size": size, "cases": rows}
 
 
