@@ -63,6 +63,25 @@ def test_evaluate_writes_protocol_grid_and_curve(tmp_path):
         assert a["domain_fid"] == pytest.approx(b["domain_fid"], rel=1e-6)
 
 
+def test_fid_vs_renders_is_zero_for_the_prompts_own_renders(tmp_path):
+    from PIL import Image
+
+    records = make_prompt_set("test", 6, seed=5)
+    gen, by_prompt = _renderer([])
+    by_prompt.update({r["prompt"]: r["scene"] for r in records})
+    ev = _tiny_evaluators(tmp_path)
+    common = dict(guidance_scales=(1.0,), steps=8, sampler="ddim", num_images=6, batch_size=4, evaluators=ev,
+                  progress=False)
+    exact = evaluate(gen, records, out_dir=tmp_path / "exact", **common)["results"][0]
+    assert exact["fid_vs_renders"] == pytest.approx(0, abs=1e-6)
+    assert exact["domain_fid"] > 1e-3  # the generic reference is not these prompts' renders
+    gray = lambda prompts, seeds, w: [Image.new("RGB", (64, 64), (128, 128, 128 + i))  # noqa: E731
+                                      for i in range(len(prompts))]
+    assert evaluate(gray, records, out_dir=tmp_path / "gray", **common)["results"][0]["fid_vs_renders"] > 1e-3
+    wide = lambda prompts, seeds, w: [Image.new("RGB", (96, 64)) for _ in prompts]  # noqa: E731
+    assert "fid_vs_renders" not in evaluate(wide, records, out_dir=tmp_path / "wide", **common)["results"][0]
+
+
 def test_bad_options_are_clear_errors(tmp_path):
     assert parse_guidance_sweep("1, 2,4.5") == (1.0, 2.0, 4.5)
     with pytest.raises(SnapFusionError, match="x"):

@@ -21,7 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from snapfusion.errors import SnapFusionError
-from snapfusion.eval.evaluators import Evaluators, evaluate_images, load_evaluators
+from snapfusion.eval.evaluators import Evaluators, clip_features, domain_fid, evaluate_images, load_evaluators
+from snapfusion.eval.frechet import GaussianStats, gaussian_stats
 
 GenerateFn = Callable[[list[str], list[int], float], list[Image.Image]]
 RESULT_FILE = "eval.json"
@@ -128,6 +129,18 @@ def save_curve(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def prompt_reference(ev: Evaluators, records: Sequence[dict], size: int, *, chunk: int = 256) -> GaussianStats:
+    """Scene-CLIP feature stats of the records' own scenes rendered at ``size``: the reference of ``fid_vs_renders``,
+    which, unlike the cached generic test renders, follows the evaluated prompts' distribution. Rendered in chunks, so
+    that only the features are kept."""
+    from snapfusion.data import Scene, render
+
+    feats = [clip_features(ev.clip, images_to_tensor([render(Scene.from_dict(r["scene"]), size)
+                                                       for r in records[i: i + chunk]]))
+             for i in range(0, len(records), chunk)]
+    return gaussian_stats(torch.cat(feats))
+
+
 def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scales: Sequence[float], steps: int,
              sampler: str, num_images: int, batch_size: int, out_dir: str | os.PathLike,
              evaluators: Evaluators | None = None, device: str | torch.device = "cpu", model: str = "",
@@ -144,10 +157,15 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
     out.mkdir(parents=True, exist_ok=True)
     chosen = list(records[:num_images])
     results = []
+    truth = None  # prompt_reference at the generated size, built once
     for w in guidance_scales:
         t0 = time.time()
         images = generate_all(generate_fn, chosen, w, batch_size, progress)
         scores = evaluate_images(ev, images, [r["prompt"] for r in chosen], [r["scene"] for r in chosen])
+        if images.shape[-1] == images.shape[-2]:  # scenes render square
+            if truth is None:
+                truth = prompt_reference(ev, chosen, images.shape[-1])
+            scores["fid_vs_renders"] = domain_fid(ev, images, truth)
         save_grid(images, out / f"grid_w{w:g}.png")
         results.append({"guidance": float(w), **scores, "seconds": round(time.time() - t0, 1),
                         "resolution": list(images.shape[-2:])})
@@ -160,6 +178,8 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
         "metrics": {"clip_score": "100 * max(cos, 0), scene-CLIP, mean over images",
                     "domain_fid": "Frechet distance of scene-CLIP pooled image features to cached test renders "
                                   "(NOT Inception FID)",
+                    "fid_vs_renders": "the same distance to the renders of the evaluated prompts' own scenes at the "
+                                      "generated size (square images only)",
                     "attributes": "probe every-attribute accuracy and per check"},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "results": results,
