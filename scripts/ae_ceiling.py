@@ -27,23 +27,17 @@ from pathlib import Path
 import torch
 
 from snapfusion.cli import _device, model_folder
-from snapfusion.data import Scene, render
 from snapfusion.decoder.evaluate import decode_unit
 from snapfusion.decoder.io import load_decoder
 from snapfusion.errors import SnapFusionError
 from snapfusion.eval.evaluators import clip_features, domain_fid, evaluate_images, load_evaluators
 from snapfusion.eval.frechet import gaussian_stats
-from snapfusion.eval.runner import images_to_tensor, load_records
+from snapfusion.eval.runner import load_records, render_records
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import check_size, part_folder
 from snapfusion.train.tasks import images_to_unit
 
 SAMPLE_SEED = 0  # the posterior draws of --latents sample: image i uses seed SAMPLE_SEED + i
-
-
-def renders(records: list[dict], size: int) -> torch.Tensor:
-    """uint8 (N, 3, size, size) renders of the records' scenes."""
-    return images_to_tensor([render(Scene.from_dict(r["scene"]), size) for r in records])
 
 
 @torch.no_grad()
@@ -105,7 +99,7 @@ def run(a: argparse.Namespace) -> dict:
     ev = load_evaluators(device=device)
     prompts, scenes = [r["prompt"] for r in records], [r["scene"] for r in records]
     t0 = time.time()
-    real = renders(records, a.size)
+    real = render_records(records, a.size)
     truth = gaussian_stats(clip_features(ev.clip, real))  # the reference of fid_vs_renders: these prompts' renders
     rows = {"renders": evaluate_images(ev, real, prompts, scenes) | {"fid_vs_renders": 0.0}}
     for name, sample in (("round_trip", False), ("round_trip_sample", True)):

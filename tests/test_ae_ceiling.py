@@ -16,7 +16,7 @@ from snapfusion.decoder.evaluate import decode_unit, psnr
 from snapfusion.decoder.io import load_decoder
 from snapfusion.eval.evaluators import clip_features, domain_fid, evaluate_images, load_evaluators
 from snapfusion.eval.frechet import gaussian_stats
-from snapfusion.eval.runner import load_records
+from snapfusion.eval.runner import load_records, render_records
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import part_folder
 
@@ -40,7 +40,7 @@ def autoencoder():
 
 def test_renders_are_the_scenes_own_pixels():
     records = _records(2)
-    images = ae_ceiling.renders(records, 64)
+    images = render_records(records, 64)
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 64, 64)
     expected = np.array(render(Scene.from_dict(records[1]["scene"]), 64))
     assert torch.equal(images[1].permute(1, 2, 0), torch.from_numpy(expected))
@@ -48,7 +48,7 @@ def test_renders_are_the_scenes_own_pixels():
 
 def test_round_trip_decodes_the_posterior_mean(autoencoder):
     encoder, decoder = autoencoder
-    real = ae_ceiling.renders(_records(3), 64)
+    real = render_records(_records(3), 64)
     out = ae_ceiling.round_trip(encoder, decoder, real, batch_size=2)
     assert out.dtype == torch.uint8 and out.shape == real.shape
     with torch.no_grad():  # by hand: [-1, 1] input, the posterior mean scaled, decoded to [0, 1], rounded to uint8
@@ -61,7 +61,7 @@ def test_round_trip_decodes_the_posterior_mean(autoencoder):
 
 def test_sampled_round_trip_is_seeded_per_image_and_differs_from_the_mean(autoencoder):
     encoder, decoder = autoencoder
-    real = ae_ceiling.renders(_records(3), 64)
+    real = render_records(_records(3), 64)
     one = ae_ceiling.round_trip(encoder, decoder, real, batch_size=1, sample=True)
     three = ae_ceiling.round_trip(encoder, decoder, real, batch_size=3, sample=True)
     assert (one.int() - three.int()).abs().max() <= 1        # the same draws whatever the batch size
@@ -71,7 +71,7 @@ def test_sampled_round_trip_is_seeded_per_image_and_differs_from_the_mean(autoen
 
 def test_a_broken_decoder_scores_far_lower(autoencoder):
     encoder, decoder = autoencoder
-    real = ae_ceiling.renders(_records(2), 64)
+    real = render_records(_records(2), 64)
     good = psnr(ae_ceiling.round_trip(encoder, decoder, real, batch_size=2).float() / 255, real.float() / 255)
     broken = load_decoder(part_folder(model_folder("base"), "vae_decoder")).eval()
     with torch.no_grad():
@@ -89,12 +89,12 @@ def test_command_reports_the_evaluators_reading(tmp_path):
     assert (report["images"], report["size"]) == (2, 64)
     assert set(report["results"]) == {"renders", "round_trip", "round_trip_sample"}
     records = _records(2)
-    direct = evaluate_images(load_evaluators(), ae_ceiling.renders(records, 64), [r["prompt"] for r in records],
+    direct = evaluate_images(load_evaluators(), render_records(records, 64), [r["prompt"] for r in records],
                              [r["scene"] for r in records])
     assert report["results"]["renders"]["all_per_image"] == direct["all_per_image"]
     assert report["results"]["renders"]["clip_score"] == pytest.approx(direct["clip_score"], abs=1e-4)
     ev = load_evaluators()  # fid_vs_renders: the renders against their own stats are at 0, the round trips above it
-    real = ae_ceiling.renders(records, 64)
+    real = render_records(records, 64)
     assert domain_fid(ev, real, gaussian_stats(clip_features(ev.clip, real))) == pytest.approx(0, abs=1e-3)
     assert report["results"]["renders"]["fid_vs_renders"] == 0
     assert all(report["results"][k]["fid_vs_renders"] > 1e-3 for k in ("round_trip", "round_trip_sample"))

@@ -129,15 +129,18 @@ def save_curve(results: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def render_records(records: Sequence[dict], size: int) -> torch.Tensor:
+    """uint8 (N, 3, size, size) renders of the records' own scenes: what a perfect generator would return."""
+    from snapfusion.data import Scene, render
+
+    return images_to_tensor([render(Scene.from_dict(r["scene"]), size) for r in records])
+
+
 def prompt_reference(ev: Evaluators, records: Sequence[dict], size: int, *, chunk: int = 256) -> GaussianStats:
     """Scene-CLIP feature stats of the records' own scenes rendered at ``size``: the reference of ``fid_vs_renders``,
     which, unlike the cached generic test renders, follows the evaluated prompts' distribution. Rendered in chunks, so
     that only the features are kept."""
-    from snapfusion.data import Scene, render
-
-    feats = [clip_features(ev.clip, images_to_tensor([render(Scene.from_dict(r["scene"]), size)
-                                                       for r in records[i: i + chunk]]))
-             for i in range(0, len(records), chunk)]
+    feats = [clip_features(ev.clip, render_records(records[i: i + chunk], size)) for i in range(0, len(records), chunk)]
     return gaussian_stats(torch.cat(feats))
 
 
