@@ -275,7 +275,11 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
             "prediction_type", model.prediction_type))
     cfg = UNetTaskConfig(model=model, vae=vae, text_encoder=text, image_size=a.image_size,
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
-                         init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise)
+                         init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
+                         mix_size=a.mix_size, mix_prob=a.mix_prob if a.mix_size else 0.0,
+                         mix_batch=(a.mix_batch_size or max(1, a.batch_size * a.image_size ** 2 // a.mix_size ** 2))
+                         if a.mix_size > 0 else 0,
+                         mix_pool=(a.mix_pool or max(1, a.latent_pool // 4)) if a.mix_size else 0)
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
 
 
@@ -438,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'base' or a pipeline folder: continue its UNet on its text encoder and autoencoder")
     t.add_argument("--image-size", type=int, default=512)
     add_noise_data_options(t)
+    t.add_argument("--mix-size", type=int, default=0, help="mixed-resolution training (with --latent-pool): some "
+                   "steps train at this size instead of --image-size, e.g. --image-size 256 --mix-size 512")
+    t.add_argument("--mix-prob", type=float, default=0.25, help="share of the steps at --mix-size (default 0.25)")
+    t.add_argument("--mix-batch-size", type=int, default=0, help="scenes per --mix-size step (default: "
+                   "--batch-size x (image-size / mix-size)², the same latent positions as a normal step)")
+    t.add_argument("--mix-pool", type=int, default=0, help="scenes in the --mix-size latent pool (default: "
+                   "--latent-pool / 4)")
     t.set_defaults(func=cmd_train_unet)
 
     s = sub.add_parser("assemble", help="put trained parts together into a pipeline folder (fp16)")

@@ -334,6 +334,13 @@ class UNetTaskConfig:
     kd_feature_weight: float = 0.0  # > 0 (needs kd_unet): adds this x the MSE between student and teacher stage
                                     # outputs, summed over stages (BK-SDM's feature-level distillation)
     vae_decoder: str = ""         # decoder folder for sample grids when ``vae`` holds only an encoder
+    mix_size: int = 0             # > 0 (needs latent_pool): mixed-resolution training. Each step, with probability
+                                  # mix_prob, trains on mix_batch scenes of a second latent pool rendered at mix_size
+                                  # instead of the batch at image_size (e.g. most steps at 256², some at 512²: the
+                                  # cheap size teaches layout, the target size keeps the model working there)
+    mix_prob: float = 0.0
+    mix_batch: int = 0            # scenes in a mix_size step (e.g. batch x (image_size / mix_size)²: equal work)
+    mix_pool: int = 0             # scenes in the mix_size latent pool (its own first mix_pool training scenes)
 
 
 PREDICTION_TYPES = get_args(PredictionType)  # what sampling.Denoiser converts: the one list of them
@@ -348,28 +355,37 @@ def require_known_prediction(model: UNetConfig, command: str) -> None:
 
 
 class PooledCaptions(torch.utils.data.Dataset):
-    """Item i: the index of pooled scene i mod P and a fresh paraphrase of its caption (new each pass over the pool)."""
+    """Item i: the index of pooled scene i mod P and a fresh paraphrase of its caption (new each pass over the pool);
+    with a second pool of P2 scenes (mixed-resolution training), also "index2" = i mod P2 and its own caption."""
 
-    def __init__(self, pool: int, seed: int, data: SceneConfig):
-        self.pool, self.seed, self.data = pool, seed, data
+    def __init__(self, pool: int, seed: int, data: SceneConfig, pool2: int = 0):
+        self.pool, self.seed, self.data, self.pool2 = pool, seed, data, pool2
 
     def __len__(self) -> int:
         return STREAM_LENGTH
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        j, epoch = i % self.pool, i // self.pool
+    def _pooled(self, i: int, pool: int) -> tuple[int, str]:
+        j, epoch = i % pool, i // pool
         scene = sample_scene(np.random.default_rng([self.seed, 0, j]), "train", self.data)  # = SceneDataset item j
-        text = caption(scene, np.random.default_rng([self.seed, 0, j, epoch]), self.data.caption_p_omit)
-        return {"index": j, "caption": text}
+        return j, caption(scene, np.random.default_rng([self.seed, 0, j, epoch]), self.data.caption_p_omit)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j, text = self._pooled(i, self.pool)
+        if not self.pool2:
+            return {"index": j, "caption": text}
+        j2, text2 = self._pooled(i, self.pool2)
+        return {"index": j, "caption": text, "index2": j2, "caption2": text2}
 
 
 class LatentPool:
-    """Posterior mean and std (fp16, on the training device) of the first P training scenes, encoded once."""
+    """Posterior mean and std (fp16, on the training device) of the first P training scenes at one size, encoded
+    once (P, size: the task's latent_pool and image_size, or its mix_pool and mix_size)."""
 
-    def __init__(self, encoder: Encoder, cfg: UNetTaskConfig, device: torch.device):
+    def __init__(self, encoder: Encoder, cfg: UNetTaskConfig, device: torch.device, mixed: bool = False):
         from torch.utils.data import DataLoader
 
-        ds = SceneDataset("train", cfg.image_size, cfg.seed, cfg.latent_pool, cfg.data)
+        size, count = (cfg.mix_size, cfg.mix_pool) if mixed else (cfg.image_size, cfg.latent_pool)
+        ds = SceneDataset("train", size, cfg.seed, count, cfg.data)
         loader = DataLoader(ds, batch_size=64, num_workers=cfg.pool_workers, collate_fn=collate_scenes)
         means, stds = [], []
         # built lazily inside the loop's autocast: encode in the encoder's own precision (and CPU autocast cannot
@@ -388,6 +404,20 @@ class LatentPool:
         return (mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)) * self.scale
 
 
+def check_mixed_resolution(cfg: UNetTaskConfig) -> None:
+    """Mixed-resolution options that cannot train are refused before anything is built."""
+    if not cfg.mix_size:
+        return
+    if cfg.mix_size < 0 or cfg.mix_size % 8:
+        raise ConfigError(f"--mix-size must be a positive multiple of 8, got {cfg.mix_size}")
+    if cfg.latent_pool <= 0:
+        raise ConfigError("--mix-size needs --latent-pool (both sizes train on pooled latents)")
+    if not 0.0 < cfg.mix_prob <= 1.0:
+        raise ConfigError(f"--mix-prob must be in (0, 1], got {cfg.mix_prob}")
+    if cfg.mix_batch < 1 or cfg.mix_pool < 1:
+        raise ConfigError(f"--mix-batch-size and --mix-pool must be >= 1, got {cfg.mix_batch} and {cfg.mix_pool}")
+
+
 class UNetTask:
     name = "unet"
     compiles = True  # the loss calls the UNet itself (loop --compile)
@@ -400,6 +430,8 @@ class UNetTask:
         self.text = load_text_encoder(cfg.text_encoder).eval().requires_grad_(False)
         self._decoder_folder = Path(cfg.vae_decoder or cfg.vae)
         self._pool: LatentPool | None = None
+        self._mix_pool: LatentPool | None = None
+        check_mixed_resolution(cfg)
         self.kd = _load_kd_teacher(cfg, self.text.config.hidden_size) if cfg.kd_unet else None
 
     def describe(self) -> dict:
@@ -416,7 +448,8 @@ class UNetTask:
 
     def dataset(self):
         if self.cfg.latent_pool > 0:
-            return PooledCaptions(self.cfg.latent_pool, self.cfg.seed, self.cfg.data)
+            return PooledCaptions(self.cfg.latent_pool, self.cfg.seed, self.cfg.data,
+                                  self.cfg.mix_pool if self.cfg.mix_size else 0)
         return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
 
     def collate(self, items):
@@ -424,10 +457,17 @@ class UNetTask:
             batch = {"index": torch.tensor([it["index"] for it in items]), "caption": [it["caption"] for it in items]}
         else:
             batch = collate_scenes(items)
-        rng = np.random.default_rng(zlib.crc32("\n".join(batch["caption"]).encode()))
-        captions = ["" if rng.random() < self.cfg.uncond_prob else c for c in batch["caption"]]
-        batch["ids"] = self.tokenizer(captions)
+        batch["ids"] = self._caption_ids(batch["caption"])
+        if self.cfg.latent_pool > 0 and self.cfg.mix_size:  # the first mix_batch items' scenes of the second pool
+            items = items[: self.cfg.mix_batch]
+            batch["index2"] = torch.tensor([it["index2"] for it in items])
+            batch["ids2"] = self._caption_ids([it["caption2"] for it in items])
         return batch
+
+    def _caption_ids(self, texts: list[str]) -> torch.Tensor:
+        """Token ids of ``texts`` with uncond_prob of them emptied (for guidance), seeded by the texts themselves."""
+        rng = np.random.default_rng(zlib.crc32("\n".join(texts).encode()))
+        return self.tokenizer(["" if rng.random() < self.cfg.uncond_prob else c for c in texts])
 
     def latents(self, batch, generator: torch.Generator) -> torch.Tensor:
         """Scaled diffusion latents of the batch's scenes: from the pool, or rendered images encoded now."""
@@ -448,12 +488,24 @@ class UNetTask:
             eps = eps + self.cfg.offset_noise * torch.randn(B, C, 1, 1, device=x0.device, generator=generator)
         return eps
 
+    def mixed_step(self, generator: torch.Generator) -> bool:
+        """Whether this step trains at mix_size (drawn from the run's generator, so a resumed run draws the same)."""
+        if not (self.cfg.mix_size and self.cfg.latent_pool > 0):
+            return False  # no draw: runs without mixing keep their random stream
+        return torch.rand((), device=generator.device, generator=generator).item() < self.cfg.mix_prob
+
     def loss(self, model, batch, generator):
         device = generator.device
         self.text.to(device)
         with torch.no_grad():
-            x0 = self.latents(batch, generator)
-            context = self.text(batch["ids"].to(device))  # (B, 77, D)
+            if self.mixed_step(generator):
+                if self._mix_pool is None:
+                    self._mix_pool = LatentPool(self.encoder.to(device), self.cfg, device, mixed=True)
+                x0 = self._mix_pool.sample(batch["index2"].to(device), generator)
+                ids = batch["ids2"]
+            else:
+                x0, ids = self.latents(batch, generator), batch["ids"]
+            context = self.text(ids.to(device))  # (B, 77, D)
         B = x0.shape[0]
         t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
         eps = self.noise(x0, generator)
