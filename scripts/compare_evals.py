@@ -43,7 +43,9 @@ def compare(ra: dict, rb: dict) -> list[dict]:
     k = int(ra.get("seeds_per_prompt", 1))
     if k != int(rb.get("seeds_per_prompt", 1)):
         raise ValueError("the two runs have different seeds per prompt")
-    if (ra.get("prompts"), ra.get("seeds")) != (rb.get("prompts"), rb.get("seeds")):
+    # the docs' copies drop the prompt list (prompts_note); the seeds, one per image, still pair the images
+    prompts_differ = "prompts" in ra and "prompts" in rb and ra["prompts"] != rb["prompts"]
+    if prompts_differ or not ra.get("seeds") or ra.get("seeds") != rb.get("seeds"):
         raise ValueError("the two runs differ in prompts or seeds: a paired comparison needs the same images")
     by_w = {r["guidance"]: r for r in rb["results"]}
     rows = []

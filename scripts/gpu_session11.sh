@@ -17,6 +17,10 @@
 #   bash scripts/gpu_session11.sh stash && (setsid nohup bash /root/stage/repo/scripts/gpu_session11.sh run \
 #     > /root/stage/s11.log 2>&1 < /dev/null &)
 # later calls: cat /root/stage/s11.log; after "SESSION DONE" copy /root/stage/runs/s11/out/* to $OUT.
+# As run on 2026-12-01 (2 x H200, 27.5 of the session's 30 device-minutes held): as written, in one staging call and
+# four monitoring calls. A call returns at most 64 MiB, so the last call fetched results.tar.gz and unets.tar.00-03 and
+# one more call unets.tar.04-05. The 512² pool was then built lazily at each process's first mixed step (about 63 s
+# each, one process waiting for the other); train-unet now builds it at the first step in every process.
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st11 DEVICE=cpu NPROC=1 LOW=64 SIZE=128 NIMG=2 K=1 POOL=16 POOL2=8
 #   M1=0.3 M2=0.2 BATCH=4 MIXB=2 BATCH2=2 W=1 bash scripts/gpu_session11.sh run (after stash)
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers

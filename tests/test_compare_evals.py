@@ -52,3 +52,15 @@ def test_cli_table_and_one_line_errors(tmp_path):
                           ([a, str(ROOT / "pyproject.toml")], "pyproject.toml")):
         bad = subprocess.run(script + args, capture_output=True, text=True)
         assert bad.returncode != 0 and message in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_a_docs_copy_without_its_prompt_list_pairs_by_seeds(tmp_path):
+    """docs/img/*_eval copies drop the prompts (prompts_note): the per-image seeds still pair the images, and other
+    seeds or other prompts are still refused."""
+    full = json.loads(open(_run(tmp_path / "a.json", ["p", "q"], [1, 2], "10")).read())
+    copy = {k: v for k, v in full.items() if k != "prompts"} | {"prompts_note": "dropped"}
+    assert compare_evals.compare(full, copy)[0]["diff"] == 0.0
+    with pytest.raises(ValueError, match="differ in prompts or seeds"):
+        compare_evals.compare(full, copy | {"seeds": [1, 3]})
+    with pytest.raises(ValueError, match="differ in prompts or seeds"):
+        compare_evals.compare(full, full | {"prompts": ["p", "r"]})

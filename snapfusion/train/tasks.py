@@ -498,9 +498,11 @@ class UNetTask:
         device = generator.device
         self.text.to(device)
         with torch.no_grad():
+            if self.cfg.mix_size and self.cfg.latent_pool > 0 and self._mix_pool is None:
+                # at the first step, mixed or not: under DDP every process then builds it at once, instead of each
+                # at its own first mixed step while the others wait for it (session 11 lost about a minute so)
+                self._mix_pool = LatentPool(self.encoder.to(device), self.cfg, device, mixed=True)
             if self.mixed_step(generator):
-                if self._mix_pool is None:
-                    self._mix_pool = LatentPool(self.encoder.to(device), self.cfg, device, mixed=True)
                 x0 = self._mix_pool.sample(batch["index2"].to(device), generator)
                 ids = batch["ids2"]
             else:
