@@ -119,10 +119,7 @@ export R BASE HALF VT DEV SIZE EMOJI NIMG K W POOL DPOOL HPOOL VMIN DIST_STEPS D
   EVAL_TIMEOUT LANE_GPUS DEC BASE_DEC VBASE
 run_lanes
 stamp "pack"
-summarize_evals
-rm -f $R/eval/*/grid_*.png $R/eval/*/fid_clip_curve.png
-tar czf $STAGE/results.tar.gz --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='*/samples' \
-  --exclude=w --exclude=base_dec -C "$STAGE/runs" s10
+pack_results --exclude=base_dec
 mkdir -p $R/w
 [ -f $DEC/config.json ] && cp -r $BASE_DEC/vae_decoder $R/w/vae_decoder_fp16
 [ -f $R/half/final/config.json ] && python3 -c "import torch; \
@@ -131,6 +128,5 @@ save_decoder('$R/w/vae_decoder_half_fp16', load_decoder('$R/half/final'), dtype=
 [ -f $R/st/final/config.json ] && python3 -c "from snapfusion.models.unet import UNet; \
 UNet.load('$R/st/final').save('$R/w/st_int8', int8=True)"
 tar cf $STAGE/weights.tar -C $R w && split -b 15m -d $STAGE/weights.tar $R/out/weights.tar.
-mv $STAGE/results.tar.gz $R/out/
 ls -la $R/out
 stamp "SESSION DONE"

@@ -77,16 +77,8 @@ export -f lane_a lane_b stamp ev
 export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT
 LANE_S=${LANE_S:-420} run_lanes
 stamp "pack"
-summarize_evals
-rm -f $R/eval/*/grid_*.png $R/eval/*/fid_clip_curve.png
-tar czf $STAGE/results.tar.gz --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='pipe*' \
-  --exclude=w -C "$STAGE/runs" s11
-mkdir -p $R/w
-for r in mix hi; do
-  [ -f $R/$r/final/config.json ] && python3 -c "import torch; from snapfusion.models.unet import UNet; \
-UNet.load('$R/$r/final').save('$R/w/${r}_fp16', dtype=torch.float16)"
-done
+pack_results --exclude='pipe*'
+unets_fp16 mix hi
 tar cf $STAGE/unets.tar -C $R w && split -b 15m -d $STAGE/unets.tar $R/out/unets.tar.
-mv $STAGE/results.tar.gz $R/out/
 ls -la $R/out
 stamp "SESSION DONE"

@@ -105,18 +105,10 @@ export R BASE DEV SIZE LOW EMOJI NIMG TRAIN200 K W POOL POOL2 BATCH BATCH2 A_MIN
   EVAL_TIMEOUT LANE_GPUS
 run_lanes
 stamp "pack"
-summarize_evals
-rm -f $R/eval/*/grid_*.png $R/eval/*/fid_clip_curve.png
-tar czf $STAGE/results.tar.gz --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='*/samples' \
-  --exclude=w -C "$STAGE/runs" s9
-mkdir -p $R/w
-for r in scratch cont; do
-  [ -f $R/$r/final/config.json ] && python3 -c "import torch; from snapfusion.models.unet import UNet; \
-UNet.load('$R/$r/final').save('$R/w/${r}_fp16', dtype=torch.float16)"
-done
+pack_results
+unets_fp16 scratch cont
 for r in scratch cont; do  # one tar per model, so that a call can fetch one model's pieces
   [ -d $R/w/${r}_fp16 ] && tar cf $STAGE/$r.tar -C $R/w ${r}_fp16 && split -b 15m -d $STAGE/$r.tar $STAGE/$r.tar.
 done
-mv $STAGE/results.tar.gz $R/out/
 ls -la $R/out $STAGE/*.tar.*
 stamp "SESSION DONE"

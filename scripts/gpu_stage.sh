@@ -59,3 +59,19 @@ for f in sorted((r / "eval").glob("*/eval.json")):
 print(json.dumps(summary)[:3000])
 PY
 }
+
+pack_results() {  # [extra tar excludes]: $R's logs, metrics and eval JSON (no weights, checkpoints or grids) into
+  # $R/out/results.tar.gz, after summarize_evals
+  summarize_evals
+  rm -f $R/eval/*/grid_*.png $R/eval/*/fid_clip_curve.png
+  tar czf $STAGE/results.tar.gz --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='*/samples' \
+    --exclude=w "$@" -C "$STAGE/runs" "$(basename "$R")" && mv $STAGE/results.tar.gz $R/out/
+}
+
+unets_fp16() {  # run names: each run's final UNet (its EMA) saved in fp16 as $R/w/<name>_fp16
+  local r; mkdir -p $R/w
+  for r in "$@"; do
+    [ -f $R/$r/final/config.json ] && python3 -c "import torch; from snapfusion.models.unet import UNet; \
+UNet.load('$R/$r/final').save('$R/w/${r}_fp16', dtype=torch.float16)"
+  done
+}
