@@ -449,7 +449,7 @@ class UNetTask:
     def dataset(self):
         if self.cfg.latent_pool > 0:
             return PooledCaptions(self.cfg.latent_pool, self.cfg.seed, self.cfg.data,
-                                  self.cfg.mix_pool if self.cfg.mix_size else 0)
+                                  self.cfg.mix_pool if self.mixing else 0)
         return SceneDataset("train", self.cfg.image_size, self.cfg.seed, STREAM_LENGTH, self.cfg.data)
 
     def collate(self, items):
@@ -458,7 +458,7 @@ class UNetTask:
         else:
             batch = collate_scenes(items)
         batch["ids"] = self._caption_ids(batch["caption"])
-        if self.cfg.latent_pool > 0 and self.cfg.mix_size:  # the first mix_batch items' scenes of the second pool
+        if self.mixing:  # the first mix_batch items' scenes of the second pool
             items = items[: self.cfg.mix_batch]
             batch["index2"] = torch.tensor([it["index2"] for it in items])
             batch["ids2"] = self._caption_ids([it["caption2"] for it in items])
@@ -488,9 +488,14 @@ class UNetTask:
             eps = eps + self.cfg.offset_noise * torch.randn(B, C, 1, 1, device=x0.device, generator=generator)
         return eps
 
+    @property
+    def mixing(self) -> bool:
+        """Mixed-resolution training (--mix-size; check_mixed_resolution has made sure the latent pool is on)."""
+        return self.cfg.mix_size > 0
+
     def mixed_step(self, generator: torch.Generator) -> bool:
         """Whether this step trains at mix_size (drawn from the run's generator, so a resumed run draws the same)."""
-        if not (self.cfg.mix_size and self.cfg.latent_pool > 0):
+        if not self.mixing:
             return False  # no draw: runs without mixing keep their random stream
         return torch.rand((), device=generator.device, generator=generator).item() < self.cfg.mix_prob
 
@@ -498,7 +503,7 @@ class UNetTask:
         device = generator.device
         self.text.to(device)
         with torch.no_grad():
-            if self.cfg.mix_size and self.cfg.latent_pool > 0 and self._mix_pool is None:
+            if self.mixing and self._mix_pool is None:
                 # at the first step, mixed or not: under DDP every process then builds it at once, instead of each
                 # at its own first mixed step while the others wait for it (session 11 lost about a minute so)
                 self._mix_pool = LatentPool(self.encoder.to(device), self.cfg, device, mixed=True)
