@@ -11,6 +11,7 @@ from snapfusion.data import SceneDataset
 from snapfusion.errors import ConfigError
 from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
 from snapfusion.models.text import TextEncoder, save_text_encoder
+from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
 from snapfusion.train import state as ckpt_io
 from snapfusion.train.loop import LoopConfig, train
@@ -45,10 +46,9 @@ def test_a_mixed_step_trains_on_the_second_pool_at_the_second_size(parts, monkey
     seen = []
     original = task.schedule.add_noise
     monkeypatch.setattr(task.schedule, "add_noise", lambda x0, eps, t: seen.append(x0) or original(x0, eps, t))
-    from snapfusion.models.unet import UNet
-
-    loss, _ = task.loss(UNet(UNET), batch, torch.Generator().manual_seed(0))
+    loss, logs = task.loss(UNet(UNET), batch, torch.Generator().manual_seed(0))
     assert seen[0].shape == (2, 4, 16, 16) and loss.shape == (2,)  # 128² scenes, 16x16 latents
+    assert logs == {"mixed_share": 1.0}  # logged: the share of this process's steps at the mixed size
     assert task._pool is None  # the first pool was never needed
     image = SceneDataset("train", 128, task.cfg.seed, 3, task.cfg.data)[2]["image"]  # pooled scene 2 at 128²
     expected = vae.encoder.encode(images_to_unit(image[None], torch.device("cpu"))).mean
@@ -66,6 +66,8 @@ def test_the_share_of_mixed_steps_follows_mix_prob_and_plain_runs_draw_nothing(p
     assert not plain.mixed_step(gen)
     assert torch.equal(gen.get_state(), state)  # runs without --mix-size keep their random stream
     assert "index2" not in plain.dataset()[0]
+    item = plain.dataset()[0]
+    assert plain.loss(UNet(UNET), plain.collate([item, item]), torch.Generator().manual_seed(0))[1] == {}
 
 
 def test_a_mixed_run_resumes_exactly(parts, tmp_path):
@@ -99,7 +101,8 @@ def test_train_unet_mix_flags_reach_the_task_with_their_defaults(parts, tmp_path
     from snapfusion.cli import main
 
     seen = {}
-    monkeypatch.setattr(stages, "train", lambda loop_cfg, task, resume=False: seen.update(task=task) or {"is_main": False})
+    monkeypatch.setattr(stages, "train",  # not the main process: train_unet then exports nothing
+                        lambda loop_cfg, task, resume=False: seen.update(task=task) or {"is_main": False})
     args = ["train-unet", "--run-dir", str(tmp_path / "r"), "--vae", parts[1]["vae"], "--text-encoder",
             parts[1]["text_encoder"], "--sample-every", "0", "--image-size", "256", "--batch-size", "384",
             "--latent-pool", "1024", "--mix-size", "512"]

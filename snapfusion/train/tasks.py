@@ -431,6 +431,7 @@ class UNetTask:
         self._decoder_folder = Path(cfg.vae_decoder or cfg.vae)
         self._pool: LatentPool | None = None
         self._mix_pool: LatentPool | None = None
+        self._mix_counts = [0, 0]  # this process's plain and mixed steps since it started (logged as a share)
         check_mixed_resolution(cfg)
         self.kd = _load_kd_teacher(cfg, self.text.config.hidden_size) if cfg.kd_unet else None
 
@@ -507,7 +508,9 @@ class UNetTask:
                 # at the first step, mixed or not: under DDP every process then builds it at once, instead of each
                 # at its own first mixed step while the others wait for it (session 11 lost about a minute so)
                 self._mix_pool = LatentPool(self.encoder.to(device), self.cfg, device, mixed=True)
-            if self.mixed_step(generator):
+            mixed = self.mixed_step(generator)
+            self._mix_counts[mixed] += 1
+            if mixed:
                 x0 = self._mix_pool.sample(batch["index2"].to(device), generator)
                 ids = batch["ids2"]
             else:
@@ -526,10 +529,13 @@ class UNetTask:
             loss = v_mse_min_snr(pred, self.schedule.velocity(x0, eps, t), snr, self.cfg.min_snr_gamma)
         else:
             loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
+        # the share of this process's steps at mix_size so far (a resumed run counts anew)
+        logs = {"mixed_share": self._mix_counts[1] / sum(self._mix_counts)} if self.mixing else {}
         if self.kd is None:
-            return loss, {}
+            return loss, logs
         pred_eps = Denoiser(model, self.schedule, self.cfg.model.prediction_type).to_prediction(pred, z, t).eps
-        return self.add_kd_terms(loss, pred_eps, z, t, context, student_features)
+        loss, kd_logs = self.add_kd_terms(loss, pred_eps, z, t, context, student_features)
+        return loss, {**logs, **kd_logs}
 
     def add_kd_terms(self, loss: torch.Tensor, pred_eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
                      context: torch.Tensor, student_features: list[torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
