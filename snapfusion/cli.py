@@ -276,11 +276,17 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     cfg = UNetTaskConfig(model=model, vae=vae, text_encoder=text, image_size=a.image_size,
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
-                         mix_size=a.mix_size, mix_prob=a.mix_prob if a.mix_size else 0.0,
-                         mix_batch=(a.mix_batch_size or max(1, a.batch_size * a.image_size ** 2 // a.mix_size ** 2))
-                         if a.mix_size > 0 else 0,
-                         mix_pool=(a.mix_pool or max(1, a.latent_pool // 4)) if a.mix_size else 0)
+                         **_mix_options(a))
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
+
+
+def _mix_options(a: argparse.Namespace) -> dict:
+    """train-unet's --mix-* flags as UNetTaskConfig fields, their defaults filled in (none without --mix-size)."""
+    if not a.mix_size:
+        return {}
+    return dict(mix_size=a.mix_size, mix_prob=a.mix_prob,
+                mix_batch=a.mix_batch_size or max(1, a.batch_size * a.image_size ** 2 // a.mix_size ** 2),
+                mix_pool=a.mix_pool or max(1, a.latent_pool // 4))
 
 
 def cmd_assemble(a: argparse.Namespace) -> None:
