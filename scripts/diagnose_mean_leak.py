@@ -14,8 +14,19 @@ This script measures both halves on the CPU:
      set to what the forward process would give for the true scene (rendered and encoded). If the leak explains the
      failure, the probe's background accuracy jumps with the oracle mean and nothing else changes.
 
-Example (about 12 minutes on a 2-core CPU):
+With ``--gradients`` the same two halves for the next spatial frequency, on gradient-background prompts only (offset
+noise, since session 3, randomises each channel's mean during training, not the contrast between image halves that
+a gradient is made of):
+  1. the leak of that contrast: the std over gradient renders of each channel's left-minus-right (or
+     top-minus-bottom, along the gradient) half-mean difference, times sqrt(alpha_bar_T), against the noise's
+     half-mean difference (2 / sqrt(h w));
+  2. a third start, "oracle_2x2": the noise plus the forward process's share of the true latent's 2 x 2 block means
+     (each channel's mean and its half-to-half contrasts). If background accuracy rises from "oracle_mean" to
+     "oracle_2x2", the UNet reads the gradient's direction from the noise, not from the prompt.
+
+Examples (about 12 and 20 minutes on a 2-core CPU):
   python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --out docs/img/mean_leak.json
+  python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --gradients --out gradient_leak.json
 """
 
 from __future__ import annotations
@@ -46,6 +57,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--num-emoji", type=int, default=40)
+    p.add_argument("--gradients", action="store_true",
+                   help="gradient-background prompts only, and the 2 x 2 (half-to-half contrast) leak and oracle")
     p.add_argument("--out", default="mean_leak.json")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -53,16 +66,22 @@ def main() -> None:
     pipe = resolve_model(a.model).eval()
     encoder = load_autoencoder(model_folder(a.model) / "vae_encoder", Encoder).eval()
     records = load_prompt_set("test", num_emoji=a.num_emoji)
+    if a.gradients:
+        records = [r for r in records if r["scene"]["background"]["direction"] is not None]
     res = pipe.config.resolution
 
     @torch.no_grad()
-    def channel_means(recs) -> torch.Tensor:
+    def block_means(recs, g: int = 1) -> torch.Tensor:
         out = []
         for r in recs:
             img = np.asarray(render(Scene.from_dict(r["scene"]), res), dtype=np.float32) / 127.5 - 1
             x = torch.from_numpy(img).permute(2, 0, 1)[None]
-            out.append(encoder.encode(x).mean.mean(dim=(2, 3)) * encoder.config.scaling_factor)
-        return torch.cat(out)  # (N, 4) scaled latents' spatial means
+            out.append(torch.nn.functional.adaptive_avg_pool2d(encoder.encode(x).mean, g)
+                       * encoder.config.scaling_factor)
+        return torch.cat(out)  # (N, 4, g, g) scaled latents' block means
+
+    def channel_means(recs) -> torch.Tensor:
+        return block_means(recs).flatten(1)  # (N, 4) scaled latents' spatial means
 
     t0 = time.time()
     means = channel_means(records[: a.leak_count])
@@ -80,6 +99,15 @@ def main() -> None:
         "snr_of_channel_mean_at_T": (abar_T ** 0.5 * means.std(0) / noise_mean_std).tolist(),
         "renders": len(means),
     }
+    if a.gradients:  # the half-to-half contrast along each render's gradient, against the noise's
+        quads = block_means(records[: a.leak_count], 2)  # (N, 4, 2, 2)
+        along = [r["scene"]["background"]["direction"] for r in records[: a.leak_count]]
+        diff = torch.stack([(q[:, :, 0] - q[:, :, 1]).mean(-1) if d == "horizontal" else (q[:, 0] - q[:, 1]).mean(-1)
+                            for q, d in zip(quads, along)])  # (N, 4): left - right (or top - bottom) half means
+        noise_diff_std = 2 * (1 - abar_T) ** 0.5 / hw ** 0.5
+        leak |= {"noise_half_difference_std": noise_diff_std,
+                 "half_difference_std_over_gradient_renders": diff.std(0).tolist(),
+                 "snr_of_half_difference_at_T": (abar_T ** 0.5 * diff.std(0) / noise_diff_std).tolist()}
     print(json.dumps(leak, indent=1), flush=True)
 
     chosen = records[: a.count]
@@ -92,10 +120,14 @@ def main() -> None:
     # Forward process at the first step: z_t = sqrt(abar) x0 + sqrt(1 - abar) eps; the DDIM sampler starts from
     # eps (unit variance), so the oracle adds sqrt(abar / (1 - abar)) * mean(x0) per channel.
     shift = (abar_first / (1 - abar_first)) ** 0.5 * target[:, :, None, None]
+    starts = [("plain", z), ("oracle_mean", z + shift)]
+    if a.gradients:  # the 2 x 2 block means, upsampled to the latent grid: the mean plus the half contrasts
+        quads = torch.nn.functional.interpolate(block_means(chosen, 2), size=shape[1:], mode="nearest")
+        starts.append(("oracle_2x2", z + (abar_first / (1 - abar_first)) ** 0.5 * quads))
     ev = load_evaluators()
     scenes = [r["scene"] for r in chosen]
     results, grids = {}, []
-    for name, start in (("plain", z), ("oracle_mean", z + shift)):
+    for name, start in starts:
         with torch.no_grad():
             images = pipe.decode(sample_ddim(model_fn, start.clone(), timesteps, sched))
         u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -106,7 +138,8 @@ def main() -> None:
         print(name, json.dumps(acc), f"{time.time() - t0:.0f}s", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"model": a.model, "steps": a.steps, "guidance": a.guidance, "prompts": a.count, "leak": leak,
+    report = {"model": a.model, "steps": a.steps, "guidance": a.guidance, "prompts": len(chosen),
+              "gradients_only": a.gradients, "leak": leak,
               "oracle_test": results, "seconds": round(time.time() - t0)}
     out.write_text(json.dumps(report, indent=2) + "\n")
     grid = image_grid(grids, cols=1)

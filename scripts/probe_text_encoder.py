@@ -20,7 +20,8 @@ Method (CPU, minutes):
      states, for each feature set:
        encoder - the tower's output, what the UNet cross-attends to;
        bow     - the tower's token-embedding rows alone (no positions, no transformer): a bag of words;
-       input   - token + position embeddings, the transformer's input (optional: position without context).
+       input   - token + position embeddings, the transformer's input (optional: position without context);
+       skipK   - the output of the K-th layer from the end through the final layer norm (``--clip-skip K``).
   4. Predictions are scored with the evaluator's checks (``snapfusion.eval.attributes.check_scene``) transposed to
      labels: presence, count, color (shapes), position (single slot / group at the center / pair relation with
      each object exactly matched), background (kind, colors in order, direction), size (reported, not in "all").
@@ -111,9 +112,10 @@ def sample_split(count: int, split: str, seed: int, cfg: SceneConfig, p_omit: fl
 
 
 @torch.no_grad()
-def encode(model: TextEncoder, ids: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The tower's last_hidden_state (N, 77, D) of token ids (N, 77), in batches."""
-    return torch.cat([model(ids[i: i + batch_size]) for i in range(0, len(ids), batch_size)])
+def encode(model: TextEncoder, ids: torch.Tensor, batch_size: int = 512, *, skip: int = 0) -> torch.Tensor:
+    """The tower's states (N, 77, D) of token ids (N, 77), in batches: last_hidden_state, or with ``skip`` = k the
+    output of the k-th layer from the end through the final layer norm (diffusers' ``clip_skip``)."""
+    return torch.cat([model(ids[i: i + batch_size], skip=skip) for i in range(0, len(ids), batch_size)])
 
 
 class Features:
@@ -128,7 +130,7 @@ class Features:
         self.positions = emb.position_embedding.weight.detach()  # (77, D)
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        if self.kind == "encoder":
+        if self.kind == "encoder" or self.kind.startswith("skip"):
             return self.states[index]
         tokens = self.table[self.rows[index]]  # (B, 77, D): the bag of words (order lost to the pooling)
         return tokens + self.positions if self.kind == "input" else tokens
@@ -294,7 +296,8 @@ def main() -> None:
     p.add_argument("--val", type=int, default=2000, help="in-distribution captions (fresh training-split scenes)")
     p.add_argument("--p-omit", type=float, default=0.0,
                    help="caption_p_omit of the probe's training captions (the UNet trained with 0.1)")
-    p.add_argument("--features", nargs="+", default=["encoder", "bow"], choices=["encoder", "bow", "input"])
+    p.add_argument("--features", nargs="+", default=["encoder", "bow"],
+                   help="encoder, bow, input, or skipK (K = 1 .. the tower's layers: an earlier layer's states)")
     p.add_argument("--attend", choices=["all", "tokens"], default="all",
                    help="all: the 77 positions, as the UNet's cross-attention; tokens: BOS..first EOS only")
     p.add_argument("--queries", type=int, default=16)
@@ -306,6 +309,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args()
+    bad = [f for f in a.features if f not in ("encoder", "bow", "input")
+           and not (f.startswith("skip") and f[4:].isdigit() and int(f[4:]) > 0)]
+    if bad:
+        p.error(f"--features: unknown {bad}; choose from encoder, bow, input, skipK")
     if min(a.train, a.val, a.queries, a.steps, a.batch_size, a.log_every) < 1 or a.lr <= 0 or not 0 <= a.p_omit <= 1:
         p.error("--train, --val, --queries, --steps, --batch-size and --log-every must be >= 1, --lr > 0, "
                 "--p-omit in [0, 1]")
@@ -342,7 +349,10 @@ def main() -> None:
     for kind in a.features:
         t1 = time.time()
         print(f"probe on '{kind}' features:", flush=True)
-        feats = {k: Features(kind, model, ids[k], states[k]) for k in splits}
+        if kind.startswith("skip"):  # an earlier layer's states, encoded for this probe only
+            layer_states = {k: encode(model, v, skip=int(kind[4:])) for k, v in ids.items()}
+        feats = {k: Features(kind, model, ids[k], layer_states[k] if kind.startswith("skip") else states[k])
+                 for k in splits}
         mask = {k: masks[k] if a.attend == "tokens" else None for k in splits}
         probe = train_probe(feats["train"], splits["train"].labels, mask["train"], heads, a)
         results[kind] = {k: score(predict(probe, feats[k], mask[k], len(splits[k].labels)), splits[k], heads)

@@ -276,7 +276,7 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     cfg = UNetTaskConfig(model=model, vae=vae, text_encoder=text, image_size=a.image_size,
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
-                         **_mix_options(a))
+                         clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid, **_mix_options(a))
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
 
 
@@ -292,7 +292,8 @@ def _mix_options(a: argparse.Namespace) -> dict:
 def cmd_assemble(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import assemble_pipeline
 
-    out = assemble_pipeline(a.text_encoder, a.vae, a.unet, a.out, name=a.name, with_encoder=a.with_encoder)
+    out = assemble_pipeline(a.text_encoder, a.vae, a.unet, a.out, name=a.name, with_encoder=a.with_encoder,
+                            clip_skip=a.clip_skip)
     print(f"wrote pipeline {out}")
 
 
@@ -447,7 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from-pipeline", default=None, metavar="MODEL",
                    help="'base' or a pipeline folder: continue its UNet on its text encoder and autoencoder")
     t.add_argument("--image-size", type=int, default=512)
+    t.add_argument("--clip-skip", type=int, default=0, metavar="K",
+                   help="condition on the text tower without its last K layers (diffusers' clip_skip; SD 2 uses the "
+                   "penultimate layer, K = 1); pass the same K to assemble")
     add_noise_data_options(t)
+    t.add_argument("--offset-noise-grid", type=int, default=1, metavar="G",
+                   help="also add the --offset-noise on coarse grids 2x2, 4x4, .. GxG, bilinearly upsampled (G a power "
+                   "of 2): lets the model choose a gradient background's direction, as --offset-noise its color")
     t.add_argument("--mix-size", type=int, default=0, help="mixed-resolution training (with --latent-pool): some "
                    "steps train at this size instead of --image-size, e.g. --image-size 256 --mix-size 512")
     t.add_argument("--mix-prob", type=float, default=0.25, help="share of the steps at --mix-size (default 0.25)")
@@ -464,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--name", default="base")
     s.add_argument("--with-encoder", action="store_true", help="also ship the VAE encoder")
+    s.add_argument("--clip-skip", type=int, default=0, metavar="K",
+                   help="ship the text tower without its last K layers: the train-unet --clip-skip of the UNet")
     s.set_defaults(func=cmd_assemble)
 
     c = sub.add_parser("convert-sd", help="convert a local SD-v1.x (diffusers folder or .safetensors) to our format")

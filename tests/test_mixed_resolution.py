@@ -49,7 +49,8 @@ def test_a_mixed_step_trains_on_the_second_pool_at_the_second_size(parts, monkey
     loss, logs = task.loss(UNet(UNET), batch, torch.Generator().manual_seed(0))
     assert seen[0].shape == (2, 4, 16, 16) and loss.shape == (2,)  # 128² scenes, 16x16 latents
     assert logs == {"mixed_share": 1.0}  # logged: the share of this process's steps at the mixed size
-    assert task._pool is None  # the first pool was never needed
+    # both pools are built at the first step, mixed or not (under DDP every process gathers both in the same order)
+    assert task._pool.mean.shape == (6, 4, 8, 8) and task._mix_pool.mean.shape == (3, 4, 16, 16)
     image = SceneDataset("train", 128, task.cfg.seed, 3, task.cfg.data)[2]["image"]  # pooled scene 2 at 128²
     expected = vae.encoder.encode(images_to_unit(image[None], torch.device("cpu"))).mean
     torch.testing.assert_close(task._mix_pool.mean[2:3].float(), expected, atol=2e-3, rtol=1e-2)

@@ -126,7 +126,8 @@ def test_block_importance_drops_each_valid_block_once(tiny_pipeline, tmp_path):
 
 def test_the_shipped_default_is_the_8_step_student(tmp_path):
     """`snapfusion generate` without --model runs the SnapFusion student: evolved v-prediction UNet stored as int8,
-    8 trailing DDIM steps, the base's text encoder and the halved decoder shared, not copied."""
+    8 trailing DDIM steps, the 4-layer text tower and the halved decoder shared, not copied (the base ships the tower's
+    1-layer cut: its UNet reads the first layer, the student's the last)."""
     from PIL import Image
 
     from snapfusion.cli import EMBEDDED, SHIPPED_DECODERS, resolve_model
@@ -139,7 +140,8 @@ def test_the_shipped_default_is_the_8_step_student(tmp_path):
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(pipe.unet) < 0.8 * n(base.unet)  # evolved: blocks removed
     folder = EMBEDDED / "snapfusion"
-    assert part_folder(folder, "text_encoder") == (EMBEDDED / "base" / "text_encoder").resolve()
+    assert part_folder(folder, "text_encoder") == (EMBEDDED / "parts" / "text_encoder").resolve()
+    assert (pipe.text_encoder.config.num_layers, base.text_encoder.config.num_layers) == (4, 1)
     assert part_folder(folder, "vae_decoder") == SHIPPED_DECODERS["half"].resolve()
     raw = {}
     for f in sorted((folder / "unet").glob("*.safetensors")):  # the files as stored, before dequantizing

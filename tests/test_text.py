@@ -16,7 +16,7 @@ from snapfusion.convert.text_keys import load_ldm_text_encoder, text_from_ldm, t
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.text import (POSITION_IDS_KEY, TOKENIZER_DIR, TextEncoder, TextEncoderConfig, Tokenizer,
                                     config_from_transformers, load_text_encoder, load_transformers_text_encoder,
-                                    save_text_encoder)
+                                    save_text_encoder, skip_layers)
 
 transformers = pytest.importorskip("transformers")
 
@@ -224,3 +224,30 @@ def test_shipped_base_text_encoder_is_compact_and_knows_every_test_prompt(tok):
     for name in ("test", "train200"):
         ids = tok([r["prompt"] for r in load_prompt_set(name)])
         assert not text.unknown_tokens(ids).any(), name
+
+
+def test_skip_layers_is_diffusers_clip_skip_as_a_shorter_tower(tmp_path, tok):
+    """skip_layers(model, k) is the tower without its last k layers and keeps the final layer norm: its output is
+    the k-th layer from the end through that norm (diffusers' clip_skip), and it saves and loads as a plain tower."""
+    torch.manual_seed(0)
+    model = TextEncoder(TextEncoderConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                                          projection_dim=32)).eval()
+    ids = tok(["a red star to the left of a cat", ""])
+    with torch.no_grad():
+        hidden = model.text_model(input_ids=ids, output_hidden_states=True).hidden_states  # embeddings + 3 layers
+        inner = getattr(model.text_model, "text_model", model.text_model)
+        for k in (1, 2):
+            short = skip_layers(model, k)
+            assert short.config.num_layers == 3 - k
+            want = inner.final_layer_norm(hidden[-(k + 1)])
+            torch.testing.assert_close(short(ids), want, atol=0, rtol=0)
+            torch.testing.assert_close(model(ids, skip=k), want, atol=0, rtol=0)
+            assert not torch.allclose(short(ids), model(ids))  # it is a different context
+        save_text_encoder(tmp_path / "t", skip_layers(model, 1))
+        torch.testing.assert_close(load_text_encoder(tmp_path / "t")(ids), model(ids, skip=1), atol=0, rtol=0)
+    assert skip_layers(model, 0) is model
+    for bad in (3, -1, 1.0, True):
+        with pytest.raises(ConfigError, match="clip skip"):
+            skip_layers(model, bad)
+    with pytest.raises(ConfigError, match="clip skip"):
+        model(ids, skip=4)

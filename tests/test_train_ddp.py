@@ -1,5 +1,6 @@
 """The training loop under DDP: two CPU processes (gloo) through torchrun, as `accelerate launch` runs it on GPUs."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -8,10 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import TINY_TEXT
 
+from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
+from snapfusion.models.text import TextEncoder, save_text_encoder
+from snapfusion.models.unet_config import tiny_sd15
 from snapfusion.train.loop import _StreamSampler
+from snapfusion.train.tasks import LatentPool, UNetTask, UNetTaskConfig
 
 SCRIPT = Path(__file__).parent / "helpers" / "ddp_train.py"
+POOL_SCRIPT = Path(__file__).parent / "helpers" / "ddp_pool.py"
 
 
 def test_stream_sampler_splits_the_global_batch_across_ranks():
@@ -47,3 +55,31 @@ def test_two_process_run_checkpoints_once_and_resumes(tmp_path):
     assert json.loads((tmp_path / "latest.json").read_text())["step"] == 5
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5]  # the main process alone logs, once per step
+
+
+POOL_UNET = dataclasses.replace(tiny_sd15(), context_dim=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [5, 6])
+def test_a_latent_pool_built_by_two_processes_is_the_whole_pool_in_each(tmp_path, count):
+    """Under DDP each process encodes its share of the pooled scenes and gathers the rest: every process ends with
+    the pool a single process builds (an odd count too: the last share is shorter)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    save_autoencoder(tmp_path / "vae", AutoencoderKL(AutoencoderConfig.tiny()))
+    save_text_encoder(tmp_path / "text", TextEncoder(TINY_TEXT))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(POOL_SCRIPT), str(tmp_path), str(tmp_path), str(count)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task = UNetTask(UNetTaskConfig(model=POOL_UNET, vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"),
+                                   image_size=32, latent_pool=count, pool_workers=0))
+    alone = LatentPool(task.encoder, task.cfg, torch.device("cpu"))
+    assert alone.mean.shape == (count, 4, 4, 4)
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        torch.testing.assert_close(got["mean"], alone.mean, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(got["std"], alone.std, atol=1e-3, rtol=1e-3)

@@ -37,15 +37,21 @@ def test_init_unet_starts_from_the_folder_and_checks_the_config(parts, tmp_path)
         UNetTask(UNetTaskConfig(model=other, init_unet=str(tmp_path / "unet"), **parts)).build()
 
 
-def _channel_means_of_noise(parts, offset: float, monkeypatch) -> torch.Tensor:
-    """Per-sample, per-channel spatial means of the noise one loss call adds (B=64 samples)."""
-    task = UNetTask(UNetTaskConfig(model=UNET, offset_noise=offset, latent_pool=4, pool_workers=0, **parts))
+def _noise_of_one_step(parts, offset: float, monkeypatch, grid: int = 1) -> torch.Tensor:
+    """The training noise one loss call adds (B=64 samples, 8x8 latents)."""
+    task = UNetTask(UNetTaskConfig(model=UNET, offset_noise=offset, offset_noise_grid=grid, latent_pool=4,
+                                   pool_workers=0, **parts))
     seen = []
     original = task.schedule.add_noise
     monkeypatch.setattr(task.schedule, "add_noise", lambda x0, eps, t: seen.append(eps) or original(x0, eps, t))
     batch = task.collate([task.dataset()[i] for i in range(64)])
     task.loss(UNet(UNET), batch, torch.Generator().manual_seed(0))
-    return seen[0].mean(dim=(2, 3))
+    return seen[0]
+
+
+def _channel_means_of_noise(parts, offset: float, monkeypatch) -> torch.Tensor:
+    """Per-sample, per-channel spatial means of the noise one loss call adds (B=64 samples)."""
+    return _noise_of_one_step(parts, offset, monkeypatch).mean(dim=(2, 3))
 
 
 def test_offset_noise_moves_each_channels_mean(parts, monkeypatch):
@@ -54,6 +60,28 @@ def test_offset_noise_moves_each_channels_mean(parts, monkeypatch):
     # 8x8 latents: the spatial mean of white noise has std 1/8; the offset adds std 0.5 per sample and channel
     assert 0.08 < plain.std().item() < 0.17
     assert 0.4 < offset.std().item() < 0.65
+
+
+def test_offset_noise_grid_also_moves_the_contrast_between_image_halves(parts, monkeypatch):
+    """--offset-noise-grid 2 adds the offset on a 2x2 grid too: the left-minus-right half means of the noise spread
+    (white noise: std 2/8 over 8x8 latents)."""
+    def halves(eps):
+        return eps[..., :4].mean(dim=(2, 3)) - eps[..., 4:].mean(dim=(2, 3))
+
+    plain = _noise_of_one_step(parts, 1.0, monkeypatch)
+    gridded = _noise_of_one_step(parts, 1.0, monkeypatch, grid=2)
+    assert 0.17 < halves(plain).std().item() < 0.33
+    # + the 2x2 draw: its halves differ by std 1, about 0.75 of that survives the bilinear upsampling: 0.8 in all
+    assert 0.6 < halves(gridded).std().item() < 1.0
+    # the channel means: the 1x1 offset (std 1) plus the 2x2 draw's mean (std 1/2)
+    assert 0.9 < gridded.mean(dim=(2, 3)).std().item() < 1.4
+
+
+@pytest.mark.parametrize("grid, offset, message", [(3, 0.1, "power of 2"), (0, 0.1, "power of 2"),
+                                                   (2, 0.0, "needs --offset-noise")])
+def test_bad_offset_noise_grids_are_refused(parts, grid, offset, message):
+    with pytest.raises(ConfigError, match=message):
+        UNetTask(UNetTaskConfig(model=UNET, offset_noise=offset, offset_noise_grid=grid, **parts))
 
 
 def test_train_unet_command_checks_its_folders_before_training(tmp_path, capsys):
@@ -206,3 +234,32 @@ def test_robust_train_kd_feature_weight_needs_a_teacher(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--kd-feature-weight needs --kd-unet" in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_clip_skip_trains_on_the_shorter_tower_and_assemble_ships_it(parts, tmp_path, monkeypatch):
+    """train-unet --clip-skip 1 conditions on the tower without its last layer; assemble --clip-skip 1 writes
+    that tower, so the pipeline's context is the one the UNet trained on; a skip the tower cannot take is one line."""
+    import snapfusion.train.stages as stages
+    from snapfusion.cli import main
+    from snapfusion.models.text import Tokenizer, load_text_encoder
+    from snapfusion.pipeline import Pipeline
+
+    seen = {}
+    monkeypatch.setattr(stages, "train", lambda cfg, task, resume=False: seen.update(task=task) or {"is_main": False})
+    args = ["train-unet", "--run-dir", str(tmp_path / "r"), "--vae", parts["vae"], "--text-encoder",
+            parts["text_encoder"], "--image-size", "64", "--max-steps", "1", "--sample-every", "0"]
+    assert main(args + ["--clip-skip", "1"]) == 0
+    task = seen["task"]
+    assert task.cfg.clip_skip == 1 and task.text.config.num_layers == TINY_TEXT.num_layers - 1
+    ids = Tokenizer()(["a red star"])
+    full = load_text_encoder(parts["text_encoder"]).eval()
+    with torch.no_grad():
+        want = full(ids, skip=1)
+        torch.testing.assert_close(task.text(ids), want, atol=0, rtol=0)
+        UNet(UNET).save(tmp_path / "unet")
+        assert main(["assemble", "--text-encoder", parts["text_encoder"], "--vae", parts["vae"], "--unet",
+                     str(tmp_path / "unet"), "--out", str(tmp_path / "pipe"), "--clip-skip", "1"]) == 0
+        pipe = Pipeline.load(tmp_path / "pipe")
+        assert pipe.text_encoder.config.num_layers == TINY_TEXT.num_layers - 1
+        torch.testing.assert_close(pipe.encode_text(["a red star"]), want.half().float(), atol=2e-2, rtol=0)
+    assert main(args + ["--clip-skip", str(TINY_TEXT.num_layers)]) == 2

@@ -170,10 +170,18 @@ class TextEncoder(nn.Module):
         if config.vocab_rows:
             self.register_buffer("token_map", torch.zeros(config.vocab_size, dtype=torch.int32))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """``skip`` = k > 0: the output of the k-th layer from the end, through the final layer norm, instead of
+        the last layer's (diffusers' ``clip_skip``; SD 2 conditions on the penultimate layer, k = 1)."""
         if self.config.vocab_rows:  # CLIP ids -> rows of the compact embedding (the pooled output is not used)
             input_ids = self.token_map[input_ids].long()
-        return self.text_model(input_ids=input_ids).last_hidden_state  # (B, 77, D)
+        if not skip:
+            return self.text_model(input_ids=input_ids).last_hidden_state  # (B, 77, D)
+        if not 0 < skip <= self.config.num_layers:
+            raise ConfigError(f"text encoder: clip skip {skip} outside 0..{self.config.num_layers} (its layers)")
+        hidden = self.text_model(input_ids=input_ids, output_hidden_states=True).hidden_states[-(skip + 1)]
+        inner = getattr(self.text_model, "text_model", self.text_model)  # transformers < 5 nests the modules once more
+        return inner.final_layer_norm(hidden)
 
     def unknown_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Mask (like ``input_ids``) of ids outside a compact vocabulary (all False for the full embedding)."""
@@ -205,6 +213,24 @@ def compact_vocabulary(model: TextEncoder, keep: Sequence[int]) -> TextEncoder:
     state["token_map"] = token_map
     out.load_state_dict(state)
     return out
+
+
+def skip_layers(model: TextEncoder, skip: int) -> TextEncoder:
+    """A copy of ``model`` without its last ``skip`` transformer layers, the final layer norm kept.
+
+    Its ``last_hidden_state`` is bit for bit ``model(ids, skip=skip)``: diffusers' ``clip_skip``, stored as a plain,
+    shorter CLIP text tower that any CLIPTextModel loader reads, and cheaper to run. SD 2 conditions its UNet on the
+    penultimate layer of a frozen CLIP tower (``skip`` = 1). ``skip`` = 0 returns the model itself.
+    """
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < model.config.num_layers:
+        raise ConfigError(f"clip skip must be an integer in 0..{model.config.num_layers - 1} for a tower of "
+                          f"{model.config.num_layers} layers, got {skip!r}")
+    if skip == 0:
+        return model
+    out = TextEncoder(dataclasses.replace(model.config, num_layers=model.config.num_layers - skip))
+    dropped = tuple(f".layers.{i}." for i in range(out.config.num_layers, model.config.num_layers))
+    out.load_state_dict({k: v for k, v in model.state_dict().items() if not any(d in k for d in dropped)})
+    return out.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
 
 
 KIND = "text-encoder"

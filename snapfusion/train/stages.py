@@ -16,7 +16,7 @@ import torch
 
 from snapfusion.data import SceneDataset
 from snapfusion.models.autoencoder import AutoencoderKL, load_autoencoder, save_autoencoder
-from snapfusion.models.text import load_text_encoder, save_text_encoder
+from snapfusion.models.text import load_text_encoder, save_text_encoder, skip_layers
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline, PipelineConfig
 from snapfusion.train import state as ckpt_io
@@ -90,9 +90,11 @@ def train_unet(cfg: LoopConfig, task_cfg: UNetTaskConfig, *, resume: bool = Fals
 
 
 def assemble_pipeline(text_dir: str, vae_dir: str, unet_dir: str, out: str, *, name: str = "base",
-                      with_encoder: bool = False, config: PipelineConfig | None = None) -> Path:
-    """A pipeline folder (fp16) from trained parts; sampling defaults are SD-v1.5's unless ``config`` is given."""
+                      with_encoder: bool = False, config: PipelineConfig | None = None, clip_skip: int = 0) -> Path:
+    """A pipeline folder (fp16) from trained parts; sampling defaults are SD-v1.5's unless ``config`` is given.
+    ``clip_skip``: the UNet trained on the text tower without its last layers (train-unet --clip-skip), so the
+    pipeline ships that shorter tower."""
     vae = load_autoencoder(vae_dir, AutoencoderKL)
-    pipe = Pipeline(load_text_encoder(text_dir), UNet.load(unet_dir), vae.decoder,
+    pipe = Pipeline(skip_layers(load_text_encoder(text_dir), clip_skip), UNet.load(unet_dir), vae.decoder,
                     config or PipelineConfig(name=name), encoder=vae.encoder if with_encoder else None)
     return pipe.save(out, dtype=torch.float16)

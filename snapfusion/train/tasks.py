@@ -22,7 +22,8 @@ from snapfusion.errors import ConfigError
 from snapfusion.data import SceneConfig, SceneDataset, caption, collate_scenes, load_prompt_set, sample_scene
 from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Decoder, Encoder, load_autoencoder,
                                            save_autoencoder)
-from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder
+from snapfusion.models.text import (TextEncoder, TextEncoderConfig, Tokenizer, load_text_encoder, save_text_encoder,
+                                   skip_layers)
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import UNetConfig, stage_widths
 from snapfusion.sampling import Denoiser, PredictionType
@@ -314,6 +315,8 @@ class UNetTaskConfig:
     model: UNetConfig
     vae: str                      # folder of the trained autoencoder (kind "vae" or "vae-encoder")
     text_encoder: str             # folder of the frozen text tower
+    clip_skip: int = 0            # > 0: condition on the tower without its last clip_skip layers (diffusers'
+                                  # clip_skip; SD 2 uses the penultimate layer): assemble the pipeline with the same
     image_size: int = 512
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     uncond_prob: float = 0.1      # SD: 10% empty captions so that classifier-free guidance works
@@ -327,6 +330,9 @@ class UNetTaskConfig:
     offset_noise: float = 0.0     # > 0: add offset * N(0, 1) per sample and channel to the noise (docs/base_model.md:
                                   # SD's schedule leaks each channel's mean at t = T, so without it the model
                                   # cannot choose a flat background's color at sampling time)
+    offset_noise_grid: int = 1    # > 1 (a power of 2): the offset noise also on coarse grids up to this one. SD's
+                                  # schedule leaks the contrast between image halves as it leaks the mean (a gradient
+                                  # background's direction is readable at t = T; docs/base_model.md, session 12)
     init_unet: str = ""           # folder of a UNet to start from (a fresh run only; --resume reads the checkpoint)
     kd_unet: str = ""             # folder of a frozen UNet, eps or v (the teacher): adds kd_weight x the eps-space MSE
                                   # to its prediction on the same input (BK-SDM's output-level distillation)
@@ -382,10 +388,15 @@ class LatentPool:
     once (P, size: the task's latent_pool and image_size, or its mix_pool and mix_size)."""
 
     def __init__(self, encoder: Encoder, cfg: UNetTaskConfig, device: torch.device, mixed: bool = False):
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, Subset
 
         size, count = (cfg.mix_size, cfg.mix_pool) if mixed else (cfg.image_size, cfg.latent_pool)
-        ds = SceneDataset("train", size, cfg.seed, count, cfg.data)
+        # under DDP every process renders and encodes a contiguous 1/N of the scenes, then all gather the whole pool
+        # (the same pool in every process, in the time of its share: rendering bounds the build)
+        rank, world = _rank_and_world()
+        share = -(-count // world)
+        ds = Subset(SceneDataset("train", size, cfg.seed, count, cfg.data),
+                    range(min(count, rank * share), min(count, (rank + 1) * share)))
         loader = DataLoader(ds, batch_size=64, num_workers=cfg.pool_workers, collate_fn=collate_scenes)
         means, stds = [], []
         # built lazily inside the loop's autocast: encode in the encoder's own precision (and CPU autocast cannot
@@ -395,13 +406,48 @@ class LatentPool:
                 posterior = encoder.encode(images_to_unit(batch["image"], device))
                 means.append(posterior.mean.half())
                 stds.append(posterior.std.half())
-            self.mean, self.std = torch.cat(means), torch.cat(stds)  # (P, 4, h, w) each
+            h = size // encoder.config.downscale
+            empty = torch.empty(0, encoder.config.latent_channels, h, h, dtype=torch.float16, device=device)
+            self.mean, self.std = (_gather_rows(torch.cat([empty, *rows]), share, count, world)
+                                   for rows in (means, stds))  # (P, 4, h, w) each
         self.scale = encoder.config.scaling_factor
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled diffusion latents of pooled scenes ``index`` (B,): a fresh posterior draw each time."""
         mean, std = self.mean[index].float(), self.std[index].float()
         return (mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)) * self.scale
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_rows(local: torch.Tensor, share: int, count: int, world: int) -> torch.Tensor:
+    """Every process's rows (each process holds ``share`` rows, the last maybe fewer) in rank order, ``count`` in
+    all, in every process."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    padded = torch.zeros(share, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:count]
+
+
+def check_offset_noise(cfg: UNetTaskConfig) -> None:
+    """Offset-noise options that cannot train are refused before anything is built."""
+    grid = cfg.offset_noise_grid
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1 or grid & (grid - 1):
+        raise ConfigError(f"--offset-noise-grid must be a power of 2 (1, 2, 4, ..), got {grid!r}")
+    if grid > 1 and cfg.offset_noise <= 0:
+        raise ConfigError("--offset-noise-grid needs --offset-noise > 0 (the strength on every grid)")
 
 
 def check_mixed_resolution(cfg: UNetTaskConfig) -> None:
@@ -427,12 +473,13 @@ class UNetTask:
         self.tokenizer = Tokenizer()
         self.schedule = NoiseSchedule(cfg.schedule)
         self.encoder = _load_encoder(Path(cfg.vae)).eval().requires_grad_(False)
-        self.text = load_text_encoder(cfg.text_encoder).eval().requires_grad_(False)
+        self.text = skip_layers(load_text_encoder(cfg.text_encoder), cfg.clip_skip).eval().requires_grad_(False)
         self._decoder_folder = Path(cfg.vae_decoder or cfg.vae)
         self._pool: LatentPool | None = None
         self._mix_pool: LatentPool | None = None
         self._mix_counts = [0, 0]  # this process's plain and mixed steps since it started (logged as a share)
         check_mixed_resolution(cfg)
+        check_offset_noise(cfg)
         self.kd = _load_kd_teacher(cfg, self.text.config.hidden_size) if cfg.kd_unet else None
 
     def describe(self) -> dict:
@@ -482,11 +529,19 @@ class UNetTask:
 
     def noise(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Training noise eps like ``x0`` (B, C, h, w): N(0, 1), plus offset * N(0, 1) per sample and channel when
-        ``offset_noise`` > 0 (the same draw serves every task that trains on this data: v fine-tuning, distillation)."""
+        ``offset_noise`` > 0 (the same draw serves every task that trains on this data: v fine-tuning, distillation),
+        and with ``offset_noise_grid`` G > 1 also offset * N(0, 1) on each coarser grid 2 x 2, 4 x 4, .. G x G,
+        bilinearly upsampled (ramps between image halves, quarters, ..: multi-resolution offset noise)."""
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         if self.cfg.offset_noise > 0:
             B, C = x0.shape[:2]
             eps = eps + self.cfg.offset_noise * torch.randn(B, C, 1, 1, device=x0.device, generator=generator)
+            grid = 2
+            while grid <= self.cfg.offset_noise_grid:
+                coarse = torch.randn(B, C, grid, grid, device=x0.device, generator=generator)
+                eps = eps + self.cfg.offset_noise * F.interpolate(coarse, size=x0.shape[-2:], mode="bilinear",
+                                                                  align_corners=False)
+                grid *= 2
         return eps
 
     @property
@@ -505,8 +560,10 @@ class UNetTask:
         self.text.to(device)
         with torch.no_grad():
             if self.mixing and self._mix_pool is None:
-                # at the first step, mixed or not: under DDP every process then builds it at once, instead of each
-                # at its own first mixed step while the others wait for it (session 11 lost about a minute so)
+                # both pools at the first step, mixed or not: under DDP every process builds them at once and in the
+                # same order (each gathers its share from the others), not at its own first step of each size
+                if self._pool is None:
+                    self._pool = LatentPool(self.encoder.to(device), self.cfg, device)
                 self._mix_pool = LatentPool(self.encoder.to(device), self.cfg, device, mixed=True)
             mixed = self.mixed_step(generator)
             self._mix_counts[mixed] += 1
