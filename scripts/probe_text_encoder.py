@@ -49,7 +49,7 @@ from torch import nn
 from snapfusion.data import Scene, SceneConfig, caption, held_out_in, load_prompt_set, sample_scene, vocab
 from snapfusion.data.vocab import BACKGROUND_KINDS, COLOR_NAMES, DIRECTIONS, POSITIONS, SIZES
 from snapfusion.eval.attributes import REPORTED
-from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder
+from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, skip_layers
 
 NONE = "none"  # label of an absent slot-b object, of an emoji's color, of a solid background's second color
 PAIR_SLOTS = {"left": "left of", "top": "above"}  # slot a's position in a pair -> the scene's relation
@@ -112,10 +112,9 @@ def sample_split(count: int, split: str, seed: int, cfg: SceneConfig, p_omit: fl
 
 
 @torch.no_grad()
-def encode(model: TextEncoder, ids: torch.Tensor, batch_size: int = 512, *, skip: int = 0) -> torch.Tensor:
-    """The tower's states (N, 77, D) of token ids (N, 77), in batches: last_hidden_state, or with ``skip`` = k the
-    output of the k-th layer from the end through the final layer norm (diffusers' ``clip_skip``)."""
-    return torch.cat([model(ids[i: i + batch_size], skip=skip) for i in range(0, len(ids), batch_size)])
+def encode(model: TextEncoder, ids: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The tower's last_hidden_state (N, 77, D) of token ids (N, 77), in batches."""
+    return torch.cat([model(ids[i: i + batch_size]) for i in range(0, len(ids), batch_size)])
 
 
 class Features:
@@ -350,7 +349,8 @@ def main() -> None:
         t1 = time.time()
         print(f"probe on '{kind}' features:", flush=True)
         if kind.startswith("skip"):  # an earlier layer's states, encoded for this probe only
-            layer_states = {k: encode(model, v, skip=int(kind[4:])) for k, v in ids.items()}
+            short = skip_layers(model, int(kind[4:]))
+            layer_states = {k: encode(short, v) for k, v in ids.items()}
         feats = {k: Features(kind, model, ids[k], layer_states[k] if kind.startswith("skip") else states[k])
                  for k in splits}
         mask = {k: masks[k] if a.attend == "tokens" else None for k in splits}

@@ -170,18 +170,10 @@ class TextEncoder(nn.Module):
         if config.vocab_rows:
             self.register_buffer("token_map", torch.zeros(config.vocab_size, dtype=torch.int32))
 
-    def forward(self, input_ids: torch.Tensor, skip: int = 0) -> torch.Tensor:
-        """``skip`` = k > 0: the output of the k-th layer from the end, through the final layer norm, instead of
-        the last layer's (diffusers' ``clip_skip``; SD 2 conditions on the penultimate layer, k = 1)."""
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.config.vocab_rows:  # CLIP ids -> rows of the compact embedding (the pooled output is not used)
             input_ids = self.token_map[input_ids].long()
-        if not skip:
-            return self.text_model(input_ids=input_ids).last_hidden_state  # (B, 77, D)
-        if not 0 < skip <= self.config.num_layers:
-            raise ConfigError(f"text encoder: clip skip {skip} outside 0..{self.config.num_layers} (its layers)")
-        hidden = self.text_model(input_ids=input_ids, output_hidden_states=True).hidden_states[-(skip + 1)]
-        inner = getattr(self.text_model, "text_model", self.text_model)  # transformers < 5 nests the modules once more
-        return inner.final_layer_norm(hidden)
+        return self.text_model(input_ids=input_ids).last_hidden_state  # (B, 77, D)
 
     def unknown_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Mask (like ``input_ids``) of ids outside a compact vocabulary (all False for the full embedding)."""
@@ -218,8 +210,9 @@ def compact_vocabulary(model: TextEncoder, keep: Sequence[int]) -> TextEncoder:
 def skip_layers(model: TextEncoder, skip: int) -> TextEncoder:
     """A copy of ``model`` without its last ``skip`` transformer layers, the final layer norm kept.
 
-    Its ``last_hidden_state`` is bit for bit ``model(ids, skip=skip)``: diffusers' ``clip_skip``, stored as a plain,
-    shorter CLIP text tower that any CLIPTextModel loader reads, and cheaper to run. SD 2 conditions its UNet on the
+    Its ``last_hidden_state`` is the ``skip``-th layer from the end of ``model`` through the final layer norm, bit for
+    bit: diffusers' ``clip_skip``, stored as a plain, shorter CLIP text tower that any CLIPTextModel loader reads, and
+    cheaper to run. SD 2 conditions its UNet on the
     penultimate layer of a frozen CLIP tower (``skip`` = 1). ``skip`` = 0 returns the model itself.
     """
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < model.config.num_layers:
