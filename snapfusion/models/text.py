@@ -212,8 +212,8 @@ def skip_layers(model: TextEncoder, skip: int) -> TextEncoder:
 
     Its ``last_hidden_state`` is the ``skip``-th layer from the end of ``model`` through the final layer norm, bit for
     bit: diffusers' ``clip_skip``, stored as a plain, shorter CLIP text tower that any CLIPTextModel loader reads, and
-    cheaper to run. SD 2 conditions its UNet on the
-    penultimate layer of a frozen CLIP tower (``skip`` = 1). ``skip`` = 0 returns the model itself.
+    cheaper to run. SD 2 conditions its UNet on the penultimate layer of a frozen CLIP tower (``skip`` = 1).
+    ``skip`` = 0 returns the model itself.
     """
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < model.config.num_layers:
         raise ConfigError(f"clip skip must be an integer in 0..{model.config.num_layers - 1} for a tower of "
