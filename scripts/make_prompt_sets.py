@@ -1,7 +1,9 @@
 """Write the fixed evaluation prompt sets to snapfusion/assets/prompts/*.jsonl (deterministic; re-run to check).
 
 test.jsonl: 1,000 held-out-composition prompts; test200.jsonl: its first 200 (quick evaluation, evolution
-actions); train200.jsonl: 200 prompts of seen compositions, to tell memorisation from composition.
+actions); val.jsonl: 1,000 more held-out-composition prompts from another seed, none of them in test.jsonl, to choose
+between models without looking at the test prompts; train200.jsonl: 200 prompts of seen compositions, to tell
+memorisation from composition.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from snapfusion.data.prompts import PROMPT_DIR, make_prompt_set
 
-SEEDS = {"test": 1001, "train": 2002}
+SEEDS = {"test": 1001, "train": 2002, "val": 3003}
 
 
 def write(path: Path, records: list[dict]) -> None:
@@ -30,6 +32,9 @@ def main() -> None:
     test = make_prompt_set("test", args.count, SEEDS["test"])
     write(args.out / "test.jsonl", test)
     write(args.out / "test200.jsonl", test[:200])
+    taken = {r["prompt"] for r in test}
+    val = make_prompt_set("test", args.count + len(taken), SEEDS["val"])
+    write(args.out / "val.jsonl", [r for r in val if r["prompt"] not in taken][:args.count])
     write(args.out / "train200.jsonl", make_prompt_set("train", 200, SEEDS["train"]))
 
 

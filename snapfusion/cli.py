@@ -276,7 +276,8 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     cfg = UNetTaskConfig(model=model, vae=vae, text_encoder=text, image_size=a.image_size,
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
-                         clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid, **_mix_options(a))
+                         clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid,
+                         loss_weighting=a.loss_weighting, **_mix_options(a))
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
 
 
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="CLIP score, domain FID and attribute accuracy of a model on held-out prompts",
                        epilog="example: snapfusion eval --model base --num-images 200 --guidance-sweep 1,2,4,7.5")
     e.add_argument("--model", default=None, help="as for generate (default: the embedded model)")
-    e.add_argument("--prompts", default="test", help="a shipped prompt set name (test, test200) or a .jsonl file")
+    e.add_argument("--prompts", default="test", help="a shipped prompt set name (test, test200, val) or a .jsonl file")
     e.add_argument("--decoder", default=None, help="as for generate: 'half' or a decoder folder")
     e.add_argument("--unet", default=None, help="a UNet folder in place of the model's (e.g. a checkpoint's model/)")
     e.add_argument("--steps", type=int, default=None)
@@ -455,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--offset-noise-grid", type=int, default=1, metavar="G",
                    help="also add the --offset-noise on coarse grids 2x2, 4x4, .. GxG, bilinearly upsampled (G a power "
                    "of 2): lets the model choose a gradient background's direction, as --offset-noise its color")
+    t.add_argument("--loss-weighting", choices=["min-snr", "v"], default="min-snr",
+                   help="min-snr (default): Min-SNR-5 weights on the eps error; v: the plain v MSE's weights 1 + 1/SNR "
+                   "rescaled to mean 1 over t, so the noisiest steps, which choose the layout, weigh up to 10x more")
     t.add_argument("--mix-size", type=int, default=0, help="mixed-resolution training (with --latent-pool): some "
                    "steps train at this size instead of --image-size, e.g. --image-size 256 --mix-size 512")
     t.add_argument("--mix-prob", type=float, default=0.25, help="share of the steps at --mix-size (default 0.25)")

@@ -146,6 +146,12 @@ def test_prompt_sets():
     quick = load_prompt_set("test200")
     assert quick == records[:200]
     assert len(load_prompt_set("test", num_emoji=20)) < len(records)
+    val = load_prompt_set("val")  # model selection: the same held-out compositions, none of the test prompts
+    assert len(val) == 1000 and not {r["prompt"] for r in val} & {r["prompt"] for r in records}
+    for r in val[:100]:
+        scene = Scene.from_dict(r["scene"])
+        assert held_out_in(scene)
+        _faithful(scene, r["prompt"])
 
 
 def test_atlas():
