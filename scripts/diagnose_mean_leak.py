@@ -24,9 +24,17 @@ a gradient is made of):
      (each channel's mean and its half-to-half contrasts). If background accuracy rises from "oracle_mean" to
      "oracle_2x2", the UNet reads the gradient's direction from the noise, not from the prompt.
 
-Examples (about 12 and 20 minutes on a 2-core CPU):
+With ``--trajectory`` (gradient prompts only) no oracle: where the sampler takes the direction from. For each image, at
+each DDIM step, the model's clean-latent estimate's half contrast along the gradient is projected on the true
+render's; its sign says whether the estimate has the prompt's direction. Against it the sign of the starting noise's
+own half contrast projected the same way: a model that follows the prompt is right whatever that sign, one that
+follows the noise is right where it is positive and wrong where it is negative. Also the step at which each image's
+direction is settled (the estimate's sign no longer changes).
+
+Examples (about 12, 20 and 10 minutes on a 2-core CPU):
   python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --out docs/img/mean_leak.json
   python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --gradients --out gradient_leak.json
+  python scripts/diagnose_mean_leak.py --model base --count 32 --steps 20 --trajectory --out trajectory.json
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ def main() -> None:
     p.add_argument("--num-emoji", type=int, default=40)
     p.add_argument("--gradients", action="store_true",
                    help="gradient-background prompts only, and the 2 x 2 (half-to-half contrast) leak and oracle")
+    p.add_argument("--trajectory", action="store_true",
+                   help="gradient prompts only: per DDIM step, does the estimate have the prompt's direction, and "
+                        "does the final image follow the starting noise's (no oracle test)")
     p.add_argument("--out", default="mean_leak.json")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -66,6 +77,7 @@ def main() -> None:
     pipe = resolve_model(a.model).eval()
     encoder = load_autoencoder(model_folder(a.model) / "vae_encoder", Encoder).eval()
     records = load_prompt_set("test", num_emoji=a.num_emoji)
+    a.gradients = a.gradients or a.trajectory
     if a.gradients:
         records = [r for r in records if r["scene"]["background"]["direction"] is not None]
     res = pipe.config.resolution
@@ -119,6 +131,14 @@ def main() -> None:
     z = initial_noise(shape, [int(r["seed"]) for r in chosen], torch.device("cpu"))
     # Forward process at the first step: z_t = sqrt(abar) x0 + sqrt(1 - abar) eps; the DDIM sampler starts from
     # eps (unit variance), so the oracle adds sqrt(abar / (1 - abar)) * mean(x0) per channel.
+    if a.trajectory:
+        report = trajectory(pipe, model_fn, z, timesteps, block_means(chosen, 2), chosen, (cond, uncond))
+        report = {"model": a.model, "steps": a.steps, "guidance": a.guidance, "prompts": len(chosen), "leak": leak,
+                  **report, "seconds": round(time.time() - t0)}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in report.items() if k != "leak"}, indent=1))
+        return
     shift = (abar_first / (1 - abar_first)) ** 0.5 * target[:, :, None, None]
     starts = [("plain", z), ("oracle_mean", z + shift)]
     if a.gradients:  # the 2 x 2 block means, upsampled to the latent grid: the mean plus the half contrasts
@@ -145,6 +165,64 @@ def main() -> None:
     grid = image_grid(grids, cols=1)
     grid.resize((grid.width // 4, grid.height // 4)).save(out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def half_contrast(x: torch.Tensor, directions: list[str]) -> torch.Tensor:
+    """(N, C): each channel's first-half minus second-half mean of x (N, C, H, W), left - right for a horizontal
+    gradient, top - bottom for a vertical one."""
+    q = torch.nn.functional.adaptive_avg_pool2d(x, 2)  # (N, C, 2, 2)
+    return torch.stack([(qi[:, :, 0] - qi[:, :, 1]).mean(-1) if d == "horizontal" else (qi[:, 0] - qi[:, 1]).mean(-1)
+                        for qi, d in zip(q, directions)])
+
+
+@torch.no_grad()
+def trajectory(pipe, model_fn, z: torch.Tensor, timesteps: torch.Tensor, quads: torch.Tensor, records,
+               contexts: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """The --trajectory report: per step the share of estimates with the prompt's direction and their contrast as a
+    fraction of the true one; the final share split by the sign of the starting noise's contrast; when each image's
+    direction settles; and at the first step the conditional and unconditional estimates apart (does the prompt
+    push the right way?)."""
+    directions = [r["scene"]["background"]["direction"] for r in records]
+    truth = half_contrast(torch.nn.functional.interpolate(quads, size=z.shape[-2:], mode="nearest"), directions)
+    estimates = []
+
+    def along_truth(x0: torch.Tensor) -> torch.Tensor:  # (N,): the estimate's contrast projected on the true one,
+        return (half_contrast(x0, directions) * truth).sum(1) / (truth * truth).sum(1)  # 1 = the true contrast
+
+    def recording(zt, t):
+        pred = model_fn(zt, t)
+        estimates.append(along_truth(pred.x0))
+        return pred
+
+    denoiser, (cond, uncond) = pipe.denoiser(), contexts
+    t1 = timesteps[0].expand(z.shape[0])
+    first_cond = along_truth(denoiser(z, t1, cond).x0)
+    first_uncond = along_truth(denoiser(z, t1, uncond.expand(len(cond), *uncond.shape[1:])).x0)
+
+    sample_ddim(recording, z.clone(), timesteps, pipe.schedule)
+    projections = torch.stack(estimates)  # (steps, N)
+    agree = projections > 0
+    noise_agrees = (half_contrast(z, directions) * truth).sum(1) > 0  # (N,)
+    final = agree[-1]
+    changed = (agree != final[None]).float()  # 1 where a step's sign differs from the final one
+    steps = torch.arange(1, len(agree) + 1)[:, None]
+    settled = (changed * steps).amax(0) + 1  # first step from which the sign stays the final one
+    ts = [int(t) for t in timesteps[:-1]]
+    return {
+        "per_step": [{"step": i + 1, "t": t, "estimate_has_prompt_direction": float(agree[i].float().mean()),
+                      "median_fraction_of_true_contrast": float(projections[i].median())} for i, t in enumerate(ts)],
+        "first_step": {"cond_has_prompt_direction": float((first_cond > 0).float().mean()),
+                       "uncond_has_prompt_direction": float((first_uncond > 0).float().mean()),
+                       "cond_minus_uncond_has_prompt_direction": float((first_cond > first_uncond).float().mean()),
+                       "median_cond_minus_uncond_fraction": float((first_cond - first_uncond).median())},
+        "final_right_where_noise_agrees": float(final[noise_agrees].float().mean()) if noise_agrees.any() else None,
+        "final_right_where_noise_disagrees": float(final[~noise_agrees].float().mean()) if (~noise_agrees).any()
+        else None,
+        "noise_agrees": int(noise_agrees.sum()), "noise_disagrees": int((~noise_agrees).sum()),
+        "final_right": float(final.float().mean()),
+        "settled_at_step": {"median": float(settled.float().median()),
+                            "histogram": {str(k): int((settled == k).sum()) for k in settled.unique().tolist()}},
+    }
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 # (train-unet --clip-skip, diffusers' clip_skip). A probe on the shipped tower's states (scripts/probe_text_encoder.py,
 # this CPU) reads 76.5 % of the 485 held-out test prompts fully right from the last (4th) layer's states, 77.5, 83.9
 # and 88.5 % from the 3rd, 2nd and 1st (SKIP 1, 2, 3); on in-distribution captions 77.3, 79.0, 80.8 and 82.0 %, which
-# chose SKIP = 3: the later layers lose what a UNet needs. Also new since
+# chose SKIP = 3: the later layers lose what a UNet needs. (That cut is the shipped base/text_encoder since this run,
+# so SKIP now defaults to 0; the 4-layer tower is parts/text_encoder: TEXT=$STAGE/models/parts/text_encoder SKIP=3
+# repeats the run as it was, with parts/ carried.) Also new since
 # session 11: under DDP each process renders and encodes half of every latent pool and gathers the rest (the pools
 # cost about 65 s each in session 11, inside --max-minutes), and both pools are built at the first step.
 # The shipped text tower, encoder and session 10's decoder stay: the recipe's total is 6.5 (autoencoder and text
@@ -20,6 +22,8 @@
 #   bash scripts/gpu_session12.sh stash && (setsid nohup bash /root/stage/repo/scripts/gpu_session12.sh run \
 #     > /root/stage/s12.log 2>&1 < /dev/null &)
 # later calls: cat /root/stage/s12.log; after "SESSION DONE" copy /root/stage/runs/s12/out/* to $OUT.
+# The same recipe with multi-resolution offset noise and the v weighting from the first step (session 13's short
+# fine-tunes with either did not move the gradients; docs/base_model.md): OFFSET=0.2 GRID=4 WEIGHTING=v (2 GPUs).
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st12 DEVICE=cpu NPROC=1 LOW=64 SIZE=128 NIMG=2 K=1 POOL=16 POOL2=8
 #   M1=0.3 M2=0.2 BATCH=4 MIXB=2 BATCH2=2 W=1 bash scripts/gpu_session12.sh run (after stash)
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
@@ -28,7 +32,8 @@ BASE=$STAGE/models/base
 DEV=${DEVICE:-cuda}; SIZE=${SIZE:-512}; LOW=${LOW:-256}; EMOJI=40; NIMG=${NIMG:-485}; K=${K:-4}; W=${W:-12}
 NPROC=${NPROC:-2}; POOL=${POOL:-131072}; POOL2=${POOL2:-32768}; BATCH=${BATCH:-384}; MIXB=${MIXB:-96}
 BATCH2=${BATCH2:-128}; MIX_P=${MIX_P:-0.25}; M1=${M1:-15}; M2=${M2:-6}; LR=${LR:-4e-4}; LR2=${LR2:-1.5e-4}
-EVAL_TIMEOUT=${EVAL_TIMEOUT:-300}; SKIP=${SKIP:-3}
+EVAL_TIMEOUT=${EVAL_TIMEOUT:-300}; TEXT=${TEXT:-$BASE/text_encoder}; SKIP=${SKIP:-0}
+OFFSET=${OFFSET:-0.1}; GRID=${GRID:-1}; WEIGHTING=${WEIGHTING:-min-snr}
 SF="python3 -m snapfusion.cli"
 if [ "$DEV" = cuda ]; then
   TRAIN="accelerate launch --multi_gpu --num_processes $NPROC --num_machines 1 --mixed_precision bf16 \
@@ -36,8 +41,9 @@ if [ "$DEV" = cuda ]; then
 else
   TRAIN=$SF
 fi
-COMMON=(--vae "$BASE/vae_encoder" --text-encoder "$BASE/text_encoder" --num-emoji $EMOJI --sample-every 0
-  --clip-skip "$SKIP" --offset-noise 0.1 --max-steps 1000000 --num-workers "$W" --log-every 25 --checkpoint-every 1000)
+COMMON=(--vae "$BASE/vae_encoder" --text-encoder "$TEXT" --num-emoji $EMOJI --sample-every 0
+  --clip-skip "$SKIP" --offset-noise "$OFFSET" --offset-noise-grid "$GRID" --max-steps 1000000 --num-workers "$W"
+  --loss-weighting "$WEIGHTING" --log-every 25 --checkpoint-every 1000)
 for part in text_encoder vae_encoder vae_decoder; do
   test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
 done
@@ -47,7 +53,7 @@ python3 -c "import torch, accelerate; print('torch', torch.__version__, 'acceler
 pipeline() {  # folder, UNet folder: the shipped tower without its last SKIP layers, encoder and decoder, that UNet
   mkdir -p "$1" && cp -r "$BASE"/{model_index.json,vae_encoder,vae_decoder} "$1"/ && cp -r "$2" "$1/unet" &&
   python3 -c "import torch; from snapfusion.models.text import load_text_encoder as l, save_text_encoder as s, \
-skip_layers; s('$1/text_encoder', skip_layers(l('$BASE/text_encoder'), $SKIP), dtype=torch.float16)"
+skip_layers; s('$1/text_encoder', skip_layers(l('$TEXT'), $SKIP), dtype=torch.float16)"
 }
 
 stamp "1 mixed resolution, clip skip $SKIP: ${LOW}² x $BATCH, ${SIZE}² x $MIXB with p $MIX_P, $M1 min on $NPROC GPUs"

@@ -263,3 +263,39 @@ def test_clip_skip_trains_on_the_shorter_tower_and_assemble_ships_it(parts, tmp_
         assert pipe.text_encoder.config.num_layers == TINY_TEXT.num_layers - 1
         torch.testing.assert_close(pipe.encode_text(["a red star"]), want.half().float(), atol=2e-2, rtol=0)
     assert main(args + ["--clip-skip", str(TINY_TEXT.num_layers)]) == 2
+
+
+def test_v_loss_weighting_of_an_eps_model_is_the_plain_v_mse_at_the_usual_scale(parts, monkeypatch):
+    """--loss-weighting v: per sample, ||v_hat - v||^2 of the v implied by the eps prediction, divided by the mean of
+    1 / alphabar over the schedule; the Min-SNR default differs from it, and most at the noisiest steps."""
+    torch.manual_seed(3)
+    model = UNet(UNET)  # one network for both weightings: the same predictions, weighted differently
+    outputs, losses, seen = [], {}, {}
+    monkeypatch.setattr(model, "forward", lambda z, t, c, f=model.forward: outputs.append((z, f(z, t, c))) or
+                        outputs[-1][1])
+    for weighting in ("min-snr", "v"):
+        task = UNetTask(UNetTaskConfig(model=UNET, loss_weighting=weighting, latent_pool=4, pool_workers=0, **parts))
+        original = task.schedule.add_noise
+        monkeypatch.setattr(task.schedule, "add_noise",
+                            lambda x0, eps, t, o=original, w=weighting: seen.update({w: (x0, eps, t)}) or o(x0, eps, t))
+        batch = task.collate([task.dataset()[i] for i in range(16)])
+        losses[weighting] = task.loss(model, batch, torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(outputs[0][1], outputs[1][1])  # the same draw of x0, t and noise, the same output
+    seen = dict(zip(("x0", "eps", "t"), seen["v"]))
+    z, eps_hat = outputs[-1]
+    alpha, sigma = task.schedule.alpha_sigma(seen["t"])
+    a, s = alpha[:, None, None, None], sigma[:, None, None, None]
+    x0_hat = (z - s * eps_hat) / a
+    v_hat, v = a * eps_hat - s * x0_hat, a * seen["eps"] - s * seen["x0"]
+    mean_inv_abar = (1 / task.schedule.alphas_cumprod).mean()
+    expected = (v_hat - v).pow(2).flatten(1).mean(1) / mean_inv_abar
+    torch.testing.assert_close(losses["v"], expected.detach(), rtol=1e-4, atol=1e-6)
+    assert 20 < mean_inv_abar < 23  # SD's scaled-linear schedule
+    ratio = losses["v"] / losses["min-snr"]  # = 1 / (alphabar mean) where SNR < 5, the noisiest steps weigh most
+    noisy = seen["t"] > 600
+    assert noisy.any() and (~noisy).any() and ratio[noisy].min() > ratio[~noisy].max()
+
+
+def test_bad_loss_weighting_is_refused(parts):
+    with pytest.raises(ConfigError, match="--loss-weighting"):
+        UNetTask(UNetTaskConfig(model=UNET, loss_weighting="x0", **parts))

@@ -93,6 +93,20 @@ def v_mse_min_snr(pred: torch.Tensor, v: torch.Tensor, snr: torch.Tensor, gamma:
     return mse * torch.clamp(snr, max=gamma) / (snr + 1)
 
 
+def v_weights(alpha: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """Per-sample weights 1 / alpha_t^2 = 1 + 1 / SNR_t, divided by their mean over the schedule's timesteps (21.3 on
+    SD's): ``loss_weighting="v"``. On an eps MSE they give the plain v MSE (||v_hat - v||^2 = ||eps_hat - eps||^2 /
+    alpha_t^2 for the v implied by an eps prediction), on a v MSE plain v MSE, at the loss's usual scale (gradient
+    clipping stays as it was). Against Min-SNR eps weights the noisiest steps weigh up to ~10x more: an eps model's
+    clean-latent estimate there is (z - sigma eps_hat) / alpha, its eps error times 1 / alpha = 15 at t = 999, and these
+    steps choose the image's layout (docs/base_model.md, sessions 7 and 13)."""
+    mean = (1.0 / schedule.alphas_cumprod.to(alpha.device)).mean()
+    return 1.0 / (alpha.float() ** 2 * mean)
+
+
+LOSS_WEIGHTINGS = ("min-snr", "v")
+
+
 # ---- the autoencoder -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -333,6 +347,9 @@ class UNetTaskConfig:
     offset_noise_grid: int = 1    # > 1 (a power of 2): the offset noise also on coarse grids up to this one. SD's
                                   # schedule leaks the contrast between image halves as it leaks the mean (a gradient
                                   # background's direction is readable at t = T; docs/base_model.md, session 12)
+    loss_weighting: str = "min-snr"  # "v": the plain v MSE's weights 1 + 1 / SNR on the eps error, rescaled to mean 1
+                                  # over t (v_weights; min_snr_gamma unused): the noisiest steps, which choose the
+                                  # layout, weigh more
     init_unet: str = ""           # folder of a UNet to start from (a fresh run only; --resume reads the checkpoint)
     kd_unet: str = ""             # folder of a frozen UNet, eps or v (the teacher): adds kd_weight x the eps-space MSE
                                   # to its prediction on the same input (BK-SDM's output-level distillation)
@@ -448,6 +465,8 @@ def check_offset_noise(cfg: UNetTaskConfig) -> None:
         raise ConfigError(f"--offset-noise-grid must be a power of 2 (1, 2, 4, ..), got {grid!r}")
     if grid > 1 and cfg.offset_noise <= 0:
         raise ConfigError("--offset-noise-grid needs --offset-noise > 0 (the strength on every grid)")
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"--loss-weighting must be one of {list(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
 
 
 def check_mixed_resolution(cfg: UNetTaskConfig) -> None:
@@ -582,10 +601,15 @@ class UNetTask:
         pred = model(z, t, context, features=student_features) if use_features else model(z, t, context)
         alpha, sigma = self.schedule.alpha_sigma(t)
         snr = (alpha / sigma) ** 2
+        gamma = self.cfg.min_snr_gamma if self.cfg.loss_weighting == "min-snr" else 0.0
         if self.cfg.model.prediction_type == "v_prediction":  # a v model (e.g. the v-tuned base): the v target
-            loss = v_mse_min_snr(pred, self.schedule.velocity(x0, eps, t), snr, self.cfg.min_snr_gamma)
+            loss = v_mse_min_snr(pred, self.schedule.velocity(x0, eps, t), snr, gamma)
+            if self.cfg.loss_weighting == "v":  # the plain v MSE, at the usual scale
+                loss = loss * alpha.float() ** 2 * v_weights(alpha, self.schedule)
         else:
-            loss = eps_mse_min_snr(pred, eps, snr, self.cfg.min_snr_gamma)
+            loss = eps_mse_min_snr(pred, eps, snr, gamma)
+            if self.cfg.loss_weighting == "v":
+                loss = loss * v_weights(alpha, self.schedule)
         # the share of this process's steps at mix_size so far (a resumed run counts anew)
         logs = {"mixed_share": self._mix_counts[1] / sum(self._mix_counts)} if self.mixing else {}
         if self.kd is None:
