@@ -4,7 +4,7 @@
 # schedule leaves the contrast between image halves readable at t = T (signal-to-noise 1.7-2.5), so the UNet takes a
 # gradient background's direction from the noise (35.9 / 44.0 % right against 87.2 % on solid backgrounds). On 4096
 # latent pixels the half contrast's noise grows from 0.031 to 0.093 (S 0.1) or 0.177 (S 0.2): signal-to-noise 0.73 or
-# 0.38, against 0.32-0.46 for the channel means under session 3's --offset-noise 0.1.
+# 0.38, against 0.27-0.46 for the channel means under session 3's --offset-noise 0.1.
 # One H200: the variants of VARIANTS (strength:learning rate) one after the other from the shipped base (same steps),
 # each scored on the validation prompts (val.jsonl, 512 prompts with the 40 emoji, none of them a test prompt) next to
 # the shipped base; the best one on val then gets the test evaluation alone on the GPU (50 DDIM steps, w 7.5, 4 seeds
