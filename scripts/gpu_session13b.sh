@@ -3,8 +3,8 @@
 # the gradients, and scripts/diagnose_mean_leak.py --trajectory showed why: the direction is settled at the first
 # DDIM step, where the prompt pushes the conditional estimate the right way in only 62 % of images. An eps model's
 # clean-latent estimate there is its eps error times 1 / alpha = 11 (15 at t = 999), and the Min-SNR eps loss weighs
-# those steps no more than any other. Session 7's v fine-tune (plain v MSE, i.e. those steps weighted 1 + 1 / SNR) raised color,
-# position and background by 5-10 points. This run keeps the eps UNet and changes only the weighting:
+# those steps no more than any other. Session 7's v fine-tune (plain v MSE, i.e. those steps weighted 1 + 1 / SNR)
+# raised color, position and background by 5-10 points. This run keeps the eps UNet and changes only the weighting:
 # train-unet --loss-weighting v, a short 512² fine-tune of the shipped base, scored on the validation prompts (paired
 # with the first run's val_base: same prompts and seeds).
 # One H200, the device time left in the session (about 7 minutes): staging as gpu_session13.sh (two calls), then
