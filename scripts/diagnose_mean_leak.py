@@ -114,8 +114,7 @@ def main() -> None:
     if a.gradients:  # the half-to-half contrast along each render's gradient, against the noise's
         quads = block_means(records[: a.leak_count], 2)  # (N, 4, 2, 2)
         along = [r["scene"]["background"]["direction"] for r in records[: a.leak_count]]
-        diff = torch.stack([(q[:, :, 0] - q[:, :, 1]).mean(-1) if d == "horizontal" else (q[:, 0] - q[:, 1]).mean(-1)
-                            for q, d in zip(quads, along)])  # (N, 4): left - right (or top - bottom) half means
+        diff = half_contrast(quads, along)  # (N, 4): left - right (or top - bottom) half means
         noise_diff_std = 2 * (1 - abar_T) ** 0.5 / hw ** 0.5
         leak |= {"noise_half_difference_std": noise_diff_std,
                  "half_difference_std_over_gradient_renders": diff.std(0).tolist(),
@@ -168,8 +167,8 @@ def main() -> None:
 
 
 def half_contrast(x: torch.Tensor, directions: list[str]) -> torch.Tensor:
-    """(N, C): each channel's first-half minus second-half mean of x (N, C, H, W), left - right for a horizontal
-    gradient, top - bottom for a vertical one."""
+    """(N, C): each channel's first-half minus second-half mean of x (N, C, H, W; 2 x 2 block means pass through),
+    left - right for a horizontal gradient, top - bottom for a vertical one."""
     q = torch.nn.functional.adaptive_avg_pool2d(x, 2)  # (N, C, 2, 2)
     return torch.stack([(qi[:, :, 0] - qi[:, :, 1]).mean(-1) if d == "horizontal" else (qi[:, 0] - qi[:, 1]).mean(-1)
                         for qi, d in zip(q, directions)])
@@ -183,7 +182,7 @@ def trajectory(pipe, model_fn, z: torch.Tensor, timesteps: torch.Tensor, quads: 
     direction settles; and at the first step the conditional and unconditional estimates apart (does the prompt
     push the right way?)."""
     directions = [r["scene"]["background"]["direction"] for r in records]
-    truth = half_contrast(torch.nn.functional.interpolate(quads, size=z.shape[-2:], mode="nearest"), directions)
+    truth = half_contrast(quads, directions)  # (N, C): the true render's half contrast
     estimates = []
 
     def along_truth(x0: torch.Tensor) -> torch.Tensor:  # (N,): the estimate's contrast projected on the true one,

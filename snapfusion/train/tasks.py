@@ -465,6 +465,10 @@ def check_offset_noise(cfg: UNetTaskConfig) -> None:
         raise ConfigError(f"--offset-noise-grid must be a power of 2 (1, 2, 4, ..), got {grid!r}")
     if grid > 1 and cfg.offset_noise <= 0:
         raise ConfigError("--offset-noise-grid needs --offset-noise > 0 (the strength on every grid)")
+
+
+def check_loss_weighting(cfg: UNetTaskConfig) -> None:
+    """An unknown loss weighting is refused before anything is built."""
     if cfg.loss_weighting not in LOSS_WEIGHTINGS:
         raise ConfigError(f"--loss-weighting must be one of {list(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
 
@@ -499,6 +503,7 @@ class UNetTask:
         self._mix_counts = [0, 0]  # this process's plain and mixed steps since it started (logged as a share)
         check_mixed_resolution(cfg)
         check_offset_noise(cfg)
+        check_loss_weighting(cfg)
         self.kd = _load_kd_teacher(cfg, self.text.config.hidden_size) if cfg.kd_unet else None
 
     def describe(self) -> dict:
