@@ -70,13 +70,16 @@ def main() -> None:
     p.add_argument("--trajectory", action="store_true",
                    help="gradient prompts only: per DDIM step, does the estimate have the prompt's direction, and "
                         "does the final image follow the starting noise's (no oracle test)")
+    p.add_argument("--prompts", choices=["test", "val"], default="test", help="the prompt set (default: test)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: fp32 either way; seeds draw on the CPU")
     p.add_argument("--out", default="mean_leak.json")
     a = p.parse_args()
     torch.manual_seed(0)
+    device = torch.device(a.device)
 
-    pipe = resolve_model(a.model).eval()
-    encoder = load_autoencoder(model_folder(a.model) / "vae_encoder", Encoder).eval()
-    records = load_prompt_set("test", num_emoji=a.num_emoji)
+    pipe = resolve_model(a.model).eval().to(device)
+    encoder = load_autoencoder(model_folder(a.model) / "vae_encoder", Encoder).eval().to(device)
+    records = load_prompt_set(a.prompts, num_emoji=a.num_emoji)
     a.gradients = a.gradients or a.trajectory
     if a.gradients:
         records = [r for r in records if r["scene"]["background"]["direction"] is not None]
@@ -87,7 +90,7 @@ def main() -> None:
         out = []
         for r in recs:
             img = np.asarray(render(Scene.from_dict(r["scene"]), res), dtype=np.float32) / 127.5 - 1
-            x = torch.from_numpy(img).permute(2, 0, 1)[None]
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device)
             out.append(torch.nn.functional.adaptive_avg_pool2d(encoder.encode(x).mean, g)
                        * encoder.config.scaling_factor)
         return torch.cat(out)  # (N, 4, g, g) scaled latents' block means
@@ -127,12 +130,13 @@ def main() -> None:
     uncond = pipe.encode_text([""])
     model_fn = guided(pipe.denoiser(), cond, uncond, a.guidance)
     shape = (pipe.unet.config.in_channels, res // 8, res // 8)
-    z = initial_noise(shape, [int(r["seed"]) for r in chosen], torch.device("cpu"))
+    z = initial_noise(shape, [int(r["seed"]) for r in chosen], device)
     # Forward process at the first step: z_t = sqrt(abar) x0 + sqrt(1 - abar) eps; the DDIM sampler starts from
     # eps (unit variance), so the oracle adds sqrt(abar / (1 - abar)) * mean(x0) per channel.
     if a.trajectory:
         report = trajectory(pipe, model_fn, z, timesteps, block_means(chosen, 2), chosen, (cond, uncond))
-        report = {"model": a.model, "steps": a.steps, "guidance": a.guidance, "prompts": len(chosen), "leak": leak,
+        report = {"model": a.model, "prompt_set": a.prompts, "steps": a.steps, "guidance": a.guidance,
+                  "prompts": len(chosen), "leak": leak,
                   **report, "seconds": round(time.time() - t0)}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -149,11 +153,11 @@ def main() -> None:
     for name, start in starts:
         with torch.no_grad():
             images = pipe.decode(sample_ddim(model_fn, start.clone(), timesteps, sched))
-        u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         acc = attribute_accuracy(ev.probe, u8, scenes)
         acc.pop("per_image")
         results[name] = acc
-        grids.append(image_grid(to_pil(images[:8]), cols=8))
+        grids.append(image_grid(to_pil(images[:8].cpu()), cols=8))
         print(name, json.dumps(acc), f"{time.time() - t0:.0f}s", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +198,7 @@ def trajectory(pipe, model_fn, z: torch.Tensor, timesteps: torch.Tensor, quads: 
         return pred
 
     denoiser, (cond, uncond) = pipe.denoiser(), contexts
-    t1 = timesteps[0].expand(z.shape[0])
+    t1 = timesteps[0].expand(z.shape[0]).to(z.device)
     first_cond = along_truth(denoiser(z, t1, cond).x0)
     first_uncond = along_truth(denoiser(z, t1, uncond.expand(len(cond), *uncond.shape[1:])).x0)
 
@@ -204,7 +208,7 @@ def trajectory(pipe, model_fn, z: torch.Tensor, timesteps: torch.Tensor, quads: 
     noise_agrees = (half_contrast(z, directions) * truth).sum(1) > 0  # (N,)
     final = agree[-1]
     changed = (agree != final[None]).float()  # 1 where a step's sign differs from the final one
-    steps = torch.arange(1, len(agree) + 1)[:, None]
+    steps = torch.arange(1, len(agree) + 1, device=agree.device)[:, None]
     settled = (changed * steps).amax(0) + 1  # first step from which the sign stays the final one
     ts = [int(t) for t in timesteps[:-1]]
     return {

@@ -277,8 +277,19 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
                          data=_data_cfg(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
                          clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid,
-                         loss_weighting=a.loss_weighting, **_mix_options(a))
+                         loss_weighting=a.loss_weighting, **_timestep_bias_options(a), **_mix_options(a))
     train_unet(_loop_cfg(a), cfg, resume=a.resume)
+
+
+def _timestep_bias_options(a: argparse.Namespace) -> dict:
+    """train-unet's --timestep-bias* flags as UNetTaskConfig fields."""
+    from snapfusion.errors import SnapFusionError
+
+    begin, end = a.timestep_bias_range if a.timestep_bias_range else (0, 1000)
+    if bool(a.timestep_bias_range) != (a.timestep_bias == "range"):
+        raise SnapFusionError("--timestep-bias range and --timestep-bias-range BEGIN END go together")
+    return dict(timestep_bias=a.timestep_bias, timestep_bias_multiplier=a.timestep_bias_multiplier,
+                timestep_bias_portion=a.timestep_bias_portion, timestep_bias_begin=begin, timestep_bias_end=end)
 
 
 def _mix_options(a: argparse.Namespace) -> dict:
@@ -459,6 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-weighting", choices=["min-snr", "v"], default="min-snr",
                    help="min-snr (default): Min-SNR-5 weights on the eps error; v: the plain v MSE's weights 1 + 1/SNR "
                    "rescaled to mean 1 over t, so the noisiest steps, which choose the layout, weigh up to 10x more")
+    t.add_argument("--timestep-bias", choices=["none", "later", "earlier", "range"], default="none",
+                   help="draw some timesteps more often (diffusers' --timestep_bias_strategy): later = the noisiest "
+                   "--timestep-bias-portion of them, earlier = the least noisy, range = --timestep-bias-range")
+    t.add_argument("--timestep-bias-multiplier", type=float, default=2.0,
+                   help="how many times as often the favoured timesteps are drawn (0: never)")
+    t.add_argument("--timestep-bias-portion", type=float, default=0.25, help="later / earlier: their share of the "
+                   "timesteps (default 0.25)")
+    t.add_argument("--timestep-bias-range", type=int, nargs=2, default=None, metavar=("BEGIN", "END"),
+                   help="range: the favoured timesteps, BEGIN <= t < END")
     t.add_argument("--mix-size", type=int, default=0, help="mixed-resolution training (with --latent-pool): some "
                    "steps train at this size instead of --image-size, e.g. --image-size 256 --mix-size 512")
     t.add_argument("--mix-prob", type=float, default=0.25, help="share of the steps at --mix-size (default 0.25)")

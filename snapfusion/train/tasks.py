@@ -105,6 +105,26 @@ def v_weights(alpha: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 
 
 LOSS_WEIGHTINGS = ("min-snr", "v")
+TIMESTEP_BIASES = ("none", "later", "earlier", "range")
+
+
+def timestep_bias_weights(cfg: "UNetTaskConfig", num_timesteps: int) -> torch.Tensor | None:
+    """Sampling weights over the training timesteps for ``timestep_bias`` (diffusers' SDXL training script's
+    --timestep_bias_strategy): "later" multiplies the weight of the last ``timestep_bias_portion`` of the timesteps
+    (the noisiest) by ``timestep_bias_multiplier``, "earlier" the first portion, "range" the timesteps
+    [timestep_bias_begin, timestep_bias_end); None for "none" (uniform t, drawn as before). The loss weighting is
+    unchanged, so a biased run trains the chosen timesteps more often, not at a larger weight."""
+    bias = cfg.timestep_bias
+    if bias == "none":
+        return None
+    w = torch.ones(num_timesteps)
+    if bias == "range":
+        lo, hi = cfg.timestep_bias_begin, cfg.timestep_bias_end
+    else:
+        n = max(1, round(cfg.timestep_bias_portion * num_timesteps))
+        lo, hi = (num_timesteps - n, num_timesteps) if bias == "later" else (0, n)
+    w[lo:hi] *= cfg.timestep_bias_multiplier
+    return w
 
 
 # ---- the autoencoder -------------------------------------------------------------------------------------
@@ -350,6 +370,12 @@ class UNetTaskConfig:
     loss_weighting: str = "min-snr"  # "v": the plain v MSE's weights 1 + 1 / SNR on the eps error, rescaled to mean 1
                                   # over t (v_weights; min_snr_gamma unused): the noisiest steps, which choose the
                                   # layout, weigh more
+    timestep_bias: str = "none"   # "later" / "earlier" / "range": draw those timesteps timestep_bias_multiplier
+                                  # times as often (timestep_bias_weights; diffusers' --timestep_bias_strategy)
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25  # "later" / "earlier": the share of the timesteps that are favoured
+    timestep_bias_begin: int = 0  # "range": the favoured timesteps [begin, end)
+    timestep_bias_end: int = 1000
     init_unet: str = ""           # folder of a UNet to start from (a fresh run only; --resume reads the checkpoint)
     kd_unet: str = ""             # folder of a frozen UNet, eps or v (the teacher): adds kd_weight x the eps-space MSE
                                   # to its prediction on the same input (BK-SDM's output-level distillation)
@@ -473,6 +499,24 @@ def check_loss_weighting(cfg: UNetTaskConfig) -> None:
         raise ConfigError(f"--loss-weighting must be one of {list(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
 
 
+def check_timestep_bias(cfg: UNetTaskConfig) -> None:
+    """An unknown bias, a negative multiplier, a portion outside (0, 1] or an empty range is refused up front."""
+    T = cfg.schedule.num_train_timesteps
+    if cfg.timestep_bias not in TIMESTEP_BIASES:
+        raise ConfigError(f"--timestep-bias must be one of {list(TIMESTEP_BIASES)}, got {cfg.timestep_bias!r}")
+    if cfg.timestep_bias == "none":
+        return
+    if not cfg.timestep_bias_multiplier >= 0:
+        raise ConfigError(f"--timestep-bias-multiplier must be >= 0, got {cfg.timestep_bias_multiplier!r}")
+    if cfg.timestep_bias in ("later", "earlier") and not 0 < cfg.timestep_bias_portion <= 1:
+        raise ConfigError(f"--timestep-bias-portion must be in (0, 1], got {cfg.timestep_bias_portion!r}")
+    if cfg.timestep_bias == "range" and not 0 <= cfg.timestep_bias_begin < cfg.timestep_bias_end <= T:
+        raise ConfigError(f"--timestep-bias-range needs 0 <= BEGIN < END <= {T}, got "
+                          f"{cfg.timestep_bias_begin} {cfg.timestep_bias_end}")
+    if timestep_bias_weights(cfg, T).sum() <= 0:
+        raise ConfigError("--timestep-bias-multiplier 0 over every timestep leaves nothing to train on")
+
+
 def check_mixed_resolution(cfg: UNetTaskConfig) -> None:
     """Mixed-resolution options that cannot train are refused before anything is built."""
     if not cfg.mix_size:
@@ -504,6 +548,8 @@ class UNetTask:
         check_mixed_resolution(cfg)
         check_offset_noise(cfg)
         check_loss_weighting(cfg)
+        check_timestep_bias(cfg)
+        self._t_weights = timestep_bias_weights(cfg, self.schedule.num_train_timesteps)
         self.kd = _load_kd_teacher(cfg, self.text.config.hidden_size) if cfg.kd_unet else None
 
     def describe(self) -> dict:
@@ -568,6 +614,14 @@ class UNetTask:
                 grid *= 2
         return eps
 
+    def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` training timesteps: uniform, or drawn by the timestep bias's weights."""
+        if self._t_weights is None:  # the same draw as before the option existed
+            return torch.randint(0, self.schedule.num_train_timesteps, (count,), device=generator.device,
+                                 generator=generator)
+        weights = self._t_weights.to(generator.device)
+        return torch.multinomial(weights, count, replacement=True, generator=generator)
+
     @property
     def mixing(self) -> bool:
         """Mixed-resolution training (--mix-size; check_mixed_resolution has made sure the latent pool is on)."""
@@ -598,7 +652,7 @@ class UNetTask:
                 x0, ids = self.latents(batch, generator), batch["ids"]
             context = self.text(ids.to(device))  # (B, 77, D)
         B = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (B,), device=device, generator=generator)
+        t = self.timesteps(B, generator)
         eps = self.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
         use_features = self.kd is not None and self.cfg.kd_feature_weight > 0
