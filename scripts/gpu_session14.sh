@@ -3,7 +3,7 @@
 # showed the direction is settled at the first DDIM step (t = 951 of 20; 981 of 50), where the prompt pushes the
 # clean-latent estimate the right way in only 62 % of images, and that short uniform-t fine-tunes (offset noise on
 # coarse grids, or the v weighting) do not change that: with uniform t, a fine-tune of 400-750 steps x 128 trains
-# only ~2,000 gradient scenes at t > 850. This run concentrates the steps there:
+# only ~2,300-4,300 gradient scenes at t > 850. This run concentrates the steps there:
 #   --timestep-bias later --timestep-bias-portion 0.3 --timestep-bias-multiplier 5 (t >= 700 drawn 5x as often: 68 %
 #   of the samples), --loss-weighting v (those steps weigh up to 10x the mean), --offset-noise 0.2
 #   --offset-noise-grid 4 (the noise hides the half contrast that SD's schedule leaks, so the text must supply it),
@@ -21,7 +21,7 @@
 #   bash scripts/gpu_session14.sh stash && (setsid nohup bash /root/stage/repo/scripts/gpu_session14.sh run \
 #     > /root/stage/s14.log 2>&1 < /dev/null &)
 # later calls: cat /root/stage/s14.log; after "SESSION DONE" copy /root/stage/runs/s14/out/* to $OUT.
-# As run on 2026-12-01 (one H200; 26.1 of the session's 30 device-minutes held), three calls of "run", each on a fresh
+# As run on 2026-12-01 (one H200; 26.2 of the session's 30 device-minutes held), three calls of "run", each on a fresh
 # staging (the machine was given back, idle, between the first two, which lost the first variant's weights):
 #   1. LRS=1e-4 (as written): 1,000 steps in 3:58 beside the base's trajectory; val 71.1 %, first step 51 %.
 #   2. LRS=3e-4 TRAJ_BASE=0: 1,000 steps in 4:11; val 70.5 %, first step 55 %; test 69.1 % against the base's 72.8 %
