@@ -24,8 +24,12 @@
 # later calls: cat /root/stage/s12.log; after "SESSION DONE" copy /root/stage/runs/s12/out/* to $OUT.
 # The same recipe with multi-resolution offset noise and the v weighting from the first step (session 13's short
 # fine-tunes with either did not move the gradients; docs/base_model.md): OFFSET=0.2 GRID=4 WEIGHTING=v (2 GPUs).
+# On one GPU (session 14's plan when no 2-GPU host is lent; NPROC=1 trains without accelerate's launcher, bf16, and
+# each step sees half the scenes of the 2-GPU run): NPROC=1 M1=16 M2=6 OFFSET=0.2 GRID=4 WEIGHTING=v, about 22 of the
+# 30 device-minutes for training; the evaluations then share the one GPU (the sweep and 8-step lane only with
+# LANE_B_1GPU=1). Lane A also scores the validation prompts and runs the first-step trajectory diagnostic.
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st12 DEVICE=cpu NPROC=1 LOW=64 SIZE=128 NIMG=2 K=1 POOL=16 POOL2=8
-#   M1=0.3 M2=0.2 BATCH=4 MIXB=2 BATCH2=2 W=1 bash scripts/gpu_session12.sh run (after stash)
+#   M1=0.3 M2=0.2 BATCH=4 MIXB=2 BATCH2=2 W=1 NVAL=2 TRAJ=2 bash scripts/gpu_session12.sh run (after stash)
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
 R=$STAGE/runs/s12; mkdir -p "$R/out" "$R/eval"
 BASE=$STAGE/models/base
@@ -35,7 +39,7 @@ BATCH2=${BATCH2:-128}; MIX_P=${MIX_P:-0.25}; M1=${M1:-15}; M2=${M2:-6}; LR=${LR:
 EVAL_TIMEOUT=${EVAL_TIMEOUT:-300}; TEXT=${TEXT:-$BASE/text_encoder}; SKIP=${SKIP:-0}
 OFFSET=${OFFSET:-0.1}; GRID=${GRID:-1}; WEIGHTING=${WEIGHTING:-min-snr}
 SF="python3 -m snapfusion.cli"
-if [ "$DEV" = cuda ]; then
+if [ "$DEV" = cuda ] && [ "$NPROC" -gt 1 ]; then
   TRAIN="accelerate launch --multi_gpu --num_processes $NPROC --num_machines 1 --mixed_precision bf16 \
 --dynamo_backend no -m snapfusion.cli"
 else
@@ -70,16 +74,23 @@ tail -n 2 $R/hi.log
 
 lane_a() {
   [ -d $R/pipe ] && ev new_50_k$K $R/pipe 50 ddim 7.5 --seeds-per-prompt $K
+  [ -d $R/pipe ] && ev val_new $R/pipe 50 ddim 7.5 --prompts val --num-images "$NVAL"
+  [ -d $R/pipe ] && timeout 240 python3 scripts/diagnose_mean_leak.py --model $R/pipe --prompts val --count "$TRAJ" \
+    --leak-count 32 --steps 20 --trajectory --device "$DEV" --out $R/eval/trajectory_val_new.json \
+    > $R/eval/trajectory_val_new.log 2>&1 && stamp "trajectory done"
   stamp "lane A done"
 }
 lane_b() {
+  [ "$LANE_B" = 1 ] || { stamp "lane B skipped"; return; }
   [ -d $R/pipe ] && ev new_50_sweep $R/pipe 50 ddim 1.5,4.5,10.5
   [ -d $R/pipe ] && ev new_8_ddim $R/pipe 8 ddim 7.5 && ev new_8_dpm $R/pipe 8 dpmpp_2m 7.5
   stamp "lane B done"
 }
 COMMON=()
 export -f lane_a lane_b stamp ev
-export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT
+LANE_B=${LANE_B:-1}; [ "$NPROC" -gt 1 ] || { LANE_GPUS=${LANE_GPUS:-0 0}; LANE_B=${LANE_B_1GPU:-0}; }
+NVAL=${NVAL:-512}; TRAJ=${TRAJ:-1000}
+export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT LANE_B LANE_GPUS NVAL TRAJ
 LANE_S=${LANE_S:-420} run_lanes
 stamp "pack"
 pack_results --exclude='pipe*'

@@ -32,7 +32,7 @@
 # clean-latent estimate at the first of 20 DDIM steps has the prompt's direction; the base's is 47 %.)
 # docs/base_model.md, session 14.
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st14 DEVICE=cpu SIZE=128 LO=64 NIMG=2 NVAL=2 K=1 POOL=16 MPOOL=8
-#   BATCH=4 MBATCH=2 STEPS=3 W=1 TRAJ=2 bash scripts/gpu_session14.sh run (after stash; trajectories may time out on a CPU)
+#   BATCH=4 MBATCH=2 STEPS=3 W=1 TRAJ=2 bash scripts/gpu_session14.sh run (after stash; a trajectory may time out)
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
 R=$STAGE/runs/s14; mkdir -p "$R/out" "$R/eval"
 BASE=$STAGE/models/base
