@@ -33,15 +33,8 @@ POOL=${POOL:-24576}; BATCH=${BATCH:-128}; STEPS=${STEPS:-750}; M3=${M3:-4.5}; GR
 VARIANTS=${VARIANTS:-0.1:1e-4 0.2:1e-4 0.2:3e-4}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-300}
 SF="python3 -m snapfusion.cli"
 PREC=bf16; [ "$DEV" = cuda ] || PREC=no
-for part in text_encoder vae_encoder vae_decoder unet; do
-  test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
-done
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__)"
+require_base_parts text_encoder vae_encoder vae_decoder unet
 
-pipeline() {  # folder, UNet folder: the shipped base with that UNet
-  mkdir -p "$1" && cp -r "$BASE"/{model_index.json,text_encoder,vae_encoder,vae_decoder} "$1"/ && cp -r "$2" "$1/unet"
-}
 val() {  # name, pipeline: the validation prompts, 50 DDIM steps, w 7.5, one seed each
   ev "val_$1" "$2" 50 ddim 7.5 --prompts val --num-images "$NVAL"
 }
@@ -58,7 +51,7 @@ for v in $VARIANTS; do
     --offset-noise "$s" --offset-noise-grid "$GRID" --num-emoji $EMOJI --sample-every 0 --num-workers "$W" \
     --log-every 25 --checkpoint-every 1000 --mixed-precision $PREC > "$R/$n.log" 2>&1 || stamp "$n FAILED"
   tail -n 2 "$R/$n.log"
-  [ -f "$R/$n/final/config.json" ] && pipeline "$R/pipe_$n" "$R/$n/final" && { val "$n" "$R/pipe_$n" & }
+  [ -f "$R/$n/final/config.json" ] && base_with_unet "$R/pipe_$n" "$R/$n/final" && { val "$n" "$R/pipe_$n" & }
 done
 wait
 CHOSEN=$(python3 - "$R" "${NAMES[@]}" <<'PY'

@@ -42,15 +42,8 @@ STEPS=${STEPS:-1000}; M=${M:-4.4}; TRAJ=${TRAJ:-1000}; LRS=${LRS:-1e-4 3e-4}; EV
 BIAS=${BIAS:---timestep-bias later --timestep-bias-portion 0.3 --timestep-bias-multiplier 5}
 SF="python3 -m snapfusion.cli"
 PREC=bf16; [ "$DEV" = cuda ] || PREC=no
-for part in text_encoder vae_encoder vae_decoder unet; do
-  test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
-done
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__)"
+require_base_parts text_encoder vae_encoder vae_decoder unet
 
-pipeline() {  # folder, UNet folder: the shipped base with that UNet
-  mkdir -p "$1" && cp -r "$BASE"/{model_index.json,text_encoder,vae_encoder,vae_decoder} "$1"/ && cp -r "$2" "$1/unet"
-}
 traj() {  # name, pipeline: the first-step and trajectory diagnostic on the validation gradient prompts (fp32)
   timeout 240 python3 scripts/diagnose_mean_leak.py --model "$2" --prompts val --count "$TRAJ" --leak-count 32 \
     --steps 20 --trajectory --device "$DEV" --out "$R/eval/trajectory_$1.json" > "$R/eval/trajectory_$1.log" 2>&1 \
@@ -73,7 +66,7 @@ for lr in $LRS; do
   tail -n 2 "$R/$n.log"
   wait  # the previous evaluations: each variant trains alone after the first
   if [ -f "$R/$n/final/config.json" ]; then
-    pipeline "$R/pipe_$n" "$R/$n/final"
+    base_with_unet "$R/pipe_$n" "$R/$n/final"
     [ "${VAL:-1}" = 1 ] && { ev "val_$n" "$R/pipe_$n" 50 ddim 7.5 --prompts val --num-images "$NVAL" & }
     traj "$n" "$R/pipe_$n"
     wait

@@ -33,6 +33,18 @@ ev() {  # name, model, steps, sampler, sweep, [extra args]: snapfusion eval into
     --out "$R/eval/$name" "$@" > "$R/eval/$name.log" 2>&1 && stamp "eval $name done" || stamp "eval $name FAILED"
 }
 
+require_base_parts() {  # parts..: each must be staged in $BASE (else exit); then the GPU and torch versions
+  local part
+  for part in "$@"; do
+    test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
+  done
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__)"
+}
+base_with_unet() {  # folder, UNet folder: the shipped base ($BASE) with that UNet
+  mkdir -p "$1" && cp -r "$BASE"/{model_index.json,text_encoder,vae_encoder,vae_decoder} "$1"/ && cp -r "$2" "$1/unet"
+}
+
 run_lanes() {  # lane_a and lane_b on the GPUs of LANE_GPUS (default "0 1"; "0 0" shares one GPU; unpinned on a
   # CPU run), each under LANE_S seconds so that packing happens in time whatever hangs; the caller exports the lane
   # functions and their variables
