@@ -92,9 +92,4 @@ LANE_B=${LANE_B:-1}; [ "$NPROC" -gt 1 ] || { LANE_GPUS=${LANE_GPUS:-0 0}; LANE_B
 NVAL=${NVAL:-512}; TRAJ=${TRAJ:-1000}
 export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT LANE_B LANE_GPUS NVAL TRAJ
 LANE_S=${LANE_S:-420} run_lanes
-stamp "pack"
-pack_results --exclude='pipe*'
-unets_fp16 hi
-tar cf $STAGE/unets.tar -C $R w && split -b 15m -d $STAGE/unets.tar $R/out/unets.tar.
-ls -la $R/out
-stamp "SESSION DONE"
+finish_session hi

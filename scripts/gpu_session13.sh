@@ -75,9 +75,4 @@ if [ -n "$CHOSEN" ]; then  # the test evaluation alone on the GPU, then the rest
   ev new_50_sweep "$R/pipe_$CHOSEN" 50 ddim 1.5,4.5,10.5
   ev new_8_ddim "$R/pipe_$CHOSEN" 8 ddim 7.5 && ev new_8_dpm "$R/pipe_$CHOSEN" 8 dpmpp_2m 7.5
 fi
-stamp "pack"
-pack_results --exclude='pipe*'
-[ -n "$CHOSEN" ] && unets_fp16 "$CHOSEN" && tar cf $STAGE/unets.tar -C $R w && \
-  split -b 15m -d $STAGE/unets.tar $R/out/unets.tar.
-ls -la $R/out
-stamp "SESSION DONE"
+finish_session $CHOSEN  # none when no variant was chosen

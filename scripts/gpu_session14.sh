@@ -92,9 +92,4 @@ PY
 stamp "chosen on val: ${CHOSEN:-none}"
 echo "$CHOSEN" > "$R/chosen.txt"
 [ -n "$CHOSEN" ] && ev new_50_k$K "$R/pipe_$CHOSEN" 50 ddim 7.5 --seeds-per-prompt $K
-stamp "pack"
-pack_results --exclude='pipe*'
-[ -n "$CHOSEN" ] && unets_fp16 "$CHOSEN" && tar cf $STAGE/unets.tar -C $R w && \
-  split -b 15m -d $STAGE/unets.tar $R/out/unets.tar.
-ls -la $R/out
-stamp "SESSION DONE"
+finish_session $CHOSEN  # none when no variant was chosen

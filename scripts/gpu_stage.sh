@@ -87,3 +87,14 @@ unets_fp16() {  # run names: each run's final UNet (its EMA) saved in fp16 as $R
 UNet.load('$R/$r/final').save('$R/w/${r}_fp16', dtype=torch.float16)"
   done
 }
+
+finish_session() {  # [run names]: pack $R's results (not the pipeline copies), the named runs' EMA UNets in fp16 as
+  # 15 MiB pieces in $R/out, then "SESSION DONE" (what the monitoring calls wait for)
+  stamp "pack"
+  pack_results --exclude='pipe*'
+  if [ $# -gt 0 ]; then
+    unets_fp16 "$@" && tar cf $STAGE/unets.tar -C $R w && split -b 15m -d $STAGE/unets.tar $R/out/unets.tar.
+  fi
+  ls -la $R/out
+  stamp "SESSION DONE"
+}
