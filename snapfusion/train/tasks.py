@@ -372,7 +372,7 @@ class UNetTaskConfig:
                                   # layout, weigh more
     timestep_bias: str = "none"   # "later" / "earlier" / "range": draw those timesteps timestep_bias_multiplier
                                   # times as often (timestep_bias_weights; diffusers' --timestep_bias_strategy)
-    timestep_bias_multiplier: float = 1.0
+    timestep_bias_multiplier: float = 2.0  # the CLI's default too
     timestep_bias_portion: float = 0.25  # "later" / "earlier": the share of the timesteps that are favoured
     timestep_bias_begin: int = 0  # "range": the favoured timesteps [begin, end)
     timestep_bias_end: int = 1000
