@@ -75,9 +75,7 @@ tail -n 2 $R/hi.log
 lane_a() {
   [ -d $R/pipe ] && ev new_50_k$K $R/pipe 50 ddim 7.5 --seeds-per-prompt $K
   [ -d $R/pipe ] && ev val_new $R/pipe 50 ddim 7.5 --prompts val --num-images "$NVAL"
-  [ -d $R/pipe ] && timeout 240 python3 scripts/diagnose_mean_leak.py --model $R/pipe --prompts val --count "$TRAJ" \
-    --leak-count 32 --steps 20 --trajectory --device "$DEV" --out $R/eval/trajectory_val_new.json \
-    > $R/eval/trajectory_val_new.log 2>&1 && stamp "trajectory done"
+  [ -d $R/pipe ] && trajectory_val val_new $R/pipe
   stamp "lane A done"
 }
 lane_b() {
@@ -87,7 +85,7 @@ lane_b() {
   stamp "lane B done"
 }
 COMMON=()
-export -f lane_a lane_b stamp ev
+export -f lane_a lane_b stamp ev trajectory_val
 LANE_B=${LANE_B:-1}; [ "$NPROC" -gt 1 ] || { LANE_GPUS=${LANE_GPUS:-0 0}; LANE_B=${LANE_B_1GPU:-0}; }
 NVAL=${NVAL:-512}; TRAJ=${TRAJ:-1000}
 export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT LANE_B LANE_GPUS NVAL TRAJ

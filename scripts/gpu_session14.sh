@@ -44,15 +44,10 @@ SF="python3 -m snapfusion.cli"
 PREC=bf16; [ "$DEV" = cuda ] || PREC=no
 require_base_parts text_encoder vae_encoder vae_decoder unet
 
-traj() {  # name, pipeline: the first-step and trajectory diagnostic on the validation gradient prompts (fp32)
-  timeout 240 python3 scripts/diagnose_mean_leak.py --model "$2" --prompts val --count "$TRAJ" --leak-count 32 \
-    --steps 20 --trajectory --device "$DEV" --out "$R/eval/trajectory_$1.json" > "$R/eval/trajectory_$1.log" 2>&1 \
-    && stamp "trajectory $1 done" || stamp "trajectory $1 FAILED"
-}
 export -f stamp ev
 export R DEV SIZE EMOJI NIMG SF STAGE EVAL_TIMEOUT
 
-[ "${TRAJ_BASE:-1}" = 1 ] && { traj base "$BASE" & }  # small: shares the GPU with the first variant
+[ "${TRAJ_BASE:-1}" = 1 ] && { trajectory_val base "$BASE" & }  # small: shares the GPU with the first variant
 NAMES=()
 for lr in $LRS; do
   n=hit_lr$lr; NAMES+=("$n")
@@ -68,7 +63,7 @@ for lr in $LRS; do
   if [ -f "$R/$n/final/config.json" ]; then
     base_with_unet "$R/pipe_$n" "$R/$n/final"
     [ "${VAL:-1}" = 1 ] && { ev "val_$n" "$R/pipe_$n" 50 ddim 7.5 --prompts val --num-images "$NVAL" & }
-    traj "$n" "$R/pipe_$n"
+    trajectory_val "$n" "$R/pipe_$n"
     wait
   fi
 done
