@@ -28,6 +28,11 @@
 # each step sees half the scenes of the 2-GPU run): NPROC=1 M1=16 M2=6 OFFSET=0.2 GRID=4 WEIGHTING=v, about 22 of the
 # 30 device-minutes for training; the evaluations then share the one GPU (the sweep and 8-step lane only with
 # LANE_B_1GPU=1). Lane A also scores the validation prompts and runs the first-step trajectory diagnostic.
+# Across two sessions on one GPU (session 15: the recipe's 44 GPU-minutes for the UNet do not fit one session's 30):
+#   part 1, the mixed stage alone: NPROC=1 M1=22 M2=0 TEST=0 OFFSET=0.2 GRID=4 WEIGHTING=v (its EMA is then the
+#   evaluated model, on val and the trajectory only, and comes back as the fp16 pieces, shipped before the evaluations);
+#   part 2, the 512² stage from that EMA, carried into $STAGE/models: MIX_INIT=$STAGE/models/<folder> NPROC=1 M2=..
+#   (the mixed stage is skipped; any earlier stage-1 minutes count towards the recipe's total).
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st12 DEVICE=cpu NPROC=1 LOW=64 SIZE=128 NIMG=2 K=1 POOL=16 POOL2=8
 #   M1=0.3 M2=0.2 BATCH=4 MIXB=2 BATCH2=2 W=1 NVAL=2 TRAJ=2 bash scripts/gpu_session12.sh run (after stash)
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
@@ -60,20 +65,31 @@ pipeline() {  # folder, UNet folder: the shipped tower without its last SKIP lay
 skip_layers; s('$1/text_encoder', skip_layers(l('$TEXT'), $SKIP), dtype=torch.float16)"
 }
 
-stamp "1 mixed resolution, clip skip $SKIP: ${LOW}² x $BATCH, ${SIZE}² x $MIXB with p $MIX_P, $M1 min on $NPROC GPUs"
-$TRAIN train-unet --run-dir $R/mix --image-size "$LOW" --latent-pool "$POOL" --batch-size "$BATCH" \
-  --mix-size "$SIZE" --mix-prob "$MIX_P" --mix-batch-size "$MIXB" --mix-pool "$POOL2" --lr "$LR" \
-  --warmup-steps 300 --ema-decay 0.999 --max-minutes "$M1" "${COMMON[@]}" > $R/mix.log 2>&1 || stamp "mix FAILED"
-tail -n 2 $R/mix.log
-stamp "2 ${SIZE}² x $BATCH2 from the mixed EMA, $M2 min on $NPROC GPUs"
-[ -f $R/mix/final/config.json ] && $TRAIN train-unet --run-dir $R/hi --init-unet $R/mix/final --image-size "$SIZE" \
-  --latent-pool "$POOL2" --batch-size "$BATCH2" --lr "$LR2" --warmup-steps 100 --ema-decay 0.998 \
-  --max-minutes "$M2" "${COMMON[@]}" > $R/hi.log 2>&1 || stamp "hi FAILED"
-tail -n 2 $R/hi.log
-[ -f $R/hi/final/config.json ] && pipeline $R/pipe $R/hi/final
+MIX_INIT=${MIX_INIT:-}; TEST=${TEST:-1}
+if [ -z "$MIX_INIT" ]; then
+  stamp "1 mixed resolution, clip skip $SKIP: ${LOW}² x $BATCH, ${SIZE}² x $MIXB with p $MIX_P, $M1 min on $NPROC GPUs"
+  $TRAIN train-unet --run-dir $R/mix --image-size "$LOW" --latent-pool "$POOL" --batch-size "$BATCH" \
+    --mix-size "$SIZE" --mix-prob "$MIX_P" --mix-batch-size "$MIXB" --mix-pool "$POOL2" --lr "$LR" \
+    --warmup-steps 300 --ema-decay 0.999 --max-minutes "$M1" "${COMMON[@]}" > $R/mix.log 2>&1 || stamp "mix FAILED"
+  tail -n 2 $R/mix.log
+  MIX_INIT=$R/mix/final
+else
+  stamp "1 skipped: the mixed stage's EMA is $MIX_INIT"
+fi
+if [ "$M2" = 0 ]; then  # part 1 of a split run: the mixed EMA is the result
+  FINAL=mix
+else
+  FINAL=hi
+  stamp "2 ${SIZE}² x $BATCH2 from the mixed EMA, $M2 min on $NPROC GPUs"
+  [ -f "$MIX_INIT/config.json" ] && $TRAIN train-unet --run-dir $R/hi --init-unet "$MIX_INIT" --image-size "$SIZE" \
+    --latent-pool "$POOL2" --batch-size "$BATCH2" --lr "$LR2" --warmup-steps 100 --ema-decay 0.998 \
+    --max-minutes "$M2" "${COMMON[@]}" > $R/hi.log 2>&1 || stamp "hi FAILED"
+  tail -n 2 $R/hi.log
+fi
+[ -f $R/$FINAL/final/config.json ] && pipeline $R/pipe $R/$FINAL/final && ship_unets $FINAL
 
 lane_a() {
-  [ -d $R/pipe ] && ev new_50_k$K $R/pipe 50 ddim 7.5 --seeds-per-prompt $K
+  [ -d $R/pipe ] && [ "$TEST" = 1 ] && ev new_50_k$K $R/pipe 50 ddim 7.5 --seeds-per-prompt $K
   [ -d $R/pipe ] && ev val_new $R/pipe 50 ddim 7.5 --prompts val --num-images "$NVAL"
   [ -d $R/pipe ] && trajectory_val val_new $R/pipe
   stamp "lane A done"
@@ -88,6 +104,6 @@ COMMON=()
 export -f lane_a lane_b stamp ev trajectory_val
 LANE_B=${LANE_B:-1}; [ "$NPROC" -gt 1 ] || { LANE_GPUS=${LANE_GPUS:-0 0}; LANE_B=${LANE_B_1GPU:-0}; }
 NVAL=${NVAL:-512}; TRAJ=${TRAJ:-1000}
-export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT LANE_B LANE_GPUS NVAL TRAJ
+export R BASE DEV SIZE EMOJI NIMG K SF STAGE EVAL_TIMEOUT LANE_B LANE_GPUS NVAL TRAJ TEST
 LANE_S=${LANE_S:-420} run_lanes
-finish_session hi
+finish_session $FINAL

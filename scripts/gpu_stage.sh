@@ -95,13 +95,18 @@ UNet.load('$R/$r/final').save('$R/w/${r}_fp16', dtype=torch.float16)"
   done
 }
 
+ship_unets() {  # run names: their final UNets (EMA) in fp16 as 15 MiB pieces $R/out/unets.tar.NN, once (a script
+  # ships them before its evaluations, so an evaluation that overruns the device's time cannot lose them)
+  ls $R/out/unets.tar.* >/dev/null 2>&1 && return 0
+  unets_fp16 "$@" && tar cf $STAGE/unets.tar -C $R w && split -b 15m -d $STAGE/unets.tar $R/out/unets.tar. &&
+    stamp "weights in $R/out"
+}
+
 finish_session() {  # [run names]: pack $R's results (not the pipeline copies), the named runs' EMA UNets in fp16 as
-  # 15 MiB pieces in $R/out, then "SESSION DONE" (what the monitoring calls wait for)
+  # 15 MiB pieces in $R/out (ship_unets, unless shipped already), then "SESSION DONE" (what monitoring calls wait for)
   stamp "pack"
   pack_results --exclude='pipe*'
-  if [ $# -gt 0 ]; then
-    unets_fp16 "$@" && tar cf $STAGE/unets.tar -C $R w && split -b 15m -d $STAGE/unets.tar $R/out/unets.tar.
-  fi
+  [ $# -eq 0 ] || ship_unets "$@"
   ls -la $R/out
   stamp "SESSION DONE"
 }
