@@ -83,8 +83,9 @@ pack_results() {  # [extra tar excludes]: $R's logs, metrics and eval JSON (no w
   # $R/out/results.tar.gz, after summarize_evals
   summarize_evals
   rm -f $R/eval/*/grid_*.png $R/eval/*/fid_clip_curve.png
-  tar czf $STAGE/results.tar.gz --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='*/samples' \
-    --exclude=w "$@" -C "$STAGE/runs" "$(basename "$R")" && mv $STAGE/results.tar.gz $R/out/
+  local tmp=$STAGE/$(basename "$R")_results.tar.gz  # one per run: two runs may finish side by side
+  tar czf "$tmp" --exclude='*.safetensors' --exclude=checkpoints --exclude=out --exclude='*/samples' \
+    --exclude=w "$@" -C "$STAGE/runs" "$(basename "$R")" && mv "$tmp" $R/out/results.tar.gz
 }
 
 unets_fp16() {  # run names: each run's final UNet (its EMA) saved in fp16 as $R/w/<name>_fp16
@@ -98,7 +99,8 @@ UNet.load('$R/$r/final').save('$R/w/${r}_fp16', dtype=torch.float16)"
 ship_unets() {  # run names: their final UNets (EMA) in fp16 as 15 MiB pieces $R/out/unets.tar.NN, once (a script
   # ships them before its evaluations, so an evaluation that overruns the device's time cannot lose them)
   ls $R/out/unets.tar.* >/dev/null 2>&1 && return 0
-  unets_fp16 "$@" && tar cf $STAGE/unets.tar -C $R w && split -b 15m -d $STAGE/unets.tar $R/out/unets.tar. &&
+  local tmp=$STAGE/$(basename "$R")_unets.tar
+  unets_fp16 "$@" && tar cf "$tmp" -C $R w && split -b 15m -d "$tmp" $R/out/unets.tar. &&
     stamp "weights in $R/out"
 }
 

@@ -15,7 +15,8 @@ from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
 from snapfusion.train import state as ckpt_io
 from snapfusion.train.loop import LoopConfig, train
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, images_to_unit
+from snapfusion.train import tasks as tasks_module
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, images_to_unit, pooled_caption
 from snapfusion.weights import load_safetensors
 
 UNET = dataclasses.replace(tiny_sd15(), context_dim=32)
@@ -38,11 +39,17 @@ def _mixed(parts, prob=1.0, **kw):
 def test_a_mixed_step_trains_on_the_second_pool_at_the_second_size(parts, monkeypatch):
     vae, _ = parts
     task = UNetTask(_mixed(parts))
+    drawn = []
+    original_scene = tasks_module.sample_scene
+    monkeypatch.setattr(tasks_module, "sample_scene", lambda *a: drawn.append(a) or original_scene(*a))
     items = [task.dataset()[i] for i in (1, 4, 5)]
-    assert [it["index2"] for it in items] == [1, 1, 2]  # i mod 3; the first pool: i mod 6
-    assert [it["index"] for it in items] == [1, 4, 5]
+    assert [it["index"] for it in items] == [1, 4, 5]  # the first pool: i mod 6
+    assert len(drawn) == 3  # one scene per item: the second pool's are drawn only for the items a mixed step uses
     batch = task.collate(items)
-    assert batch["index2"].tolist() == [1, 1] and batch["ids2"].shape[0] == 2  # the first mix_batch items
+    assert batch["index2"].tolist() == [1, 1] and batch["ids2"].shape[0] == 2  # the first mix_batch items, i mod 3
+    assert len(drawn) == 5
+    expected_ids = task._caption_ids([pooled_caption(i, 3, task.cfg.seed, task.cfg.data)[1] for i in (1, 4)])
+    assert torch.equal(batch["ids2"], expected_ids)  # their own captions of the second pool's scenes
     seen = []
     original = task.schedule.add_noise
     monkeypatch.setattr(task.schedule, "add_noise", lambda x0, eps, t: seen.append(x0) or original(x0, eps, t))
@@ -66,7 +73,7 @@ def test_the_share_of_mixed_steps_follows_mix_prob_and_plain_runs_draw_nothing(p
     state = gen.get_state()
     assert not plain.mixed_step(gen)
     assert torch.equal(gen.get_state(), state)  # runs without --mix-size keep their random stream
-    assert "index2" not in plain.dataset()[0]
+    assert "item" not in plain.dataset()[0]
     item = plain.dataset()[0]
     assert plain.loss(UNet(UNET), plain.collate([item, item]), torch.Generator().manual_seed(0))[1] == {}
 

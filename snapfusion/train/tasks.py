@@ -403,9 +403,18 @@ def require_known_prediction(model: UNetConfig, command: str) -> None:
                           f"{model.prediction_type}")
 
 
+def pooled_caption(i: int, pool: int, seed: int, data: SceneConfig) -> tuple[int, str]:
+    """Stream item i over a pool of ``pool`` scenes: the scene's index i mod pool and a fresh paraphrase of its
+    caption (new each pass over the pool)."""
+    j, epoch = i % pool, i // pool
+    scene = sample_scene(np.random.default_rng([seed, 0, j]), "train", data)  # = SceneDataset item j
+    return j, caption(scene, np.random.default_rng([seed, 0, j, epoch]), data.caption_p_omit)
+
+
 class PooledCaptions(torch.utils.data.Dataset):
-    """Item i: the index of pooled scene i mod P and a fresh paraphrase of its caption (new each pass over the pool);
-    with a second pool of P2 scenes (mixed-resolution training), also "index2" = i mod P2 and its own caption."""
+    """Item i: the index of pooled scene i mod P and its caption (``pooled_caption``); with a second pool
+    (mixed-resolution training) also "item" = i, from which the collate draws the second pool's scene for the few
+    items a mixed step uses (``pooled_caption(i, P2, ..)``), instead of every item drawing one."""
 
     def __init__(self, pool: int, seed: int, data: SceneConfig, pool2: int = 0):
         self.pool, self.seed, self.data, self.pool2 = pool, seed, data, pool2
@@ -413,17 +422,9 @@ class PooledCaptions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return STREAM_LENGTH
 
-    def _pooled(self, i: int, pool: int) -> tuple[int, str]:
-        j, epoch = i % pool, i // pool
-        scene = sample_scene(np.random.default_rng([self.seed, 0, j]), "train", self.data)  # = SceneDataset item j
-        return j, caption(scene, np.random.default_rng([self.seed, 0, j, epoch]), self.data.caption_p_omit)
-
     def __getitem__(self, i: int) -> dict[str, Any]:
-        j, text = self._pooled(i, self.pool)
-        if not self.pool2:
-            return {"index": j, "caption": text}
-        j2, text2 = self._pooled(i, self.pool2)
-        return {"index": j, "caption": text, "index2": j2, "caption2": text2}
+        j, text = pooled_caption(i, self.pool, self.seed, self.data)
+        return {"index": j, "caption": text} | ({"item": i} if self.pool2 else {})
 
 
 class LatentPool:
@@ -577,9 +578,10 @@ class UNetTask:
             batch = collate_scenes(items)
         batch["ids"] = self._caption_ids(batch["caption"])
         if self.mixing:  # the first mix_batch items' scenes of the second pool
-            items = items[: self.cfg.mix_batch]
-            batch["index2"] = torch.tensor([it["index2"] for it in items])
-            batch["ids2"] = self._caption_ids([it["caption2"] for it in items])
+            second = [pooled_caption(it["item"], self.cfg.mix_pool, self.cfg.seed, self.cfg.data)
+                      for it in items[: self.cfg.mix_batch]]
+            batch["index2"] = torch.tensor([j for j, _ in second])
+            batch["ids2"] = self._caption_ids([text for _, text in second])
         return batch
 
     def _caption_ids(self, texts: list[str]) -> torch.Tensor:
