@@ -35,12 +35,13 @@
 #   (the mixed stage is skipped; any earlier stage-1 minutes count towards the recipe's total).
 # As run in session 15 (one H200, 24.8 device-minutes held): part 1 with M1=22 LANE_S=200 EVAL_TIMEOUT=150: 6,427
 #   steps; the mixed EMA's gradients came out the prompt's way in 77 % of the validation gradient prompts (the shipped
-#   base: 51 %), val 50.8 % (objects not yet learned at 512²). Its fp16 EMA is at /work/s15res/w/mix_fp16 (44 MB).
-#   Part 2's staging: call 1 as above; call 2 carries that folder as .s15_mix (git-ignored; run's carry) and starts
+#   base: 51 %), val 50.8 % (objects not yet learned at 512²). Its fp16 EMA (44 MB) is kept git-ignored in the
+#   checkout as .s15_mix (copy: /work/s15res/w/mix_fp16). Part 2's staging: call 1 as above; call 2 carries
+#   .s15_mix (run's carry) without the call-1 files, and starts
 #   with: mkdir -p /root/stage/models && cp -r .s15_mix /root/stage/models/s15_mix, then
 #   MIX_INIT=/root/stage/models/s15_mix NPROC=1 M2=14 OFFSET=0.2 GRID=4 WEIGHTING=min-snr. The v weighting puts 81 %
 #   of the loss's weight on t >= 800 and 4 % below t = 500 (min-SNR: 22 and 45 %), and the mixed EMA's objects lag
-#   session 11's mixed EMA by 12-19 points on 64 val prompts: the 512² stage should train the objects. On a 2-GPU
+#   session 11's mixed EMA by 9-20 points on 64 val prompts: the 512² stage should train the objects. On a 2-GPU
 #   host, both weightings side by side, one GPU each: CUDA_VISIBLE_DEVICES=1 LANE_GPUS="1 1" RUN=s16v WEIGHTING=v ..
 #   for the second (RUN names its folder under $STAGE/runs; LANE_GPUS pins its evaluations).
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st12 DEVICE=cpu NPROC=1 LOW=64 SIZE=128 NIMG=2 K=1 POOL=16 POOL2=8
