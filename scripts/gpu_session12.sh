@@ -64,11 +64,8 @@ fi
 COMMON=(--vae "$BASE/vae_encoder" --text-encoder "$TEXT" --num-emoji $EMOJI --sample-every 0
   --clip-skip "$SKIP" --offset-noise "$OFFSET" --offset-noise-grid "$GRID" --max-steps 1000000 --num-workers "$W"
   --loss-weighting "$WEIGHTING" --log-every 25 --checkpoint-every 1000)
-for part in text_encoder vae_encoder vae_decoder; do
-  test -f "$BASE/$part/config.json" || { stamp "missing $BASE/$part: stash first"; exit 1; }
-done
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
-python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)"
+require_base_parts text_encoder vae_encoder vae_decoder
+python3 -c "import accelerate; print('accelerate', accelerate.__version__)"
 
 pipeline() {  # folder, UNet folder: the shipped tower without its last SKIP layers, encoder and decoder, that UNet
   mkdir -p "$1" && cp -r "$BASE"/{model_index.json,vae_encoder,vae_decoder} "$1"/ && cp -r "$2" "$1/unet" &&
