@@ -31,6 +31,10 @@ own half contrast projected the same way: a model that follows the prompt is rig
 follows the noise is right where it is positive and wrong where it is negative. Also the step at which each image's
 direction is settled (the estimate's sign no longer changes).
 
+With ``--prior`` (a pipeline with a terminal layout prior, ``prior/``; snapfusion/prior.py) the trajectory starts
+from the noise plus the prior's shift, as ``Pipeline.generate`` does; the oracle test adds a fourth start, "prior",
+the noise plus the predicted (not the true) 2 x 2 block means.
+
 Examples (about 12, 20 and 10 minutes on a 2-core CPU):
   python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --out docs/img/mean_leak.json
   python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --gradients --out gradient_leak.json
@@ -54,6 +58,7 @@ from snapfusion.eval.attributes import attribute_accuracy
 from snapfusion.eval.evaluators import load_evaluators
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import image_grid, to_pil
+from snapfusion.prior import start_shift
 from snapfusion.sampling import guided, initial_noise, sample_ddim
 
 
@@ -71,6 +76,8 @@ def main() -> None:
                    help="gradient prompts only: per DDIM step, does the estimate have the prompt's direction, and "
                         "does the final image follow the starting noise's (no oracle test)")
     p.add_argument("--prompts", choices=["test", "val"], default="test", help="the prompt set (default: test)")
+    p.add_argument("--prior", action="store_true", help="also (oracle test) or only (trajectory) starts shifted by "
+                   "the pipeline's layout prior")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: fp32 either way; seeds draw on the CPU")
     p.add_argument("--out", default="mean_leak.json")
     a = p.parse_args()
@@ -78,6 +85,8 @@ def main() -> None:
     device = torch.device(a.device)
 
     pipe = resolve_model(a.model).eval().to(device)
+    if a.prior and pipe.prior is None:
+        raise SystemExit(f"diagnose_mean_leak: {a.model} has no layout prior (prior/)")
     encoder = load_autoencoder(model_folder(a.model) / "vae_encoder", Encoder).eval().to(device)
     records = load_prompt_set(a.prompts, num_emoji=a.num_emoji)
     a.gradients = a.gradients or a.trajectory
@@ -133,10 +142,13 @@ def main() -> None:
     z = initial_noise(shape, [int(r["seed"]) for r in chosen], device)
     # Forward process at the first step: z_t = sqrt(abar) x0 + sqrt(1 - abar) eps; the DDIM sampler starts from
     # eps (unit variance), so the oracle adds sqrt(abar / (1 - abar)) * mean(x0) per channel.
+    prior_shift = start_shift(pipe.prior, cond, shape[1:], abar_first) if a.prior else None
     if a.trajectory:
+        if prior_shift is not None:
+            z = z + prior_shift
         report = trajectory(pipe, model_fn, z, timesteps, block_means(chosen, 2), chosen, (cond, uncond))
         report = {"model": a.model, "prompt_set": a.prompts, "steps": a.steps, "guidance": a.guidance,
-                  "prompts": len(chosen), "leak": leak,
+                  "prompts": len(chosen), "prior": a.prior, "leak": leak,
                   **report, "seconds": round(time.time() - t0)}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -147,6 +159,8 @@ def main() -> None:
     if a.gradients:  # the 2 x 2 block means, upsampled to the latent grid: the mean plus the half contrasts
         quads = torch.nn.functional.interpolate(block_means(chosen, 2), size=shape[1:], mode="nearest")
         starts.append(("oracle_2x2", z + (abar_first / (1 - abar_first)) ** 0.5 * quads))
+    if prior_shift is not None:
+        starts.append(("prior", z + prior_shift))
     ev = load_evaluators()
     scenes = [r["scene"] for r in chosen]
     results, grids = {}, []

@@ -44,6 +44,12 @@
 #   session 11's mixed EMA by 9-20 points on 64 val prompts: the 512² stage should train the objects. On a 2-GPU
 #   host, both weightings side by side, one GPU each: CUDA_VISIBLE_DEVICES=1 LANE_GPUS="1 1" RUN=s16v WEIGHTING=v ..
 #   for the second (RUN names its folder under $STAGE/runs; LANE_GPUS pins its evaluations).
+# Session 16: session 15's mixed EMA did not survive into the next session (only the repo does), so the whole UNet ran
+#   in one session on one H200, shortened to fit: NPROC=1 M1=15 M2=7 OFFSET=0.2 GRID=4 WEIGHTING=hybrid LANE_S=330
+#   EVAL_TIMEOUT=240, staged in one call as in the header (the run starts in the background in the same call).
+#   --loss-weighting hybrid takes per sample the larger of the Min-SNR and v weights: the noisiest steps, where the
+#   gradient's direction is chosen, weigh nearly as under v, the middle steps, where the objects are, nearly as under
+#   Min-SNR (v starved them in session 15's mixed stage).
 # CPU dry run (tiny, plumbing only): STAGE=/tmp/st12 DEVICE=cpu NPROC=1 LOW=64 SIZE=128 NIMG=2 K=1 POOL=16 POOL2=8
 #   M1=0.3 M2=0.2 BATCH=4 MIXB=2 BATCH2=2 W=1 NVAL=2 TRAJ=2 bash scripts/gpu_session12.sh run (after stash)
 . "$(dirname "$0")/gpu_stage.sh" "$@"  # stash (and exit) or move into the staged copy; helpers
@@ -96,10 +102,10 @@ else
 fi
 [ -f $R/$FINAL/final/config.json ] && pipeline $R/pipe $R/$FINAL/final && ship_unets $FINAL
 
-lane_a() {
+lane_a() {  # the test prompts, the first-step diagnostic, then val (NVAL=0: none), most telling first
   [ -d $R/pipe ] && [ "$TEST" = 1 ] && ev new_50_k$K $R/pipe 50 ddim 7.5 --seeds-per-prompt $K
-  [ -d $R/pipe ] && ev val_new $R/pipe 50 ddim 7.5 --prompts val --num-images "$NVAL"
   [ -d $R/pipe ] && trajectory_val val_new $R/pipe
+  [ -d $R/pipe ] && [ "$NVAL" != 0 ] && ev val_new $R/pipe 50 ddim 7.5 --prompts val --num-images "$NVAL"
   stamp "lane A done"
 }
 lane_b() {

@@ -45,11 +45,13 @@ base_with_unet() {  # folder, UNet folder: the shipped base ($BASE) with that UN
   mkdir -p "$1" && cp -r "$BASE"/{model_index.json,text_encoder,vae_encoder,vae_decoder} "$1"/ && cp -r "$2" "$1/unet"
 }
 
-trajectory_val() {  # name, pipeline: diagnose_mean_leak.py's first-step / trajectory diagnostic on the validation
-  # gradient prompts (the first TRAJ of them, fp32 on $DEV) into $R/eval/trajectory_<name>.json
-  timeout 240 python3 scripts/diagnose_mean_leak.py --model "$2" --prompts val --count "${TRAJ:-1000}" --leak-count 32 \
-    --steps 20 --trajectory --device "$DEV" --out "$R/eval/trajectory_$1.json" > "$R/eval/trajectory_$1.log" 2>&1 \
-    && stamp "trajectory $1 done" || stamp "trajectory $1 FAILED"
+trajectory_val() {  # name, pipeline, [extra args, e.g. --prior]: diagnose_mean_leak.py's first-step / trajectory
+  # diagnostic on the validation gradient prompts (the first TRAJ of them, fp32 on $DEV) into $R/eval/trajectory_<name>.json
+  local name=$1 model=$2; shift 2
+  timeout 240 python3 scripts/diagnose_mean_leak.py --model "$model" --prompts val --count "${TRAJ:-1000}" \
+    --leak-count 32 --steps 20 --trajectory --device "$DEV" --out "$R/eval/trajectory_$name.json" "$@" \
+    > "$R/eval/trajectory_$name.log" 2>&1 \
+    && stamp "trajectory $name done" || stamp "trajectory $name FAILED"
 }
 
 run_lanes() {  # lane_a and lane_b on the GPUs of LANE_GPUS (default "0 1"; "0 0" shares one GPU; unpinned on a

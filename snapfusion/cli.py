@@ -96,7 +96,7 @@ def swap_unet(pipe, folder: str | None, *, device: str = "cpu"):
         raise ConfigError(f"--unet {folder}: latent channels in/out {(got.in_channels, got.out_channels)}, the "
                           f"pipeline's UNet has {(want.in_channels, want.out_channels)}")
     return Pipeline(pipe.text_encoder, unet, pipe.decoder, pipe.config, tokenizer=pipe.tokenizer,
-                    encoder=pipe.encoder)  # checks the context width against the text encoder
+                    encoder=pipe.encoder, prior=pipe.prior)  # checks the context width against the text encoder
 
 
 # ---- generate ------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         images = pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=a.sampler,
                                height=_first(a.height, a.size), width=_first(a.width, a.size),
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
-                               timings=timings)
+                               timings=timings, use_prior=not a.no_prior)
     pics = to_pil(images)
     meta = PngInfo()
     for key, value in (("prompt", a.prompt), ("negative_prompt", a.negative_prompt), ("seed", seeds),
@@ -189,7 +189,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     def generate_fn(prompts, seeds, guidance):
         return to_pil(pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
-                                    height=a.size, width=a.size))
+                                    height=a.size, width=a.size, use_prior=not a.no_prior))
 
     guidance = a.guidance if a.guidance is not None or a.guidance_sweep else pipe.config.guidance
     result = run_eval_command(generate_fn, prompts=a.prompts, steps=steps, sampler=sampler, guidance=guidance,
@@ -197,7 +197,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               out_dir=a.out, device=device,
                               model=(a.model or pipe.config.name) + (f" + decoder {a.decoder}" if a.decoder else "")
                               + (f" + unet {a.unet}" if a.unet else "")
-                              + (f" ({a.dtype})" if a.dtype != "fp32" else ""),
+                              + (f" ({a.dtype})" if a.dtype != "fp32" else "")
+                              + (" (no prior)" if a.no_prior and getattr(pipe, "prior", None) is not None else ""),
                               num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt)
     rows = [{k: v for k, v in r.items() if k != "all_per_image"} for r in result.get("results", [])]
     print(json.dumps(rows or result, indent=1)[:4000])
@@ -299,6 +300,42 @@ def _mix_options(a: argparse.Namespace) -> dict:
     return dict(mix_size=a.mix_size, mix_prob=a.mix_prob,
                 mix_batch=a.mix_batch_size or max(1, a.batch_size * a.image_size ** 2 // a.mix_size ** 2),
                 mix_pool=a.mix_pool or max(1, a.latent_pool // 4))
+
+
+def cmd_train_prior(a: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from snapfusion.config import save_json
+    from snapfusion.errors import SnapFusionError
+    from snapfusion.models.autoencoder import Encoder, load_autoencoder
+    from snapfusion.pipeline import part_folder
+    from snapfusion.prior import LayoutPriorConfig, PriorTrainConfig, build_targets, train_prior
+
+    if a.scenes < 10 or a.steps < 1 or not 0 <= a.calibrate <= a.scenes:
+        raise SnapFusionError("--scenes must be >= 10, --steps >= 1 and --calibrate between 0 and --scenes")
+    device = _device(a.device)
+    pipe = resolve_model(a.model, device=device)
+    encoder_dir = Path(a.encoder) if a.encoder else part_folder(model_folder(a.model), "vae_encoder")
+    if not (encoder_dir / "config.json").is_file():
+        raise SnapFusionError(f"the layout prior needs a VAE encoder of {a.model}'s latent space: none at "
+                              f"{encoder_dir} (--encoder)")
+    encoder = load_autoencoder(encoder_dir, Encoder, device=device).eval()
+    captions, targets = build_targets(encoder, a.scenes, Path(a.cache), grid=a.grid, size=a.encode_size,
+                                      calibrate=a.calibrate, full_size=pipe.config.resolution,
+                                      num_emoji=a.num_emoji, seed=a.seed, source=str(encoder_dir.resolve()))
+    config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
+                               latent_channels=pipe.unet.config.in_channels, grid=a.grid)
+    train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr)
+    prior, report = train_prior(lambda c: pipe.encode_text(c).float().cpu(), captions, targets, config, train)
+    out = Path(a.out)
+    prior.save(out)
+    save_json({"model": str(a.model), "scenes": a.scenes, "encode_size": a.encode_size, "calibrate": a.calibrate,
+               "num_emoji": a.num_emoji, "seed": a.seed, "config": dataclasses.asdict(config), **report},
+              out / "train_report.json")
+    print(f"wrote {out}: held-out R^2 {report['held_out_r2']:.3f} (MSE {report['held_out_mse']:.4f}, target variance "
+          f"{report['held_out_variance']:.4f}); put it in the pipeline folder as prior/ to use it")
 
 
 def cmd_assemble(a: argparse.Namespace) -> None:
@@ -410,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--no-prior", action="store_true", help="start from plain noise even if the model has a layout "
+                   "prior (prior/: the prompt's coarse layout at the first step's noise level)")
     g.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: --model is a folder from 'snapfusion export --format onnx'")
     g.set_defaults(func=cmd_generate)
@@ -437,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="network precision (bf16 or fp16 on a GPU: about twice as fast)")
+    e.add_argument("--no-prior", action="store_true", help="as for generate: plain-noise starts")
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes")
@@ -467,9 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--offset-noise-grid", type=int, default=1, metavar="G",
                    help="also add the --offset-noise on coarse grids 2x2, 4x4, .. GxG, bilinearly upsampled (G a power "
                    "of 2): lets the model choose a gradient background's direction, as --offset-noise its color")
-    t.add_argument("--loss-weighting", choices=["min-snr", "v"], default="min-snr",
+    t.add_argument("--loss-weighting", choices=["min-snr", "v", "hybrid"], default="min-snr",
                    help="min-snr (default): Min-SNR-5 weights on the eps error; v: the plain v MSE's weights 1 + 1/SNR "
-                   "rescaled to mean 1 over t, so the noisiest steps, which choose the layout, weigh up to 10x more")
+                   "rescaled to mean 1 over t, so the noisiest steps, which choose the layout, weigh up to 10x more; "
+                   "hybrid: per sample the larger of the two, rescaled to mean 1 (the noisy end as v, the middle "
+                   "nearly as min-snr)")
     t.add_argument("--timestep-bias", choices=["none", "later", "earlier", "range"], default="none",
                    help="draw some timesteps more often (diffusers' --timestep_bias_strategy): later = the noisiest "
                    "--timestep-bias-portion of them, earlier = the least noisy, range = --timestep-bias-range")
@@ -487,6 +529,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mix-pool", type=int, default=0, help="scenes in the --mix-size latent pool (default: "
                    "--latent-pool / 4)")
     t.set_defaults(func=cmd_train_unet)
+
+    t = sub.add_parser("train-prior", help="train a pipeline's terminal layout prior (prior/): the prompt's coarse "
+                       "layout, which SD's schedule leaks into the starting latent (CPU: minutes)")
+    t.add_argument("--model", default="base", help="the pipeline whose text states and latent space it serves")
+    t.add_argument("--out", required=True, help="the prior's folder (copy it to <pipeline>/prior to use it)")
+    t.add_argument("--encoder", default=None, help="the VAE encoder folder of the model's latent space (default: "
+                   "the pipeline's vae_encoder/; the SnapFusion student has none, it shares base's)")
+    t.add_argument("--scenes", type=int, default=10000, help="training renders (the last 10%% are held out)")
+    t.add_argument("--encode-size", type=int, default=128, help="renders are encoded at this size (cheap)")
+    t.add_argument("--calibrate", type=int, default=64, help="renders also encoded at full size, for a per-channel "
+                   "affine map of the reduced-size block means (0: none)")
+    t.add_argument("--grid", type=int, default=2, help="predict the latent's G x G block means")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--num-emoji", type=int, default=None, help="as the UNet trained (the base: 40)")
+    t.add_argument("--seed", type=int, default=16, help="the training scenes' seed")
+    t.add_argument("--cache", default="runs/prior_cache", help="encoded block means, in chunks (a killed run resumes)")
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(func=cmd_train_prior)
 
     s = sub.add_parser("assemble", help="put trained parts together into a pipeline folder (fp16)")
     s.add_argument("--text-encoder", required=True)

@@ -1,7 +1,8 @@
 """Prompt -> pixels: tokenizer -> text encoder (cond + uncond) -> sampler over the UNet -> VAE decoder -> PNG.
 
 A pipeline folder holds ``model_index.json`` (kind "pipeline": sampling defaults) and one sub-folder per
-network (``text_encoder/``, ``unet/``, ``vae_decoder/``, optionally ``vae_encoder/``), each in our
+network (``text_encoder/``, ``unet/``, ``vae_decoder/``, optionally ``vae_encoder/`` and ``prior/``, the terminal
+layout prior of ``snapfusion.prior``), each in our
 ``save_pretrained`` layout. A part may instead live in a sibling folder that ``model_index.json`` names under
 ``"parts"`` (e.g. ``{"text_encoder": "../base/text_encoder"}``): shipped pipelines share parts that way, so that the
 repository holds each network once. The tokenizer is CLIP's, shipped in ``snapfusion/assets/tokenizer``.
@@ -25,13 +26,14 @@ from snapfusion.errors import ConfigError, SnapFusionError, WeightsError
 from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, save_autoencoder
 from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
+from snapfusion.prior import LayoutPrior, start_shift
 from snapfusion.sampling import Denoiser, guided, initial_noise, sample_ddim, sample_dpmpp_2m
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, dpm_timesteps
 
 Sampler = Literal["ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing", "linspace"]
 INDEX = "model_index.json"
-PARTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PARTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "prior")
 
 
 def part_folder(folder: str | Path, name: str) -> Path:
@@ -110,11 +112,15 @@ class Pipeline:
     """A text-to-image latent diffusion model: text encoder, UNet, VAE decoder, schedule and sampling defaults."""
 
     def __init__(self, text_encoder: TextEncoder, unet: UNet, decoder: Decoder, config: PipelineConfig, *,
-                 tokenizer: Tokenizer | None = None, encoder: Encoder | None = None):
+                 tokenizer: Tokenizer | None = None, encoder: Encoder | None = None, prior: LayoutPrior | None = None):
         if unet.config.context_dim != text_encoder.config.hidden_size:
             raise ConfigError(f"UNet context_dim {unet.config.context_dim} != text encoder width "
                               f"{text_encoder.config.hidden_size}")
+        if prior is not None and prior.config.context_dim != text_encoder.config.hidden_size:
+            raise ConfigError(f"layout prior context_dim {prior.config.context_dim} != text encoder width "
+                              f"{text_encoder.config.hidden_size}")
         self.text_encoder, self.unet, self.decoder, self.encoder = text_encoder, unet, decoder, encoder
+        self.prior = prior  # fp32 whatever the pipeline's dtype; None: sampling starts from N(0, I)
         self.tokenizer = tokenizer or Tokenizer()
         self.config = config
         self.schedule = NoiseSchedule(config.schedule)
@@ -139,7 +145,9 @@ class Pipeline:
         encoder = None
         if with_encoder:
             encoder = load_autoencoder(part_folder(folder, "vae_encoder"), Encoder, device=device, dtype=dtype)
-        return cls(text, unet, decoder, config, encoder=encoder).eval()
+        prior_dir = part_folder(folder, "prior")
+        prior = LayoutPrior.load(prior_dir, device=device) if prior_dir.is_dir() else None
+        return cls(text, unet, decoder, config, encoder=encoder, prior=prior).eval()
 
     def save(self, folder: str | Path, *, dtype: torch.dtype | None = torch.float16,
              shared: dict[str, str] | None = None, unet_int8: bool = False) -> Path:
@@ -162,6 +170,8 @@ class Pipeline:
                    "vae_decoder": lambda d: save_decoder(d, self.decoder, dtype=dtype)}
         if self.encoder is not None:
             writers["vae_encoder"] = lambda d: save_autoencoder(d, self.encoder, dtype=dtype)
+        if self.prior is not None:
+            writers["prior"] = lambda d: self.prior.save(d, dtype=dtype)
         for name, write in writers.items():
             if name not in shared:
                 write(folder / name)
@@ -186,6 +196,8 @@ class Pipeline:
         for m in (self.text_encoder, self.unet, self.decoder, self.encoder):
             if m is not None:
                 m.to(device=device, dtype=dtype)
+        if self.prior is not None:
+            self.prior.to(device=device)  # stays fp32
         return self
 
     @property
@@ -241,8 +253,10 @@ class Pipeline:
                  guidance: float | None = None, sampler: Sampler | None = None, height: int | None = None,
                  width: int | None = None, negative_prompt: str = "", skip=None,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                 timings: Timings | None = None) -> torch.Tensor:
-        """Generate images in [0, 1] (B, 3, H, W); image i depends only on (prompt_i, seed_i) and the settings."""
+                 timings: Timings | None = None, use_prior: bool = True) -> torch.Tensor:
+        """Generate images in [0, 1] (B, 3, H, W); image i depends only on (prompt_i, seed_i) and the settings.
+        ``use_prior``: with a layout prior, start from the noise plus the prompt's predicted coarse layout at the
+        first timestep's noise level (``snapfusion.prior``); False, or no prior: from the noise alone."""
         cfg = self.config
         prompts = check_prompts(prompts)
         seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
@@ -267,6 +281,9 @@ class Pipeline:
         down = self.decoder.config.downscale
         shape = (self.unet.config.in_channels, height // down, width // down)
         z = initial_noise(shape, seeds, dev)  # (B, 4, H/8, W/8) fp32
+        if use_prior and self.prior is not None:  # the forward process's share of the prompt's coarse layout
+            abar = float(self.schedule.alphas_cumprod[int(timesteps[0])])
+            z = z + start_shift(self.prior, cond, shape[1:], abar).to(z)
         model_fn = guided(self.denoiser(skip), cond, uncond, None if guidance == 1.0 else guidance)
         run = sample_ddim if sampler == "ddim" else sample_dpmpp_2m
         latents = run(model_fn, z, timesteps, self.schedule, callback=callback)

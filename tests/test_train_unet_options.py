@@ -11,7 +11,7 @@ from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save
 from snapfusion.models.text import TextEncoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig
+from snapfusion.train.tasks import UNetTask, UNetTaskConfig, hybrid_weights
 
 UNET = dataclasses.replace(tiny_sd15(), context_dim=32)
 
@@ -294,6 +294,27 @@ def test_v_loss_weighting_of_an_eps_model_is_the_plain_v_mse_at_the_usual_scale(
     ratio = losses["v"] / losses["min-snr"]  # = 1 / (alphabar mean) where SNR < 5, the noisiest steps weigh most
     noisy = seen["t"] > 600
     assert noisy.any() and (~noisy).any() and ratio[noisy].min() > ratio[~noisy].max()
+
+
+def test_hybrid_loss_weighting_is_the_larger_of_min_snr_and_v_rescaled(parts):
+    """--loss-weighting hybrid: per sample the larger of the Min-SNR and the v loss of the same prediction, divided
+    by the mean of the larger weight over the schedule; on SD's schedule the noisy end keeps most of v's emphasis and
+    the middle most of Min-SNR's."""
+    torch.manual_seed(3)
+    model, losses = UNet(UNET), {}
+    for weighting in ("min-snr", "v", "hybrid"):
+        task = UNetTask(UNetTaskConfig(model=UNET, loss_weighting=weighting, latent_pool=4, pool_workers=0, **parts))
+        batch = task.collate([task.dataset()[i] for i in range(16)])
+        losses[weighting] = task.loss(model, batch, torch.Generator().manual_seed(0))[0].detach()
+    abar = task.schedule.alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    larger = torch.maximum(torch.clamp(snr, max=5.0) / snr, (1 / abar) / (1 / abar).mean())
+    torch.testing.assert_close(losses["hybrid"] * larger.mean().float(), torch.maximum(losses["min-snr"], losses["v"]),
+                               rtol=1e-4, atol=1e-7)
+    w = hybrid_weights(abar.sqrt().float(), task.schedule, 5.0).double()
+    assert abs(w.mean().item() - 1) < 1e-5
+    assert 0.5 < (w[800:].sum() / w.sum()).item() < 0.56 and 0.25 < (w[:500].sum() / w.sum()).item() < 0.3
+    assert 6 < w[999].item() < 7 and 0.6 < w[500].item() < 0.7  # v: 10.1 and 0.17; Min-SNR: 1.09 and 1.09
 
 
 def test_bad_loss_weighting_is_refused(parts):

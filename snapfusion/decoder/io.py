@@ -50,4 +50,4 @@ def with_decoder(pipe: Pipeline, decoder: nn.Module) -> Pipeline:
         raise WeightsError(f"decoder scaling factor {decoder.config.scaling_factor} != the pipeline's "
                            f"{pipe.decoder.config.scaling_factor}: it was distilled for another latent space")
     return Pipeline(pipe.text_encoder, pipe.unet, decoder, pipe.config, tokenizer=pipe.tokenizer,
-                    encoder=pipe.encoder)
+                    encoder=pipe.encoder, prior=pipe.prior)
