@@ -151,3 +151,13 @@ def test_train_prior_command(tiny_pipeline, tmp_path, capsys):
     assert LayoutPrior.load(out).config.context_dim == 32
     assert main(["train-prior", "--model", str(tmp_path / "pipe"), "--out", str(out), "--scenes", "5"]) == 2
     assert "--scenes" in capsys.readouterr().err
+
+
+def test_shipped_base_carries_its_prior():
+    """The embedded base samples from its layout prior by default (docs/base_model.md, session 16)."""
+    from snapfusion.cli import model_folder
+
+    prior = LayoutPrior.load(model_folder("base") / "prior")
+    assert prior.config.grid == 2 and prior.config.latent_channels == 4
+    text = json.loads((model_folder("base") / "text_encoder" / "config.json").read_text())["config"]
+    assert prior.config.context_dim == text["hidden_size"]
