@@ -114,8 +114,7 @@ def hybrid_weights(alpha: torch.Tensor, schedule: NoiseSchedule, gamma: float) -
     def raw(a: torch.Tensor) -> torch.Tensor:
         a2 = a.double() ** 2
         snr = a2 / (1 - a2).clamp(min=1e-12)
-        v = 1.0 / (a2 * (1.0 / schedule.alphas_cumprod.double().to(a.device)).mean())
-        return torch.maximum(torch.clamp(snr, max=gamma) / snr, v)
+        return torch.maximum(torch.clamp(snr, max=gamma) / snr, v_weights(a, schedule).double())
     mean = raw(schedule.alphas_cumprod.double().sqrt()).mean()
     return (raw(alpha) / mean).float()
 
