@@ -58,7 +58,7 @@ from snapfusion.eval.attributes import attribute_accuracy
 from snapfusion.eval.evaluators import load_evaluators
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import image_grid, to_pil
-from snapfusion.prior import start_shift
+from snapfusion.prior import block_means as render_block_means, means_shift, start_shift
 from snapfusion.sampling import guided, initial_noise, sample_ddim
 
 
@@ -95,14 +95,10 @@ def main() -> None:
     res = pipe.config.resolution
 
     @torch.no_grad()
-    def block_means(recs, g: int = 1) -> torch.Tensor:
-        out = []
-        for r in recs:
-            img = np.asarray(render(Scene.from_dict(r["scene"]), res), dtype=np.float32) / 127.5 - 1
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device)
-            out.append(torch.nn.functional.adaptive_avg_pool2d(encoder.encode(x).mean, g)
-                       * encoder.config.scaling_factor)
-        return torch.cat(out)  # (N, 4, g, g) scaled latents' block means
+    def block_means(recs, g: int = 1) -> torch.Tensor:  # (N, 4, g, g) scaled latents' block means, on `device`
+        return torch.cat([render_block_means(encoder, torch.from_numpy(np.array(render(Scene.from_dict(r["scene"]),
+                                                                                    res))).permute(2, 0, 1)[None],
+                                             g, res) for r in recs]).to(device)
 
     def channel_means(recs) -> torch.Tensor:
         return block_means(recs).flatten(1)  # (N, 4) scaled latents' spatial means
@@ -157,8 +153,7 @@ def main() -> None:
     shift = (abar_first / (1 - abar_first)) ** 0.5 * target[:, :, None, None]
     starts = [("plain", z), ("oracle_mean", z + shift)]
     if a.gradients:  # the 2 x 2 block means, upsampled to the latent grid: the mean plus the half contrasts
-        quads = torch.nn.functional.interpolate(block_means(chosen, 2), size=shape[1:], mode="nearest")
-        starts.append(("oracle_2x2", z + (abar_first / (1 - abar_first)) ** 0.5 * quads))
+        starts.append(("oracle_2x2", z + means_shift(block_means(chosen, 2), shape[1:], abar_first)))
     if prior_shift is not None:
         starts.append(("prior", z + prior_shift))
     ev = load_evaluators()

@@ -114,6 +114,13 @@ def start_shift(prior: LayoutPrior, context: torch.Tensor, shape: tuple[int, int
     each block's value over its H / G x W / G latent pixels (nearest), for the first sampling timestep's abar."""
     with torch.no_grad():
         means = prior(context.float().to(prior.proj.weight.device)).float()
+    return means_shift(means, shape, abar)
+
+
+def means_shift(means: torch.Tensor, shape: tuple[int, int], abar: float) -> torch.Tensor:
+    """sqrt(abar / (1 - abar)) x block means (B, C, G, G), each over its H / G x W / G latent pixels (nearest): the
+    forward process's share of a clean latent's coarse layout on a unit-variance start (predicted means:
+    ``start_shift``; true ones: the oracle test of scripts/diagnose_mean_leak.py)."""
     return math.sqrt(abar / (1 - abar)) * F.interpolate(means, size=shape, mode="nearest")
 
 
