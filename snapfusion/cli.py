@@ -313,8 +313,9 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
     from snapfusion.pipeline import part_folder
     from snapfusion.prior import LayoutPriorConfig, PriorTrainConfig, build_targets, train_prior
 
-    if a.scenes < 10 or a.steps < 1 or not 0 <= a.calibrate <= a.scenes:
-        raise SnapFusionError("--scenes must be >= 10, --steps >= 1 and --calibrate between 0 and --scenes")
+    if a.scenes < 10 or a.steps < 1 or a.eval_every < 1 or not 0 <= a.calibrate <= a.scenes:
+        raise SnapFusionError("--scenes must be >= 10, --steps and --eval-every >= 1 and --calibrate between 0 and "
+                              "--scenes")
     device = _device(a.device)
     pipe = resolve_model(a.model, device=device)
     encoder_dir = Path(a.encoder) if a.encoder else part_folder(model_folder(a.model), "vae_encoder")
@@ -327,15 +328,18 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
                                       num_emoji=a.num_emoji, seed=a.seed, source=str(encoder_dir.resolve()))
     config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
                                latent_channels=pipe.unet.config.in_channels, grid=a.grid)
-    train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr)
+    train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
+                             keep_best=not a.keep_last)
     prior, report = train_prior(lambda c: pipe.encode_text(c).float().cpu(), captions, targets, config, train)
     out = Path(a.out)
     prior.save(out)
     save_json({"model": str(a.model), "scenes": a.scenes, "encode_size": a.encode_size, "calibrate": a.calibrate,
                "num_emoji": a.num_emoji, "seed": a.seed, "config": dataclasses.asdict(config), **report},
               out / "train_report.json")
-    print(f"wrote {out}: held-out R^2 {report['held_out_r2']:.3f} (MSE {report['held_out_mse']:.4f}, target variance "
-          f"{report['held_out_variance']:.4f}); put it in the pipeline folder as prior/ to use it")
+    print(f"wrote {out} (step {report['kept_step']}): held-out R^2 {report['held_out_r2']:.3f} (MSE "
+          f"{report['held_out_mse']:.4f}, target variance {report['held_out_variance']:.4f}; "
+          f"{report['unselected_r2']:.3f} on the half that did not choose the step); put it in the pipeline folder "
+          "as prior/ to use it")
 
 
 def cmd_assemble(a: argparse.Namespace) -> None:
@@ -544,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=3000)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-every", type=int, default=250, help="held-out MSE every N steps (default %(default)s)")
+    t.add_argument("--keep-last", action="store_true", help="keep the last step's weights (default: early stopping, "
+                   "the evaluated step with the lowest MSE on the first half of the held-out scenes)")
     t.add_argument("--num-emoji", type=int, default=None, help="as the UNet trained (the base: 40)")
     t.add_argument("--seed", type=int, default=16, help="the training scenes' seed")
     t.add_argument("--cache", default="runs/prior_cache", help="encoded block means, in chunks (a killed run resumes)")

@@ -89,8 +89,8 @@ class LayoutPrior(nn.Module):
         if context.ndim != 3 or context.shape[-1] != self.config.context_dim:
             raise ConfigError(f"layout prior: expected text states (B, L, {self.config.context_dim}), "
                               f"got {tuple(context.shape)}")
-        dtype = self.proj.weight.dtype
-        kv = self.proj(context.to(dtype))
+        weight = self.proj.weight
+        kv = self.proj(context.to(weight.device, weight.dtype))
         q = self.queries.expand(context.shape[0], -1, -1)
         for block in self.blocks:
             q = block(q, kv)
@@ -112,8 +112,8 @@ class LayoutPrior(nn.Module):
 def start_shift(prior: LayoutPrior, context: torch.Tensor, shape: tuple[int, int], abar: float) -> torch.Tensor:
     """What the sampler adds to its starting noise (B, C, H, W): sqrt(abar / (1 - abar)) x the predicted block means,
     each block's value over its H / G x W / G latent pixels (nearest), for the first sampling timestep's abar."""
-    with torch.no_grad():
-        means = prior(context.float().to(prior.proj.weight.device)).float()
+    with torch.no_grad():  # a LayoutPrior or anything called like one (the ONNX Runtime backend's graph)
+        means = prior(context.float()).float()
     return means_shift(means, shape, abar)
 
 
@@ -203,28 +203,43 @@ class PriorTrainConfig:
     val_fraction: float = 0.1
     uncond_prob: float = 0.1   # empty captions, as the UNet trained with: the prior of an empty prompt is the mean
     seed: int = 0
+    eval_every: int = 250      # held-out MSE every this many steps (and at the last)
+    keep_best: bool = True     # early stopping: end with the weights of the evaluated step with the lowest MSE on the
+    #                            first half of the held-out pairs; the second half never chooses and is reported apart
 
 
 def train_prior(encode_text: Callable[[list[str]], torch.Tensor], captions: list[str],
                 targets: torch.Tensor, config: LayoutPriorConfig, train: PriorTrainConfig = PriorTrainConfig(),
                 progress: Callable[[str], None] = print) -> tuple[LayoutPrior, dict]:
     """Fit a ``LayoutPrior`` to (caption, block means) pairs by MSE; the last ``val_fraction`` of the pairs are held
-    out and reported. ``encode_text`` gives the text states (B, L, D) of a list of captions; they are computed once (the text encoder is frozen). Returns the prior and a report (losses, variance
-    explained on the held-out pairs)."""
+    out. ``encode_text`` gives the text states (B, L, D) of a list of captions; they are computed once (the text
+    encoder is frozen). With ``keep_best`` the weights of the best evaluated step on the held-out pairs' first half are
+    kept (early stopping). Returns the prior and a report: losses, held-out MSE per evaluation, the variance explained
+    on all held-out pairs and on the half that did not choose the step."""
     if len(captions) != len(targets) or len(captions) < 10:
         raise SnapFusionError(f"layout prior: need >= 10 (caption, target) pairs, got {len(captions)} captions and "
                               f"{len(targets)} targets")
+    if train.eval_every < 1:
+        raise SnapFusionError(f"layout prior: eval_every must be >= 1, got {train.eval_every}")
     g = torch.Generator().manual_seed(train.seed)
-    n_val = max(1, int(len(captions) * train.val_fraction))
+    n_val = max(2, int(len(captions) * train.val_fraction))
     states = torch.cat([encode_text(captions[i:i + 512]).float().cpu() for i in range(0, len(captions), 512)])
     targets, empty = targets.float(), encode_text([""]).float().cpu()
-    tr, va = slice(0, len(captions) - n_val), slice(len(captions) - n_val, len(captions))
-    prior = LayoutPrior(config)
+    n_train = len(captions) - n_val
+    choose, unseen = slice(n_train, n_train + n_val // 2), slice(n_train + n_val // 2, len(captions))
+    with torch.random.fork_rng(devices=[]):  # the initial weights from train.seed too: a run is reproducible
+        torch.manual_seed(train.seed)
+        prior = LayoutPrior(config)
     opt = torch.optim.AdamW(prior.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.05)
-    n_train = tr.stop
-    mean_target = targets[tr].mean(0, keepdim=True)
-    log = []
+    mean_target = targets[:n_train].mean(0, keepdim=True)
+
+    def mse(part: slice) -> float:  # the prior has no dropout or batch statistics: no mode switch needed
+        with torch.no_grad():
+            pred = torch.cat([prior(states[part][i:i + 512]) for i in range(0, len(states[part]), 512)])
+        return (pred - targets[part]).pow(2).mean().item()
+
+    log, best = [], (math.inf, 0, None)
     for step in range(1, train.steps + 1):
         idx = torch.randint(0, n_train, (train.batch_size,), generator=g)
         s, y = states[idx], targets[idx]
@@ -237,14 +252,20 @@ def train_prior(encode_text: Callable[[list[str]], torch.Tensor], captions: list
         loss.backward()
         opt.step()
         sched.step()
-        if step % 250 == 0 or step == train.steps:
-            log.append({"step": step, "loss": loss.item()})
-            progress(f"prior: step {step}/{train.steps}, loss {loss.item():.4f}")
+        if step % train.eval_every == 0 or step == train.steps:
+            held = mse(choose)
+            log.append({"step": step, "loss": loss.item(), "held_out_mse": held})
+            progress(f"prior: step {step}/{train.steps}, loss {loss.item():.4f}, held-out MSE {held:.4f}")
+            if held < best[0]:
+                best = (held, step, {k: v.clone() for k, v in prior.state_dict().items()})
+    if train.keep_best:
+        prior.load_state_dict(best[2])
     prior.eval().requires_grad_(False)
-    with torch.no_grad():
-        pred = torch.cat([prior(states[va][i:i + 512]) for i in range(0, n_val, 512)])
-    err = (pred - targets[va]).pow(2).mean().item()
-    var = (targets[va] - mean_target).pow(2).mean().item()
-    report = {"pairs": len(captions), "held_out": n_val, "held_out_mse": err, "held_out_variance": var,
-              "held_out_r2": 1 - err / var, "log": log, "train": dataclasses.asdict(train)}
+    held_out = slice(n_train, len(captions))
+    variance = lambda part: (targets[part] - mean_target).pow(2).mean().item()  # noqa: E731
+    err, err_unseen = mse(held_out), mse(unseen)
+    report = {"pairs": len(captions), "held_out": n_val, "held_out_mse": err, "held_out_variance": variance(held_out),
+              "held_out_r2": 1 - err / variance(held_out), "kept_step": best[1] if train.keep_best else train.steps,
+              "unselected_held_out": unseen.stop - unseen.start,
+              "unselected_r2": 1 - err_unseen / variance(unseen), "log": log, "train": dataclasses.asdict(train)}
     return prior, report

@@ -114,6 +114,32 @@ def test_train_prior_learns_a_caption_to_layout_map():
         assert prior(encode(["left"]))[0, 0, 0, 0] > 0.8 and prior(encode(["right"]))[0, 0, 0, 0] < -0.8
 
 
+def test_train_prior_keeps_the_best_held_out_step():
+    """Early stopping: on noisy targets the prior memorises its training pairs; the kept weights are those of the
+    evaluated step with the lowest MSE on the first held-out half, better there than the last step's."""
+    torch.manual_seed(1)
+    captions = [f"scene {i % 6} {i}" for i in range(80)]  # 6 learnable layouts, each pair its own code
+    codes = {c: torch.randn(32) for c in captions}
+    layout = torch.randn(6, 4, 2, 2)
+    targets = torch.stack([layout[i % 6] for i in range(80)]) + 2.0 * torch.randn(80, 4, 2, 2)
+
+    def encode(batch):
+        return torch.stack([(codes.get(c, torch.zeros(32)) + torch.eye(32)[int(c.split()[1]) if c else 0] * 3)
+                            .expand(77, 32) for c in batch])
+
+    runs = {}
+    for keep_best in (True, False):
+        train = PriorTrainConfig(steps=400, batch_size=32, lr=3e-3, eval_every=25, val_fraction=0.25,
+                                 keep_best=keep_best, uncond_prob=0.0)
+        runs[keep_best] = train_prior(encode, captions, targets, CFG, train, progress=lambda _: None)[1]
+    best, last = runs[True], runs[False]
+    held = {e["step"]: e["held_out_mse"] for e in best["log"]}
+    assert best["log"] == last["log"] and len(held) == 16  # same seed, same run; evaluated every 25 steps
+    assert best["kept_step"] == min(held, key=held.get) < 400 and last["kept_step"] == 400
+    assert held[best["kept_step"]] < held[400] - 0.05  # it overfit, and early stopping undid it
+    assert best["held_out_mse"] < last["held_out_mse"] and best["unselected_held_out"] == 10
+
+
 def test_build_targets_caches_chunks_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
     import snapfusion.data.dataset as dataset
 

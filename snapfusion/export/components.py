@@ -5,8 +5,9 @@ Shared by the ONNX and Core ML exporters and by the parity check, so that every 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -15,8 +16,8 @@ from snapfusion.errors import ConfigError
 
 Format = Literal["onnx", "coreml"]
 Precision = Literal["fp32", "fp16", "int8"]
-TEXT, UNET, DECODER = "text_encoder", "unet", "vae_decoder"
-COMPONENTS = (TEXT, UNET, DECODER)
+TEXT, UNET, DECODER, PRIOR = "text_encoder", "unet", "vae_decoder", "prior"
+COMPONENTS = (TEXT, UNET, DECODER)  # every pipeline's; PRIOR only where the pipeline has a layout prior
 
 # Default parity thresholds per weight precision: (min image PSNR in dB, max |diff| / max |reference|).
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float]] = {"fp32": (35.0, 1e-3), "fp16": (30.0, 2e-2),
@@ -73,6 +74,30 @@ class DecoderGraph(nn.Module):
         return self.decoder.images_from_latents(latents)  # (B, 3, 8h, 8w)
 
 
+class PriorGraph(nn.Module):
+    """The terminal layout prior: text states (B, 77, D) fp32 -> the clean latent's block means (B, C, G, G). It stays
+    fp32 in every export precision, as the PyTorch pipeline runs it (142 k parameters: nothing to gain)."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return self.prior(context)
+
+
+@contextmanager
+def traceable_attention() -> Iterator[None]:
+    """nn.MultiheadAttention (the prior's) without its inference fast path while a graph is traced: the fused
+    ``_native_multi_head_attention`` op has no ONNX or Core ML conversion, the composite it replaces has."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 @dataclass
 class Graph:
     """One network to export: module, input names, example inputs, output name."""
@@ -85,7 +110,8 @@ class Graph:
 
 
 def graphs(pipe, *, batch: int = 2, resolution: int | None = None, seed: int = 0) -> list[Graph]:
-    """The three networks of ``pipe`` with seeded example inputs at the given batch and image side."""
+    """The networks of ``pipe`` with seeded example inputs at the given batch and image side: text encoder, UNet,
+    decoder, and the layout prior where the pipeline has one."""
     side = resolution or pipe.config.resolution
     down = pipe.decoder.config.downscale
     if side % pipe.latent_factor:
@@ -99,9 +125,12 @@ def graphs(pipe, *, batch: int = 2, resolution: int | None = None, seed: int = 0
     t = torch.linspace(999, 1, batch)
     ctx = torch.randn(batch, 77, c.context_dim, generator=g)
     lat = torch.randn(latent, generator=g)
-    return [
+    out = [
         Graph(TEXT, pipe.text_encoder, ("input_ids",), (ids.to(dev),), "hidden_states"),
         Graph(UNET, UNetGraph(pipe.unet), ("z", "t", "context"),
               (z.to(dev, dtype), t.to(dev), ctx.to(dev, dtype)), "prediction"),
         Graph(DECODER, DecoderGraph(pipe.decoder), ("latents",), (lat.to(dev, dtype),), "images"),
     ]
+    if getattr(pipe, "prior", None) is not None:
+        out.append(Graph(PRIOR, PriorGraph(pipe.prior), ("context",), (ctx.to(dev),), "block_means"))
+    return out

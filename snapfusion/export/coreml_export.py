@@ -1,9 +1,10 @@
-"""Pipeline -> three Core ML ``.mlpackage`` (ML Program) files through coremltools.
+"""Pipeline -> Core ML ``.mlpackage`` (ML Program) files through coremltools: text encoder, UNet, decoder, and the
+layout prior where the pipeline has one (fp32 in every precision, as the PyTorch pipeline runs it).
 
 Conversion runs anywhere coremltools installs; the packages only run on macOS/iOS, so on Linux the export is
 checked by reading each package's interface (inputs, outputs, shapes), not by running it. Shapes are fixed:
 coremltools 9.0 cannot lower GroupNorm with a symbolic batch, so the UNet is built for ``ExportConfig.batch``
-(2 = cond + uncond of one guided image) and the text encoder and decoder for batch 1.
+(2 = cond + uncond of one guided image) and the text encoder, decoder and prior for batch 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from snapfusion.errors import SnapFusionError
-from snapfusion.export.components import TEXT, UNET, ExportConfig, Graph, graphs
+from snapfusion.export.components import (PRIOR, TEXT, UNET, ExportConfig, Graph, graphs,
+                                         traceable_attention)
 from snapfusion.export.onnx_export import write_manifest
 
 KIND = "coreml-pipeline"
@@ -40,16 +42,17 @@ def _convert(ct, graph: Graph, cfg: ExportConfig):
     examples = graph.examples
     if graph.name == TEXT:
         examples = (examples[0].to(torch.int32),)  # Core ML has no int64 tensors
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), traceable_attention():
         warnings.simplefilter("ignore")
         program = _program(graph, examples)
         inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.int32 if x.dtype == torch.int32 else np.float32)
                   for n, x in zip(graph.inputs, examples)]
-        precision = ct.precision.FLOAT32 if cfg.precision == "fp32" else ct.precision.FLOAT16
+        full = cfg.precision == "fp32" or graph.name == PRIOR
+        precision = ct.precision.FLOAT32 if full else ct.precision.FLOAT16
         model = ct.convert(program, inputs=inputs, outputs=[ct.TensorType(name=graph.output)],
                            convert_to="mlprogram", compute_precision=precision,
                            minimum_deployment_target=ct.target.iOS16, skip_model_load=True)
-        if cfg.precision == "int8":
+        if cfg.precision == "int8" and graph.name != PRIOR:
             model = _quantize_int8(ct, model)
     return model
 
@@ -71,7 +74,8 @@ def _quantize_int8(ct, model):
 
 
 def export_coreml(pipe, out: str | Path, cfg: ExportConfig) -> Path:
-    """Write ``pipe``'s networks as ``text_encoder.mlpackage``, ``unet.mlpackage``, ``vae_decoder.mlpackage``."""
+    """Write ``pipe``'s networks as ``text_encoder.mlpackage``, ``unet.mlpackage``, ``vae_decoder.mlpackage`` (and
+    ``prior.mlpackage`` where it has a layout prior)."""
     ct = _coremltools()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Pipeline -> three ONNX graphs (dynamic batch and image size), optionally fp16 or int8-weight, plus export.json.
+"""Pipeline -> ONNX graphs (dynamic batch and image size), optionally fp16 or int8-weight, plus export.json.
 
 Folder layout: ``text_encoder.onnx``, ``unet.onnx``, ``vae_decoder.onnx`` (``*.onnx.data`` beside a graph over
-1.5 GB), ``export.json`` (kind "onnx-pipeline": pipeline, network and export configs) and ``parity.json``.
+1.5 GB), ``prior.onnx`` where the pipeline has a layout prior (always fp32, as the PyTorch pipeline runs it),
+``export.json`` (kind "onnx-pipeline": pipeline, network and export configs) and ``parity.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from snapfusion.config import save_json, to_dict
-from snapfusion.export.components import UNET, ExportConfig, Graph, graphs
+from snapfusion.export.components import PRIOR, UNET, ExportConfig, Graph, graphs, traceable_attention
 
 KIND = "onnx-pipeline"
 MANIFEST = "export.json"
@@ -30,7 +31,7 @@ def _dynamic_axes(graph: Graph) -> dict[str, dict[int, str]]:
 
 def _export_fp32(graph: Graph, path: Path, opset: int) -> None:
     # the TorchScript-based exporter: no onnxscript dependency; it saves external data itself above 2 GB
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), traceable_attention():
         warnings.simplefilter("ignore")
         torch.onnx.export(graph.module.eval(), graph.examples, str(path), dynamo=False, opset_version=opset,
                           input_names=list(graph.inputs), output_names=[graph.output],
@@ -82,13 +83,16 @@ def _save(model, path: Path) -> None:
 
 
 def export_onnx(pipe, out: str | Path, cfg: ExportConfig) -> Path:
-    """Write ``pipe``'s text encoder, UNet and decoder as ONNX graphs plus ``export.json``; return the folder."""
+    """Write ``pipe``'s text encoder, UNet, decoder (and layout prior) as ONNX graphs plus ``export.json``; return
+    the folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = pipe.eval()
     for graph in graphs(pipe, batch=2, resolution=cfg.resolution or None):
         path = out / f"{graph.name}.onnx"
         _export_fp32(graph, path, cfg.opset)
+        if graph.name == PRIOR:
+            continue  # fp32 in every precision (0.6 MB)
         if cfg.precision == "fp16":
             _to_fp16(path, graph.name)
         elif cfg.precision == "int8":
@@ -98,10 +102,14 @@ def export_onnx(pipe, out: str | Path, cfg: ExportConfig) -> Path:
 
 
 def write_manifest(pipe, out: Path, cfg: ExportConfig, *, kind: str) -> None:
-    """``export.json``: every config the exported files need to run (pipeline, networks, export)."""
-    save_json({"kind": kind, "pipeline": to_dict(pipe.config), "export": to_dict(cfg),
-               "text_encoder": to_dict(pipe.text_encoder.config), "unet": to_dict(pipe.unet.config),
-               "decoder": to_dict(pipe.decoder.config), "decoder_kind": decoder_kind(pipe.decoder)}, out / MANIFEST)
+    """``export.json``: every config the exported files need to run (pipeline, networks, export; ``prior`` only where
+    the pipeline has a layout prior)."""
+    data = {"kind": kind, "pipeline": to_dict(pipe.config), "export": to_dict(cfg),
+            "text_encoder": to_dict(pipe.text_encoder.config), "unet": to_dict(pipe.unet.config),
+            "decoder": to_dict(pipe.decoder.config), "decoder_kind": decoder_kind(pipe.decoder)}
+    if getattr(pipe, "prior", None) is not None:
+        data[PRIOR] = to_dict(pipe.prior.config)
+    save_json(data, out / MANIFEST)
 
 
 def decoder_kind(decoder) -> str:

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: ``Pipeline`` with its three networks replaced by onnxruntime sessions.
+"""The ONNX Runtime backend: ``Pipeline`` with its networks (and layout prior) replaced by onnxruntime sessions.
 
 A foreign model enters through a thin adapter (STYLE habit 1): tokenizer, schedule, samplers, guidance and the
 ``generate`` loop are the PyTorch pipeline's own; only the networks run in onnxruntime. Tensors stay on the CPU
@@ -15,12 +15,13 @@ import torch
 
 from snapfusion.config import from_dict, load_json
 from snapfusion.errors import SnapFusionError, WeightsError
-from snapfusion.export.components import DECODER, TEXT, UNET
+from snapfusion.export.components import DECODER, PRIOR, TEXT, UNET
 from snapfusion.export.onnx_export import KIND, MANIFEST
 from snapfusion.models.autoencoder import AutoencoderConfig
 from snapfusion.models.text import TextEncoderConfig
 from snapfusion.models.unet_config import UNetConfig
 from snapfusion.pipeline import Pipeline, PipelineConfig
+from snapfusion.prior import LayoutPriorConfig
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
           "tensor(int32)": np.int32}
@@ -62,7 +63,8 @@ class OrtPipeline(Pipeline):
 
     @classmethod
     def load(cls, folder: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",)) -> "OrtPipeline":
-        """Open the three graphs of an export folder with the given onnxruntime execution providers."""
+        """Open the graphs of an export folder with the given onnxruntime execution providers (``prior.onnx``
+        where the manifest names a layout prior)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise WeightsError(f"ONNX export folder not found: {folder}")
@@ -80,7 +82,11 @@ class OrtPipeline(Pipeline):
         decoder_cls = TinyDecoderConfig if data.get("decoder_kind") == TINY_KIND else AutoencoderConfig
         decoder = OrtDecoder(folder / f"{DECODER}.onnx", from_dict(decoder_cls, data["decoder"], where=where),
                              providers)
-        return cls(text, unet, decoder, from_dict(PipelineConfig, data["pipeline"], where=where))
+        prior = None
+        if PRIOR in data:  # called like a LayoutPrior: text states in, block means out
+            prior = OrtNetwork(folder / f"{PRIOR}.onnx", from_dict(LayoutPriorConfig, data[PRIOR], where=where),
+                               providers)
+        return cls(text, unet, decoder, from_dict(PipelineConfig, data["pipeline"], where=where), prior=prior)
 
     @property
     def device(self) -> torch.device:

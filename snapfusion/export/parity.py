@@ -81,8 +81,15 @@ def compare_components(pipe, run: Callable[[str, tuple[torch.Tensor, ...]], torc
 def check_parity(pipe, exported, cfg: ExportConfig, out: str | Path | None = None) -> ParityReport:
     """Compare ``exported`` (an ``OrtPipeline``) with ``pipe``; write parity.json; raise ParityError over threshold."""
     resolution = cfg.resolution or pipe.config.resolution
-    nets = {"text_encoder": exported.text_encoder, "unet": exported.unet, "vae_decoder": exported.decoder}
-    components = compare_components(pipe, lambda name, xs: nets[name](*xs), resolution=resolution)
+    nets = {"text_encoder": exported.text_encoder, "unet": exported.unet, "vae_decoder": exported.decoder,
+            "prior": getattr(exported, "prior", None)}
+
+    def run(name: str, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if nets.get(name) is None:
+            raise ParityError(f"{name}: the PyTorch pipeline has it and the export does not")
+        return nets[name](*xs)
+
+    components = compare_components(pipe, run, resolution=resolution)
     steps = cfg.parity_steps or min(pipe.config.steps, 8)  # the distilled model's step count
     settings = dict(prompt=PARITY_PROMPT, seed=0, steps=steps, guidance=pipe.config.guidance, size=resolution)
     kw = dict(steps=steps, height=resolution, width=resolution)
