@@ -179,11 +179,17 @@ def test_train_prior_command(tiny_pipeline, tmp_path, capsys):
     assert "--scenes" in capsys.readouterr().err
 
 
-def test_shipped_base_carries_its_prior():
-    """The embedded base samples from its layout prior by default (docs/base_model.md, session 16)."""
-    from snapfusion.cli import model_folder
+@pytest.mark.parametrize("name", ["base", "snapfusion"])
+def test_shipped_models_carry_their_priors(name):
+    """Both embedded pipelines sample from their layout priors by default (docs/base_model.md, sessions 16 and 17):
+    each prior reads its own pipeline's text states and predicts block means that depend on the prompt."""
+    from snapfusion.cli import resolve_model
 
-    prior = LayoutPrior.load(model_folder("base") / "prior")
-    assert prior.config.grid == 2 and prior.config.latent_channels == 4
-    text = json.loads((model_folder("base") / "text_encoder" / "config.json").read_text())["config"]
-    assert prior.config.context_dim == text["hidden_size"]
+    pipe = resolve_model(name, device="cpu")
+    assert pipe.prior is not None and pipe.prior.config.grid == 2
+    assert pipe.prior.config.context_dim == pipe.text_encoder.config.hidden_size
+    ctx = pipe.encode_text(["a blue to yellow left-to-right gradient background with a cat",
+                            "a yellow to blue left-to-right gradient background with a cat"])
+    means = pipe.prior(ctx)  # (2, 4, 2, 2): the two directions' left and right halves swap
+    left_minus_right = means[:, :, :, 0] - means[:, :, :, 1]
+    assert (left_minus_right[0] * left_minus_right[1]).sum() < 0
