@@ -258,6 +258,8 @@ def train_prior(encode_text: Callable[[list[str]], torch.Tensor], captions: list
             progress(f"prior: step {step}/{train.steps}, loss {loss.item():.4f}, held-out MSE {held:.4f}")
             if held < best[0]:
                 best = (held, step, {k: v.clone() for k, v in prior.state_dict().items()})
+    if best[2] is None:
+        raise SnapFusionError("layout prior: the held-out MSE was never finite (training diverged); lower --lr")
     if train.keep_best:
         prior.load_state_dict(best[2])
     prior.eval().requires_grad_(False)

@@ -140,6 +140,14 @@ def test_train_prior_keeps_the_best_held_out_step():
     assert best["held_out_mse"] < last["held_out_mse"] and best["unselected_held_out"] == 10
 
 
+def test_train_prior_refuses_a_diverged_run():
+    captions = [f"c{i}" for i in range(20)]
+    targets = torch.full((20, 4, 2, 2), float("nan"))
+    with pytest.raises(SnapFusionError, match="diverged"):
+        train_prior(lambda b: torch.ones(len(b), 77, 32), captions, targets, CFG,
+                    PriorTrainConfig(steps=3, batch_size=4, eval_every=1), progress=lambda _: None)
+
+
 def test_build_targets_caches_chunks_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
     import snapfusion.data.dataset as dataset
 
