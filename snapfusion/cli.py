@@ -198,7 +198,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               model=(a.model or pipe.config.name) + (f" + decoder {a.decoder}" if a.decoder else "")
                               + (f" + unet {a.unet}" if a.unet else "")
                               + (f" ({a.dtype})" if a.dtype != "fp32" else "")
-                              + (" (no prior)" if a.no_prior and getattr(pipe, "prior", None) is not None else ""),
+                              + (" (no prior)" if a.no_prior and pipe.prior is not None else ""),
                               num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt)
     rows = [{k: v for k, v in r.items() if k != "all_per_image"} for r in result.get("results", [])]
     print(json.dumps(rows or result, indent=1)[:4000])

@@ -131,6 +131,6 @@ def graphs(pipe, *, batch: int = 2, resolution: int | None = None, seed: int = 0
               (z.to(dev, dtype), t.to(dev), ctx.to(dev, dtype)), "prediction"),
         Graph(DECODER, DecoderGraph(pipe.decoder), ("latents",), (lat.to(dev, dtype),), "images"),
     ]
-    if getattr(pipe, "prior", None) is not None:
+    if pipe.prior is not None:
         out.append(Graph(PRIOR, PriorGraph(pipe.prior), ("context",), (ctx.to(dev),), "block_means"))
     return out

@@ -107,7 +107,7 @@ def write_manifest(pipe, out: Path, cfg: ExportConfig, *, kind: str) -> None:
     data = {"kind": kind, "pipeline": to_dict(pipe.config), "export": to_dict(cfg),
             "text_encoder": to_dict(pipe.text_encoder.config), "unet": to_dict(pipe.unet.config),
             "decoder": to_dict(pipe.decoder.config), "decoder_kind": decoder_kind(pipe.decoder)}
-    if getattr(pipe, "prior", None) is not None:
+    if pipe.prior is not None:
         data[PRIOR] = to_dict(pipe.prior.config)
     save_json(data, out / MANIFEST)
 

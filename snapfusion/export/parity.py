@@ -82,7 +82,7 @@ def check_parity(pipe, exported, cfg: ExportConfig, out: str | Path | None = Non
     """Compare ``exported`` (an ``OrtPipeline``) with ``pipe``; write parity.json; raise ParityError over threshold."""
     resolution = cfg.resolution or pipe.config.resolution
     nets = {"text_encoder": exported.text_encoder, "unet": exported.unet, "vae_decoder": exported.decoder,
-            "prior": getattr(exported, "prior", None)}
+            "prior": exported.prior}
 
     def run(name: str, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if nets.get(name) is None:
