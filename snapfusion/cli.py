@@ -11,92 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-EMBEDDED = Path(__file__).parent / "assets" / "models"
-DEFAULT_MODELS = ("snapfusion", "base")  # the first one shipped is the default
-SHIPPED_DECODERS = {"half": EMBEDDED / "parts" / "vae_decoder_half"}  # distilled from base's decoder (#6)
+from snapfusion.loading import (DEFAULT_MODELS, EMBEDDED, SHIPPED_DECODERS, model_folder,  # noqa: F401
+                                resolve_device, resolve_dtype, resolve_model, swap_decoder, swap_unet)
 
 
 def _device(name: str) -> str:
-    import torch
-
-    from snapfusion.errors import SnapFusionError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SnapFusionError("--device cuda was asked for, but no CUDA device is available")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise SnapFusionError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return name
+    return resolve_device(name, option="--device")
 
 
 def _dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def model_folder(name: str) -> Path:
-    """The folder of an embedded model name ('base', 'snapfusion'), else ``name`` as a path."""
-    return EMBEDDED / name if name in DEFAULT_MODELS else Path(name)
-
-
-def resolve_model(name: str | None, *, device: str = "cpu"):
-    """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
-    from snapfusion.config import load_json
-    from snapfusion.errors import WeightsError
-    from snapfusion.pipeline import INDEX, Pipeline
-    from snapfusion.sd15 import load_sd
-
-    if name is None:
-        shipped = [m for m in DEFAULT_MODELS if (EMBEDDED / m / INDEX).is_file()]
-        if not shipped:
-            raise WeightsError(f"no embedded model found under {EMBEDDED} (the package is incomplete)")
-        name = shipped[0]
-    if name in DEFAULT_MODELS:
-        folder = model_folder(name)
-        if not (folder / INDEX).is_file():
-            raise WeightsError(f"embedded model '{name}' is not shipped in this version ({folder})")
-        return Pipeline.load(folder, device=device)
-    path = Path(name)
-    if not path.exists():
-        raise WeightsError(f"model not found: {path} (expected 'base', 'snapfusion' or a path)")
-    if (path / INDEX).is_file() and load_json(path / INDEX).get("kind") == "pipeline":
-        return Pipeline.load(path, device=device)
-    return load_sd(path, device=device)
-
-
-def swap_decoder(pipe, name: str | None, *, device: str = "cpu"):
-    """``pipe`` with its decoder replaced by a shipped one ('half') or a decoder folder; unchanged if ``name`` is None."""
-    if name is None:
-        return pipe
-    from snapfusion.decoder.io import load_decoder, with_decoder
-    from snapfusion.errors import WeightsError
-
-    folder = SHIPPED_DECODERS.get(name, Path(name))
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"decoder not found: {folder} (expected 'half' or a decoder folder)")
-    return with_decoder(pipe, load_decoder(folder, device=device, dtype=pipe.dtype))
-
-
-def swap_unet(pipe, folder: str | None, *, device: str = "cpu"):
-    """``pipe`` with its UNet replaced by the UNet folder ``folder`` (e.g. a training checkpoint's model/); unchanged
-    if None. The text encoder, decoder and sampling defaults stay the pipeline's."""
-    if folder is None:
-        return pipe
-    from snapfusion.errors import ConfigError, WeightsError
-    from snapfusion.models.unet import UNet
-    from snapfusion.pipeline import Pipeline
-
-    if not (Path(folder) / "config.json").is_file():
-        raise WeightsError(f"--unet: no UNet folder at {folder} (expected a folder with config.json)")
-    unet = UNet.load(folder, device=device, dtype=pipe.dtype).eval()
-    got, want = unet.config, pipe.unet.config
-    if (got.in_channels, got.out_channels) != (want.in_channels, want.out_channels):
-        raise ConfigError(f"--unet {folder}: latent channels in/out {(got.in_channels, got.out_channels)}, the "
-                          f"pipeline's UNet has {(want.in_channels, want.out_channels)}")
-    return Pipeline(pipe.text_encoder, unet, pipe.decoder, pipe.config, tokenizer=pipe.tokenizer,
-                    encoder=pipe.encoder, prior=pipe.prior)  # checks the context width against the text encoder
+    return resolve_dtype(name, option="--dtype")
 
 
 # ---- generate ------------------------------------------------------------------------------------------------

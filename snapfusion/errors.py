@@ -11,3 +11,7 @@ class WeightsError(SnapFusionError):
 
 class ConfigError(SnapFusionError):
     """A config is invalid: unknown keys, wrong types, an impossible block structure."""
+
+
+class InputError(SnapFusionError):
+    """A user-supplied value is out of range or of the wrong type (names the setting)."""

@@ -11,6 +11,7 @@ repository holds each network once. The tokenizer is CLIP's, shipped in ``snapfu
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from snapfusion.config import from_dict, load_json, save_json, to_dict
+from snapfusion import validation
 from snapfusion.errors import ConfigError, SnapFusionError, WeightsError
 from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, save_autoencoder
 from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
@@ -29,6 +31,7 @@ from snapfusion.models.unet import UNet
 from snapfusion.prior import LayoutPrior, start_shift
 from snapfusion.sampling import Denoiser, guided, initial_noise, sample_ddim, sample_dpmpp_2m
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, dpm_timesteps
+from snapfusion.validation import MAX_PROMPT_CHARS  # noqa: F401  (re-exported)
 
 Sampler = Literal["ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing", "linspace"]
@@ -53,9 +56,6 @@ def part_folder(folder: str | Path, name: str) -> Path:
     if rel.is_absolute() or not target.is_relative_to(folder.resolve().parent):
         raise WeightsError(f"{index}: part {name!r} must be a relative path next to the pipeline, got {rel}")
     return target
-MAX_PROMPT_CHARS = 20_000  # a guard against absurd input; CLIP reads 75 tokens and truncates the rest
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     """Sampling defaults stored with a pipeline (overridable per call)."""
@@ -84,6 +84,17 @@ class Timings:
         return {**dataclasses.asdict(self), "unet_per_step": per_step}
 
 
+@dataclass
+class GenerationResult:
+    """What ``Pipeline.__call__`` returns: one PIL image per prompt x num_images, in order, with its seed."""
+
+    images: list[Image.Image]
+    prompts: list[str]                # the prompt of each image
+    seeds: list[int]                  # the seed of each image: the same seed gives the same image in any batch
+    settings: dict                    # steps, guidance, sampler, height, width, negative_prompt, model
+    timings: Timings
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,21 +102,13 @@ def _sync(device: torch.device) -> None:
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
     """Validate user prompts: strings, not too long; empty is allowed (unconditional)."""
-    out = []
-    for p in prompts:
-        if not isinstance(p, str):
-            raise SnapFusionError(f"prompt must be text, got {type(p).__name__}")
-        if len(p) > MAX_PROMPT_CHARS:
-            raise SnapFusionError(f"prompt is {len(p)} characters; the limit is {MAX_PROMPT_CHARS} (CLIP reads 75 tokens)")
-        out.append(p)
-    return out
+    return validation.check_prompts(list(prompts) if not isinstance(prompts, str) else prompts)
 
 
 def check_size(height: int, width: int, factor: int) -> None:
     """Image sizes must be positive multiples of the latent grid (8 px per latent for KL-f8 times UNet downsampling)."""
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % factor or v > 4096:
-            raise SnapFusionError(f"{name} must be a positive multiple of {factor} up to 4096, got {v!r}")
+    validation.check_side(height, name="height", multiple=factor)
+    validation.check_side(width, name="width", multiple=factor)
 
 
 class Pipeline:
@@ -268,8 +271,8 @@ class Pipeline:
         height = cfg.resolution if height is None else height
         width = cfg.resolution if width is None else width
         check_size(height, width, self.latent_factor)
-        if not np.isfinite(guidance) or guidance < 0:
-            raise SnapFusionError(f"guidance must be a finite number >= 0, got {guidance}")
+        validation.check_guidance(guidance)
+        validation.check_steps(steps)
         timesteps = self.timesteps(steps, sampler)
         timings = timings if timings is not None else Timings()
         dev = self.device
@@ -289,6 +292,10 @@ class Pipeline:
         latents = run(model_fn, z, timesteps, self.schedule, callback=callback)
         _sync(dev)
         t2 = time.perf_counter()
+        if not torch.isfinite(latents).all():
+            raise SnapFusionError(f"sampling diverged (non-finite latents) at guidance {guidance:g}, {len(timesteps)} "
+                                  f"steps, dtype {str(self.dtype).removeprefix('torch.')}: lower the guidance or "
+                                  "use fp32")
         images = self.decode(latents)
         _sync(dev)
         t3 = time.perf_counter()
@@ -298,6 +305,43 @@ class Pipeline:
         timings.decoder += t3 - t2
         timings.total += t3 - t0
         return images
+
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None, seed: int | None = None,
+                 num_images: int = 1, steps: int | None = None, guidance: float | None = None,
+                 height: int | None = None, width: int | None = None, *, sampler: Sampler | None = None,
+                 use_prior: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None
+                 ) -> GenerationResult:
+        """Text -> PIL images, one per prompt x ``num_images`` (prompt-major). Image k gets seed ``seed + k``
+        (mod 2**64), drawn at random when ``seed`` is None; the same seed gives the same image whatever the batch."""
+        prompts = validation.check_prompts(prompt)
+        negative_prompt = validation.check_prompt("" if negative_prompt is None else negative_prompt,
+                                                  name="negative_prompt")
+        seed = validation.check_seed(seed)
+        num_images = validation.check_num_images(num_images, prompts=len(prompts))
+        steps = _default(validation.check_steps(steps), self.config.steps)
+        guidance = _default(validation.check_guidance(guidance), self.config.guidance)
+        sampler = _default(validation.check_sampler(sampler), self.config.sampler)
+        height = _default(validation.check_side(height, name="height"), self.config.resolution)
+        width = _default(validation.check_side(width, name="width"), self.config.resolution)
+        check_size(height, width, self.latent_factor)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        all_prompts = [p for p in prompts for _ in range(num_images)]
+        seeds = [(seed + k) % (validation.MAX_SEED + 1) for k in range(len(all_prompts))]
+        timings = Timings()
+        images = self.generate(all_prompts, seeds, steps=steps, guidance=guidance, sampler=sampler, height=height,
+                               width=width, negative_prompt=negative_prompt, callback=callback, timings=timings,
+                               use_prior=use_prior)
+        settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "height": height, "width": width,
+                    "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": self.config.name,
+                    "prior": bool(use_prior and self.prior is not None)}
+        return GenerationResult(to_pil(images), all_prompts, seeds, settings, timings)
+
+
+def _default(value, default):
+    """``value`` unless it is None (0 is a value)."""
+    return default if value is None else value
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
