@@ -1,7 +1,7 @@
 """The autoencoder's ceiling on the evaluation: the test prompts' own renders, sent through the encoder and a decoder
 (no UNet), read by the same evaluators.
 
-    python scripts/ae_ceiling.py --model base --num-emoji 40 --out docs/img/s9_eval/ae_ceiling.json
+    python scripts/ae_ceiling.py --model base --num-emoji 40 --out results/autoencoder_ceiling_485/base_decoder.json
     python scripts/ae_ceiling.py --model base --decoder snapfusion/assets/models/parts/vae_decoder_half --out ...
 
 Rows, each with the metrics of ``snapfusion eval`` (CLIP score, domain FID, attribute accuracy with per-image
@@ -12,7 +12,7 @@ data perfectly would score); ``--latents both`` gives both. The decoder runs in 
 
 Every row also has ``fid_vs_renders``: the Frechet distance of its scene-CLIP features to those of the same prompts'
 true renders (0 for the renders themselves). The domain FID compares with 10,000 generic test renders instead, whose
-distribution the filtered prompt set does not follow (docs/base_model.md, session 10): there the renders themselves
+distribution the filtered prompt set does not follow (docs/evaluation.md): there the renders themselves
 score far from 0, and a decoder closer to them can score worse.
 """
 

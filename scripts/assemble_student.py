@@ -4,7 +4,7 @@ The student UNet is stored as weight-only int8 (weights.quantize_int8: 34 MB fp1
 the halved decoder are not copied but shared with the base pipeline and parts/ through model_index.json "parts",
 so that every network is in the repository once (all shipped models stay under 90 MB).
 
-    python scripts/assemble_student.py --unet runs/s3/units/abl_vanilla --guidance 7.5
+    python scripts/assemble_student.py --unet runs/distill8/final --guidance 7.5
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""SD-v1.5-scale checks on one GPU (issue 5, item 5): robust-training steps and one evolution action, full size.
+"""SD-v1.5-scale checks on one GPU: robust-training steps and one evolution action, full size.
 
 Random weights and synthetic latents/context (no SD weights are available offline): time and peak memory of a
 robust-training step (per-sample skips, bf16 autocast, AdamW) and of one evolution action (score one removal
@@ -64,7 +64,7 @@ def one_action(unet, images, steps, device):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", required=True)

@@ -1,8 +1,8 @@
-"""End-to-end text -> PNG latency of two pipelines in one run (issue 7, item 5): the student at its defaults and the
+"""End-to-end text -> PNG latency of two pipelines in one run: the student at its defaults and the
 base at 50 DDIM steps with guidance, alternating, each after one warm-up, in this process (models loaded once).
 Also the cold start of the `snapfusion generate` command (process start, model load, one image) for the first.
 
-    python scripts/bench_cpu_e2e.py --runs 3 --threads 2 --out docs/img/cpu_e2e.json
+    python scripts/bench_cpu_e2e.py --runs 3 --threads 2 --out results/cpu_latency/e2e.json
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """CPU time of the decoders and the UNet with default (NCHW) and channels-last input, in one run: the measurement
 behind `Pipeline.decode`'s channels-last input on the CPU (docs/benchmarks.md).
 
-    python scripts/bench_decode_layout.py --threads 2 --repeats 5 --out docs/img/s6_eval/decode_layout.json
+    python scripts/bench_decode_layout.py --threads 2 --repeats 5 --out results/cpu_latency/decode_channels_last.json
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 another go through the encoder (posterior mean) and each given decoder; the report is the RGB at the image center.
 
     python scripts/color_bleed.py --decoder snapfusion/assets/models/base/vae_decoder --decoder old_decoder/ \
-        --out docs/img/s10_eval/color_bleed.json
+        --out color_bleed.json
 
 A decoder that brings back the flat colors but not the square's shows that the latent can hold the color and that
-the encoder-decoder pair mixes it with its surroundings (docs/base_model.md, session 10).
+the encoder-decoder pair mixes it with its surroundings.
 """
 
 from __future__ import annotations

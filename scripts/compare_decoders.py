@@ -4,7 +4,7 @@ decoder, then each --decoder. Writes the grid PNG and a JSON of per-image PSNR a
 
     python scripts/compare_decoders.py --model snapfusion --teacher snapfusion/assets/models/base/vae_decoder \
         --decoder old=/tmp/old_half --decoder new=snapfusion/assets/models/parts/vae_decoder_half \
-        --out docs/img/decoder_s5.png
+        --out docs/img/halved_decoder_on_student_latents.png
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each image of run A is paired with the image of run B of the same prompt and see
 (hard prompts, lucky seeds) cancels. With several seeds per prompt (`eval --seeds-per-prompt K`, recorded in
 eval.json) the images of one prompt are not independent: the standard error is then clustered by prompt (the
 sum of each prompt's differences is one draw). The interval is the normal one. Needs eval.json files with
-"all_per_image" (written since session 6).
+"all_per_image" (every `snapfusion eval` run writes them).
 
     python scripts/compare_evals.py runs/student/eval.json runs/base50/eval.json --names student base-50
 """
@@ -54,7 +54,7 @@ def compare(ra: dict, rb: dict) -> list[dict]:
         if other is not None and "all_per_image" in r and "all_per_image" in other:
             rows.append({"guidance": r["guidance"], **paired_difference(r["all_per_image"], other["all_per_image"], k)})
     if not rows:
-        raise ValueError("no guidance scale with per-image results in both runs (eval.json from before session 6?)")
+        raise ValueError("no guidance scale with per-image results in both runs (eval.json without all_per_image?)")
     return rows
 
 

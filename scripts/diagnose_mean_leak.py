@@ -15,7 +15,7 @@ This script measures both halves on the CPU:
      failure, the probe's background accuracy jumps with the oracle mean and nothing else changes.
 
 With ``--gradients`` the same two halves for the next spatial frequency, on gradient-background prompts only (offset
-noise, since session 3, randomises each channel's mean during training, not the contrast between image halves that
+noise randomises each channel's mean during training, not the contrast between image halves that
 a gradient is made of):
   1. the leak of that contrast: the std over gradient renders of each channel's left-minus-right (or
      top-minus-bottom, along the gradient) half-mean difference, times sqrt(alpha_bar_T), against the noise's
@@ -36,7 +36,7 @@ from the noise plus the prior's shift, as ``Pipeline.generate`` does; the oracle
 the noise plus the predicted (not the true) 2 x 2 block means.
 
 Examples (about 12, 20 and 10 minutes on a 2-core CPU):
-  python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --out docs/img/mean_leak.json
+  python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --out results/schedule_leak/channel_means.json
   python scripts/diagnose_mean_leak.py --model base --count 24 --steps 20 --gradients --out gradient_leak.json
   python scripts/diagnose_mean_leak.py --model base --count 32 --steps 20 --trajectory --out trajectory.json
 """

@@ -1,8 +1,8 @@
 """FID-CLIP curves of several `snapfusion eval --guidance-sweep` runs on one plot (SnapFusion Fig. 7 style):
 domain FID (lower is better) against CLIP score (higher is better), one point per guidance scale.
 
-    python scripts/plot_fid_clip.py --out docs/img/fid_clip.png \
-        "student, 8 steps=runs/s3/s3/eval/abl_0/eval.json" "base, 50 DDIM=runs/s3/s3/eval/base50/eval.json"
+    python scripts/plot_fid_clip.py --out fid_clip.png \
+        "student, 8 steps=runs/eval_student/eval.json" "base, 50 DDIM=runs/eval_base/eval.json"
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Variance explained (R²) by layout priors on the held-out scenes of ``snapfusion train-prior``'s defaults, per half:
 the first half chooses the early-stopping step, the second never does. Lets priors trained before early stopping
-(session 16's) be compared with later ones on the same split. Reads the target cache that train-prior built.
+(the shipped base's prior) be compared with later ones on the same split. Reads the target cache that train-prior built.
 
     python scripts/prior_heldout_r2.py --model base --cache runs/prior_cache snapfusion/assets/models/base/prior new_prior
 """
