@@ -55,7 +55,7 @@ def test_cli_table_and_one_line_errors(tmp_path):
 
 
 def test_a_docs_copy_without_its_prompt_list_pairs_by_seeds(tmp_path):
-    """docs/img/*_eval copies drop the prompts (prompts_note): the per-image seeds still pair the images, and other
+    """results/ copies drop the prompts (prompts_note): the per-image seeds still pair the images, and other
     seeds or other prompts are still refused."""
     full = json.loads(open(_run(tmp_path / "a.json", ["p", "q"], [1, 2], "10")).read())
     copy = {k: v for k, v in full.items() if k != "prompts"} | {"prompts_note": "dropped"}
