@@ -31,7 +31,7 @@ done
 timeout 100 python3 - <<'PY'
 import json
 from pathlib import Path
-from snapfusion.cli import resolve_model
+from snapfusion.loading import resolve_model
 from snapfusion.data import load_prompt_set
 from snapfusion.eval.evaluators import load_evaluators
 from snapfusion.evolve.compare import compare_unets
