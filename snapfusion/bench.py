@@ -154,7 +154,7 @@ def compile_pipeline(pipe, mode: str = "default", *, everything: bool = False) -
     remove the per-kernel launch cost that dominates small UNets at batch 2); ``everything``: also the text
     encoder and the decoder's ``images_from_latents``."""
     # CUDA graphs (reduce-overhead; max-autotune uses them too) reuse their output buffers: the text encoder's cond
-    # output would be overwritten by the uncond call (the session-3 GPU run failed so). There each call starts a new
+    # output would be overwritten by the uncond call (a GPU run failed that way). There each call starts a new
     # graph step and hands out a copy.
     graphs = mode in ("reduce-overhead", "max-autotune")
     targets = [(pipe.unet, "forward")]
