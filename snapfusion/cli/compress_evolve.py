@@ -216,7 +216,6 @@ def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -
 
 def _register_runs(sub: argparse._SubParsersAction) -> None:
     """Add ``robust-train``, ``evolve``, ``block-importance``, ``bk-sdm`` and ``evolve-apply``."""
-
     r = sub.add_parser("robust-train", help="train a UNet with random block skips (SnapFusion §3.1); "
                        "--p-res 1 --p-attn 1 is plain fine-tuning", epilog="example: snapfusion robust-train "
                        "--run-dir runs/robust --model base --max-steps 2000")
