@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion.cli import _device, model_folder
+from snapfusion.loading import model_folder, resolve_device as _device
 from snapfusion.decoder.evaluate import decode_unit
 from snapfusion.decoder.io import load_decoder
 from snapfusion.errors import SnapFusionError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion.cli import EMBEDDED
+from snapfusion.loading import EMBEDDED
 from snapfusion.decoder.io import load_decoder
 from snapfusion.models.text import load_text_encoder
 from snapfusion.models.unet import UNet

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion.cli import resolve_model
+from snapfusion.loading import resolve_model
 from snapfusion.pipeline import to_pil
 
 PROMPT = "a red apple to the left of a cat on a blue background"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion.cli import resolve_model
+from snapfusion.loading import resolve_model
 from snapfusion.evolve.latency import time_round_robin
 
 

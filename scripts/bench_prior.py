@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from snapfusion.cli import resolve_model
+from snapfusion.loading import resolve_model
 from snapfusion.prior import start_shift
 
 PROMPT = "a red apple to the left of a cat on a blue background"

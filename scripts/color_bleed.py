@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion.cli import model_folder
+from snapfusion.loading import model_folder
 from snapfusion.decoder.io import load_decoder
 from snapfusion.errors import SnapFusionError
 from snapfusion.models.autoencoder import Encoder, load_autoencoder

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from snapfusion.cli import resolve_model
+from snapfusion.loading import resolve_model
 from snapfusion.data import load_prompt_set
 from snapfusion.decoder.evaluate import decode_unit, psnr
 from snapfusion.decoder.io import load_decoder

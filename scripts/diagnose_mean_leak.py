@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snapfusion.cli import model_folder, resolve_model
+from snapfusion.loading import model_folder, resolve_model
 from snapfusion.data import Scene, load_prompt_set
 from snapfusion.data.render import render
 from snapfusion.eval.attributes import attribute_accuracy

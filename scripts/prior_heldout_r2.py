@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from snapfusion.cli import model_folder, resolve_model
+from snapfusion.loading import model_folder, resolve_model
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import part_folder
 from snapfusion.prior import LayoutPrior, PriorTrainConfig, build_targets

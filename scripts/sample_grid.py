@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from snapfusion.cli import resolve_model
+from snapfusion.loading import resolve_model
 from snapfusion.data import load_prompt_set
 from snapfusion.pipeline import image_grid, to_pil
 

@@ -135,7 +135,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def _load(cfg: BenchConfig):
     """The pipeline to time (and a torch pipeline for FLOP counting, when there is one)."""
-    from snapfusion.cli import _dtype, resolve_model
+    from snapfusion.loading import resolve_dtype, resolve_model
 
     if cfg.backend == "onnxruntime":
         from snapfusion.export.ort import OrtPipeline, providers_for
@@ -145,7 +145,7 @@ def _load(cfg: BenchConfig):
         return OrtPipeline.load(cfg.model, providers=providers_for(cfg.device)), None
     pipe = preset_pipeline(cfg.preset, device=cfg.device, size=cfg.size) if cfg.preset else \
         resolve_model(cfg.model, device=cfg.device)
-    pipe.to(cfg.device, _dtype(cfg.dtype))
+    pipe.to(cfg.device, resolve_dtype(cfg.dtype))
     return pipe, pipe
 
 
@@ -154,7 +154,7 @@ def compile_pipeline(pipe, mode: str = "default", *, everything: bool = False) -
     remove the per-kernel launch cost that dominates small UNets at batch 2); ``everything``: also the text
     encoder and the decoder's ``images_from_latents``."""
     # CUDA graphs (reduce-overhead; max-autotune uses them too) reuse their output buffers: the text encoder's cond
-    # output would be overwritten by the uncond call (the session-3 GPU run failed so). There each call starts a new
+    # output would be overwritten by the uncond call (a GPU run failed that way). There each call starts a new
     # graph step and hands out a copy.
     graphs = mode in ("reduce-overhead", "max-autotune")
     targets = [(pipe.unet, "forward")]

@@ -25,6 +25,7 @@ from PIL import Image
 from snapfusion.config import from_dict, load_json, save_json, to_dict
 from snapfusion import validation
 from snapfusion.errors import ConfigError, SnapFusionError, WeightsError
+from snapfusion.folders import INDEX, part_folder  # noqa: F401  (re-exported)
 from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, save_autoencoder
 from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
@@ -35,27 +36,9 @@ from snapfusion.validation import MAX_PROMPT_CHARS  # noqa: F401  (re-exported)
 
 Sampler = Literal["ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing", "linspace"]
-INDEX = "model_index.json"
 PARTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "prior")
 
 
-def part_folder(folder: str | Path, name: str) -> Path:
-    """Where pipeline ``folder`` keeps its part ``name``: ``folder/name``, or the shared folder that its
-    ``model_index.json`` names under "parts" (relative to ``folder``, and inside ``folder``'s parent)."""
-    folder = Path(folder)
-    index = folder / INDEX
-    shared = load_json(index).get("parts", {}) if index.is_file() else {}
-    if not isinstance(shared, dict):
-        raise WeightsError(f"{index}: \"parts\" must map part names to relative folder paths")
-    if name not in shared:
-        return folder / name
-    if not isinstance(shared[name], str) or not shared[name].strip():
-        raise WeightsError(f"{index}: part {name!r} must be a relative folder path, got {shared[name]!r}")
-    rel = Path(shared[name])
-    target = (folder / rel).resolve()
-    if rel.is_absolute() or not target.is_relative_to(folder.resolve().parent):
-        raise WeightsError(f"{index}: part {name!r} must be a relative path next to the pipeline, got {rel}")
-    return target
 @dataclass(frozen=True)
 class PipelineConfig:
     """Sampling defaults stored with a pipeline (overridable per call)."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from snapfusion.cli import model_folder
+from snapfusion.loading import model_folder
 from snapfusion.data import Scene, render
 from snapfusion.decoder.evaluate import decode_unit, psnr
 from snapfusion.decoder.io import load_decoder

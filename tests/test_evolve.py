@@ -13,7 +13,7 @@ from snapfusion.evolve.baselines import bk_sdm
 from snapfusion.evolve.evolution import EvolveConfig, evolve, read_log
 from snapfusion.evolve.latency import signatures
 from snapfusion.evolve.robust import RobustConfig, draw_skips
-from snapfusion.evolve.run_commands import clip_scorer
+from snapfusion.evolve.runs import clip_scorer
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import block_names, tiny_sd15
 
@@ -202,7 +202,7 @@ def test_bk_sdm_command_writes_a_loadable_unet(tmp_path, capsys):
 
 
 def test_evolve_training_chunk_trains_under_the_commands_no_grad(tmp_path):
-    from snapfusion.evolve.run_commands import _train_chunk
+    from snapfusion.cli.compress_evolve import _train_chunk
 
     _robust_task(tmp_path)  # writes the tiny VAE, text tower and init UNet folders
     a = SimpleNamespace(train_steps=1, batch_size=2, lr=1e-3, mixed_precision="no", seed=0, num_workers=0,

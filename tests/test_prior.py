@@ -191,7 +191,7 @@ def test_train_prior_command(tiny_pipeline, tmp_path, capsys):
 def test_shipped_models_carry_their_priors(name):
     """Both embedded pipelines sample from their layout priors by default (docs/base_model.md, sessions 16 and 17):
     each prior reads its own pipeline's text states and predicts block means that depend on the prompt."""
-    from snapfusion.cli import resolve_model
+    from snapfusion.loading import resolve_model
 
     pipe = resolve_model(name, device="cpu")
     assert pipe.prior is not None and pipe.prior.config.grid == 2

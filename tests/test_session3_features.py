@@ -130,7 +130,7 @@ def test_the_shipped_default_is_the_8_step_student(tmp_path):
     1-layer cut: its UNet reads the first layer, the student's the last)."""
     from PIL import Image
 
-    from snapfusion.cli import EMBEDDED, SHIPPED_DECODERS, resolve_model
+    from snapfusion.loading import EMBEDDED, SHIPPED_DECODERS, resolve_model
     from snapfusion.weights import _load_file
 
     pipe = resolve_model(None)
@@ -155,7 +155,7 @@ def test_the_shipped_default_is_the_8_step_student(tmp_path):
 
 def test_shipped_models_fit_the_size_limits():
     """All shipped weights (models and evaluators) under 90 MB, every file under 16 MiB (issue 4, item 3)."""
-    from snapfusion.cli import EMBEDDED
+    from snapfusion.loading import EMBEDDED
 
     assets = EMBEDDED.parent
     files = [f for d in (EMBEDDED, assets / "evaluators") for f in d.rglob("*") if f.is_file()]

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from snapfusion.cli import main, swap_unet
+from snapfusion.loading import swap_unet
+from snapfusion.cli import main
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import UNet
 

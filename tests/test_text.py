@@ -216,7 +216,7 @@ def test_compact_vocabulary_is_exact_on_kept_tokens_and_blank_elsewhere(tmp_path
 
 
 def test_shipped_base_text_encoder_is_compact_and_knows_every_test_prompt(tok):
-    from snapfusion.cli import EMBEDDED
+    from snapfusion.loading import EMBEDDED
     from snapfusion.data import load_prompt_set
 
     text = load_text_encoder(EMBEDDED / "base" / "text_encoder")

@@ -214,7 +214,8 @@ def test_feature_kd_refuses_a_teacher_with_other_stages_or_a_bad_weight(parts, t
 def test_robust_train_kd_feature_weight_reaches_the_task(tmp_path, monkeypatch):
     """robust-train --kd-unet T --kd-feature-weight W: the task that trains gets W and T."""
     import snapfusion.train.loop as loop
-    from snapfusion.cli import EMBEDDED, main
+    from snapfusion.loading import EMBEDDED
+    from snapfusion.cli import main
 
     seen = {}
     monkeypatch.setattr(loop, "train", lambda cfg, task, resume=False: seen.update(task=task))

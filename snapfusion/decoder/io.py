@@ -12,7 +12,7 @@ from snapfusion.config import load_json
 from snapfusion.errors import WeightsError
 from snapfusion.models.autoencoder import AutoencoderKL, Decoder, load_autoencoder, save_autoencoder
 from snapfusion.decoder.tiny import KIND as TINY_KIND, TinyDecoder, load_tiny_decoder, save_tiny_decoder
-from snapfusion.pipeline import INDEX, Pipeline, part_folder
+from snapfusion.folders import INDEX, part_folder
 
 AnyDecoder = Decoder | TinyDecoder
 
@@ -44,10 +44,10 @@ def save_decoder(folder: str | os.PathLike, decoder: nn.Module, *, dtype: torch.
         raise TypeError(f"not a decoder: {type(decoder).__name__}")
 
 
-def with_decoder(pipe: Pipeline, decoder: nn.Module) -> Pipeline:
-    """The same pipeline (shared text encoder and UNet) decoding with ``decoder``."""
+def with_decoder(pipe, decoder: nn.Module):
+    """The same ``Pipeline`` (shared text encoder and UNet) decoding with ``decoder``."""
     if decoder.config.scaling_factor != pipe.decoder.config.scaling_factor:
         raise WeightsError(f"decoder scaling factor {decoder.config.scaling_factor} != the pipeline's "
                            f"{pipe.decoder.config.scaling_factor}: it was distilled for another latent space")
-    return Pipeline(pipe.text_encoder, pipe.unet, decoder, pipe.config, tokenizer=pipe.tokenizer,
-                    encoder=pipe.encoder, prior=pipe.prior)
+    return type(pipe)(pipe.text_encoder, pipe.unet, decoder, pipe.config, tokenizer=pipe.tokenizer,
+                      encoder=pipe.encoder, prior=pipe.prior)

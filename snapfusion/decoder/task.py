@@ -127,7 +127,7 @@ def teacher_latents(pipe: Pipeline, prompts: list[str], seeds: list[int], guidan
 
 
 def load_teacher(name: str) -> Pipeline:
-    from snapfusion.cli import resolve_model
+    from snapfusion.loading import resolve_model
 
     return resolve_model(name).eval()
 

@@ -1,4 +1,5 @@
-"""``snapfusion reduce-decoder``, ``distill-decoder`` and ``eval-decoder`` (SnapFusion §3.2)."""
+"""``snapfusion reduce-decoder``, ``decoder-latents``, ``distill-decoder`` and ``eval-decoder``: the efficient
+decoder (SnapFusion §3.2)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+from snapfusion.cli import options
 from snapfusion.errors import SnapFusionError
 
 
@@ -27,7 +29,7 @@ def _latent_source(a: argparse.Namespace):
                         num_emoji=a.num_emoji, pool=getattr(a, "latent_pool", 0))
 
 
-def cmd_reduce(a: argparse.Namespace) -> None:
+def cmd_reduce_decoder(a: argparse.Namespace) -> None:
     from snapfusion.decoder.evaluate import parameter_count
     from snapfusion.decoder.io import load_decoder, save_decoder
     from snapfusion.decoder.reduce import reduce_decoder
@@ -42,38 +44,35 @@ def cmd_reduce(a: argparse.Namespace) -> None:
           f"norm groups {student.config.norm_groups}, {n_t:,} -> {n_s:,} parameters ({n_t / n_s:.2f}x fewer)")
 
 
-def cmd_distill(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _loop_cfg
+def cmd_distill_decoder(a: argparse.Namespace) -> None:
     from snapfusion.decoder.task import DecoderDistillConfig, DecoderDistillTask, export_final
     from snapfusion.train.loop import train
 
     cfg = DecoderDistillConfig(teacher=a.teacher, student=_student_spec(a), latents=_latent_source(a), seed=a.data_seed,
                                latent_cache=a.latent_cache)
-    train(_loop_cfg(a), DecoderDistillTask(cfg), resume=a.resume)
+    train(options.loop_config(a), DecoderDistillTask(cfg), resume=a.resume)
     final = export_final(a.run_dir)
     if final is not None:
         print(f"exported {final}")
 
 
-def cmd_latents(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _device
+def cmd_decoder_latents(a: argparse.Namespace) -> None:
     from snapfusion.decoder.task import load_teacher, write_latent_cache
 
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop
     torch.backends.cudnn.allow_tf32 = True
-    pipe = load_teacher(a.teacher).to(_device(a.device))
+    pipe = load_teacher(a.teacher).to(options.device(a.device))
     n = write_latent_cache(pipe, _latent_source(a), a.data_seed, a.out, teacher=a.teacher,
                            batch_size=a.batch_size)
     print(f"wrote {a.out}: {n} latents (use with distill-decoder --latent-cache {a.out} --latent-pool {n} and the "
           f"same latent options)")
 
 
-def cmd_eval(a: argparse.Namespace) -> None:
+def cmd_eval_decoder(a: argparse.Namespace) -> None:
     import torch
 
-    from snapfusion.cli import _device
     from snapfusion.decoder.evaluate import heldout_latents, parameter_count, pipeline_metrics, psnr_report
     from snapfusion.decoder.io import load_decoder
     from snapfusion.decoder.task import load_teacher
@@ -82,7 +81,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         raise SnapFusionError(f"--pipeline-steps must be >= 1 and --pipeline-guidance a finite number >= 0, got "
                               f"{a.pipeline_steps} and {a.pipeline_guidance}")
     torch.set_grad_enabled(False)
-    device = _device(a.device)
+    device = options.device(a.device)
     pipe = load_teacher(a.teacher).to(device)
     students = {s: load_decoder(s, device=device).eval() for s in a.students}
     latents = heldout_latents(pipe, a.count, _latent_source(a), batch_size=a.batch_size, num_emoji=a.num_emoji)
@@ -133,22 +132,22 @@ def _add_student_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny-blocks", type=int, nargs="+", default=[3, 3, 2, 1], help="tiny: conv blocks per level")
 
 
-def register(sub) -> None:
-    """Add the decoder commands to the ``snapfusion`` sub-parsers."""
-    from snapfusion.cli import _add_train_options
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the decoder commands."""
     r = sub.add_parser("reduce-decoder", help="build a channel-reduced decoder initialised from a teacher's",
                        epilog="example: snapfusion reduce-decoder --teacher base --ratio 0.5 --out halved")
     r.add_argument("--teacher", default="base", help="a decoder/VAE folder, a pipeline, 'base' or an SD-v1.5 path")
-    r.add_argument("--out", required=True)
-    r.add_argument("--ratio", type=float, default=0.5)
-    r.add_argument("--init", choices=["l1", "first", "random"], default="l1")
-    r.add_argument("--norm-groups", type=int, default=None)
-    r.set_defaults(func=cmd_reduce)
+    r.add_argument("--out", required=True, help="the reduced decoder's folder")
+    r.add_argument("--ratio", type=float, default=0.5, help="decoder width ratio (default %(default)s)")
+    r.add_argument("--init", choices=["l1", "first", "random"], default="l1",
+                   help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
+    r.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the largest divisor of "
+                   "the teacher's count that leaves >= 2 channels per group)")
+    r.set_defaults(func=cmd_reduce_decoder)
 
     d = sub.add_parser("distill-decoder", help="distill a small decoder from the teacher's on generated latents",
                        epilog="example: snapfusion distill-decoder --teacher base --run-dir runs/dec --max-minutes 8")
-    _add_train_options(d, steps=20000, batch=8, lr=2e-4)
+    options.add_train_options(d, steps=20000, batch=8, lr=2e-4)
     _add_latent_options(d)
     _add_student_options(d)
     d.add_argument("--data-seed", type=int, default=5, help="seed of the prompt/seed/guidance stream")
@@ -157,31 +156,32 @@ def register(sub) -> None:
     d.add_argument("--latent-cache", default=None, help="a decoder-latents file made with the same latent options")
     d.add_argument("--start-from", default=None, help="a decoder folder of the same architecture (e.g. an earlier "
                    "run's final/): train on from its weights with a fresh optimizer")
-    d.set_defaults(func=cmd_distill)
+    d.set_defaults(func=cmd_distill_decoder)
 
     c = sub.add_parser("decoder-latents", help="generate the teacher latents of distill-decoder's pool once",
                        epilog="example: snapfusion decoder-latents --latent-pool 2048 --out lat.safetensors")
     _add_latent_options(c)
     c.add_argument("--latent-pool", type=int, required=True, help="how many latents (the pool size)")
     c.add_argument("--num-emoji", type=int, default=None, help="prompts use the first N atlas emoji")
-    c.add_argument("--data-seed", type=int, default=5)
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--device", default="auto")
+    c.add_argument("--data-seed", type=int, default=5, help="seed of the prompt/seed/guidance stream "
+                   "(default %(default)s)")
+    c.add_argument("--batch-size", type=int, default=32, help="latents per teacher call (default %(default)s)")
+    options.add_device(c)
     c.add_argument("--out", required=True, help="a .safetensors file")
-    c.set_defaults(func=cmd_latents)
+    c.set_defaults(func=cmd_decoder_latents)
 
     e = sub.add_parser("eval-decoder", help="PSNR of distilled decoders against the teacher's on held-out latents",
                        epilog="example: snapfusion eval-decoder runs/dec/final --teacher base --count 64")
     e.add_argument("students", nargs="+", help="decoder folders (vae-decoder or tiny-decoder kind)")
     _add_latent_options(e)
     e.add_argument("--count", type=int, default=64, help="held-out test-split prompts (default %(default)s)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=8, help="latents per decoder call (default %(default)s)")
     e.add_argument("--num-emoji", type=int, default=None, help="only test prompts with the first N atlas emoji")
     e.add_argument("--pipeline-metrics", type=int, default=0, metavar="N",
                    help="also domain FID / CLIP / attribute accuracy of the full pipeline on N test prompts")
     e.add_argument("--pipeline-steps", type=int, default=25, help="DDIM steps of the pipeline metrics' latents "
                    "(default %(default)s)")
     e.add_argument("--pipeline-guidance", type=float, default=5.0, help="their guidance (default %(default)s)")
-    e.add_argument("--device", default="auto")
+    options.add_device(e)
     e.add_argument("--out", default=None, help="also write the JSON report here")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=cmd_eval_decoder)

@@ -1,27 +1,18 @@
-"""``snapfusion export`` and ``snapfusion bench``, and the ``--backend onnxruntime`` loader of ``generate``."""
+"""``snapfusion export``, ``bench`` and ``convert-sd``: ship a model to other runtimes, time it, and bring a
+Stable Diffusion v1.x checkpoint in."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from snapfusion.errors import SnapFusionError
-
-
-def load_backend(model: str | None, device: str):
-    """The ONNX Runtime pipeline of an export folder (``generate --backend onnxruntime``)."""
-    from snapfusion.export.ort import OrtPipeline, providers_for
-
-    if not model:
-        raise SnapFusionError("--backend onnxruntime needs --model pointing to a folder written by "
-                              "'snapfusion export --format onnx'")
-    return OrtPipeline.load(model, providers=providers_for(device))
+from snapfusion.cli import options
+from snapfusion.loading import resolve_model
 
 
 def cmd_export(a: argparse.Namespace) -> None:
     import torch
 
-    from snapfusion.cli import resolve_model
     from snapfusion.export.components import ExportConfig
 
     torch.set_grad_enabled(False)
@@ -51,9 +42,8 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from snapfusion.bench import BenchConfig, dumps, markdown_table, run_bench
-    from snapfusion.cli import _device
 
-    cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
+    cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=options.device(a.device), backend=a.backend,
                       dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
                       compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup)
     result = run_bench(cfg)
@@ -67,16 +57,26 @@ def cmd_bench(a: argparse.Namespace) -> None:
         Path(a.markdown).write_text(table)
 
 
-def register(sub) -> None:
-    """Add ``export`` and ``bench`` to the ``snapfusion`` command."""
+def cmd_convert_sd(a: argparse.Namespace) -> None:
+    import torch
+
+    from snapfusion.sd15 import load_sd
+
+    pipe = load_sd(a.path)
+    pipe.save(a.out, dtype=torch.float16 if a.fp16 else None)
+    print(f"wrote {a.out}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``export``, ``bench`` and ``convert-sd``."""
     e = sub.add_parser("export", help="export text encoder, UNet and decoder to ONNX or Core ML, with parity check",
                        epilog="example: snapfusion export --model base --format onnx --precision fp16 --out base-onnx")
     e.add_argument("--model", default=None, help="'base', a pipeline folder or an SD-v1.5 path (default: embedded)")
-    e.add_argument("--format", choices=["onnx", "coreml"], default="onnx")
+    e.add_argument("--format", choices=["onnx", "coreml"], default="onnx", help="target runtime (default %(default)s)")
     e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="weights: fp32, fp16, or int8 (dynamic/linear weight quantization) (default %(default)s)")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
     e.add_argument("--batch", type=int, default=2, help="Core ML: fixed UNet batch (default %(default)s)")
     e.add_argument("--size", type=int, default=0, help="Core ML shapes and parity image side (default: model's)")
     e.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
@@ -94,17 +94,26 @@ def register(sub) -> None:
     b.add_argument("--preset", choices=["sd15", "snapfusion", "base", "base-snapfusion", "tiny"], default=None,
                    help="random-weight architecture instead of --model")
     b.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
-    b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="the runtime timed (default %(default)s)")
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="torch backend")
-    b.add_argument("--size", type=int, default=512)
-    b.add_argument("--steps", type=int, default=8)
-    b.add_argument("--guidance", type=float, default=7.5)
+    b.add_argument("--size", type=int, default=512, help="image side in pixels (default %(default)s)")
+    b.add_argument("--steps", type=int, default=8, help="sampling steps (default %(default)s)")
+    b.add_argument("--guidance", type=float, default=7.5, help="guidance scale; 1: no unconditional pass "
+                   "(default %(default)s)")
     b.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     b.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode (reduce-overhead: CUDA graphs on the GPU)")
     b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
-    b.add_argument("--runs", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--runs", type=int, default=5, help="timed generations (default %(default)s)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed generations first (default %(default)s)")
     b.add_argument("--json", default=None, help="write the full result here")
     b.add_argument("--markdown", default=None, help="write the table here")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("convert-sd", help="convert a local SD-v1.x (diffusers folder or .safetensors) to our format",
+                       epilog="example: snapfusion convert-sd path/to/sd-v1-5 --out sd15 --fp16")
+    c.add_argument("path", help="a diffusers SD-v1.x folder or a single-file .safetensors checkpoint")
+    c.add_argument("--out", required=True, help="the pipeline folder to write")
+    c.add_argument("--fp16", action="store_true", help="store the weights in fp16 (default: as loaded)")
+    c.set_defaults(func=cmd_convert_sd)

@@ -1,19 +1,21 @@
-"""``snapfusion finetune-v`` and ``snapfusion distill``: thin commands around distill.stages."""
+"""``snapfusion finetune-v`` and ``snapfusion distill``: step distillation (SnapFusion §4) around distill.stages."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from snapfusion.cli import options
 
 
 def _source(a: argparse.Namespace):
-    from snapfusion.cli import DEFAULT_MODELS, EMBEDDED
+    """The teacher of --model, --teacher-unet and --vae-encoder (a snapfusion pipeline folder, checked)."""
     from snapfusion.config import load_json
     from snapfusion.distill.tasks import ModelSource
     from snapfusion.errors import WeightsError
+    from snapfusion.loading import model_folder
     from snapfusion.pipeline import INDEX
 
-    folder = EMBEDDED / a.model if a.model in DEFAULT_MODELS else Path(a.model)
+    folder = model_folder(a.model)
     index = folder / INDEX
     if not index.is_file() or load_json(index).get("kind") != "pipeline":  # malformed JSON: a one-line error
         raise WeightsError(f"--model {a.model}: no snapfusion pipeline folder at {folder} (missing {index})")
@@ -21,68 +23,63 @@ def _source(a: argparse.Namespace):
 
 
 def cmd_finetune_v(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options, kd_options
     from snapfusion.distill.stages import finetune_v
     from snapfusion.distill.tasks import VFinetuneConfig
 
-    check_noise_data_options(a)
-    kd = kd_options(a)
-    cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=_data_cfg(a),
+    options.check_noise_data_options(a)
+    kd = options.kd_options(a)
+    cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=options.scene_config(a),
                           sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
                           pool_workers=max(1, a.num_workers), **kd)
-    final = finetune_v(_loop_cfg(a), cfg, resume=a.resume)
+    final = finetune_v(options.loop_config(a), cfg, resume=a.resume)
     print(f"v-prediction UNet: {final}")
 
 
 def cmd_distill(a: argparse.Namespace) -> None:
-    from snapfusion.cli import _data_cfg, _loop_cfg, check_noise_data_options
     from snapfusion.distill.stages import distill_steps
     from snapfusion.distill.tasks import DistillConfig
 
-    check_noise_data_options(a)
+    options.check_noise_data_options(a)
     cfg = DistillConfig(source=_source(a), student_unet=a.student_unet, student_steps=a.student_steps,
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
-                        ori_weight=a.ori_weight, image_size=a.image_size, data=_data_cfg(a),
+                        ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
                         pool_workers=max(1, a.num_workers), feature_weight=a.feature_weight)
-    final = distill_steps(_loop_cfg(a), cfg, resume=a.resume)
+    final = distill_steps(options.loop_config(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
-    from snapfusion.cli import add_noise_data_options
-
     p.add_argument("--model", default="base",
                    help="teacher pipeline: 'base' or a pipeline folder (default %(default)s)")
     p.add_argument("--teacher-unet", default=None, help="UNet folder replacing the pipeline's unet/ as the teacher")
     p.add_argument("--vae-encoder", default=None,
                    help="autoencoder or encoder folder, if the pipeline has no vae_encoder/")
-    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--image-size", type=int, default=512, help="training image side in pixels (default %(default)s)")
     p.add_argument("--sample-guidance", type=float, default=None, help="guidance of sample grids (default: model's)")
-    add_noise_data_options(p)
+    options.add_noise_data_options(p)
 
 
-def register(sub) -> None:
-    """Add the step-distillation sub-commands to the ``snapfusion`` parser."""
-    from snapfusion.cli import _add_train_options, add_kd_options
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``finetune-v`` and ``distill``."""
     p = sub.add_parser("finetune-v", help="fine-tune a UNet from eps- to v-prediction (SnapFusion §4, L_ori)",
                        epilog="example: snapfusion finetune-v --run-dir runs/vtune --model base --max-minutes 8")
-    _add_train_options(p, steps=4000, batch=64, lr=5e-5)
+    options.add_train_options(p, steps=4000, batch=64, lr=5e-5)
     _add_source_options(p)
-    add_kd_options(p)
+    options.add_kd_options(p)
     p.set_defaults(func=cmd_finetune_v)
 
     p = sub.add_parser("distill", help="CFG-aware step distillation: 1 student step = 2 teacher steps (16 -> 8)",
                        epilog="example: snapfusion distill --run-dir runs/d8 --model base "
                               "--teacher-unet runs/vtune/final --student-steps 8")
-    _add_train_options(p, steps=10000, batch=32, lr=2e-5)
+    options.add_train_options(p, steps=10000, batch=32, lr=2e-5)
     _add_source_options(p)
     p.add_argument("--student-unet", default=None, help="UNet folder to start the student from (default: teacher)")
     p.add_argument("--student-steps", type=int, default=8, help="the teacher runs twice as many (default %(default)s)")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="p of the CFG-aware loss (default %(default)s)")
-    p.add_argument("--guidance-min", type=float, default=2.0, help="w ~ U[min, max] (default %(default)s)")
-    p.add_argument("--guidance-max", type=float, default=14.0)
+    p.add_argument("--guidance-min", type=float, default=2.0, help="the CFG-aware loss draws its guidance "
+                   "scale w ~ U[min, max] (default %(default)s)")
+    p.add_argument("--guidance-max", type=float, default=14.0, help="the upper end of that range (default %(default)s)")
     p.add_argument("--ori-weight", type=float, default=0.2, help="gamma of gamma * L_ori (default %(default)s)")
     p.add_argument("--feature-weight", type=float, default=0.0, help="> 0: also match the teacher's stage outputs "
                    "at the student's input, rescaled to this fraction of L_dstl like L_ori (a variant, not the "

@@ -1,0 +1,108 @@
+"""Building blocks of the robust-training and evolution runs: UNet presets, a pipeline's frozen parts, the start
+UNet's config, the task config, the resumable robust-training chunk of Alg. 1 and the CLIP scorer."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Callable
+
+from snapfusion.errors import SnapFusionError
+from snapfusion.loading import model_folder
+
+UNET_PRESETS = ("base", "sd15", "snapfusion", "tiny_sd15", "tiny_snapfusion")
+
+
+def unet_preset(name: str):
+    """A UNet config by preset name (random weights are fine for latency)."""
+    from snapfusion.models import presets, unet_config
+
+    table = {"base": presets.base_unet, "sd15": unet_config.sd15, "snapfusion": unet_config.snapfusion,
+             "tiny_sd15": unet_config.tiny_sd15, "tiny_snapfusion": unet_config.tiny_snapfusion}
+    if name not in table:
+        raise SnapFusionError(f"unknown --preset {name!r} (known: {sorted(table)})")
+    return table[name]()
+
+
+def frozen_parts(model: str, vae: str | None = None, text_encoder: str | None = None) -> tuple[str, str]:
+    """The frozen VAE encoder and text tower folders (default: inside the ``model`` pipeline folder)."""
+    from snapfusion.pipeline import part_folder
+
+    root = model_folder(model)
+    vae = vae or str(part_folder(root, "vae_encoder"))
+    text = text_encoder or str(part_folder(root, "text_encoder"))
+    for what, folder in (("--vae", vae), ("--text-encoder", text)):
+        if not (Path(folder) / "config.json").is_file():
+            raise SnapFusionError(f"{what}: no model folder at {folder} (a pipeline saved without its VAE encoder "
+                                  "needs --vae pointing at the autoencoder's final/ folder)")
+    return vae, text
+
+
+def start_folder(model: str, init: str | None = None) -> str:
+    """The UNet folder to start from: ``init``, else the ``model`` pipeline's unet/."""
+    from snapfusion.pipeline import part_folder
+
+    return init or str(part_folder(model_folder(model), "unet"))
+
+
+def unet_config_of(folder: str):
+    """The ``UNetConfig`` saved in a UNet folder (unknown keys are errors)."""
+    from snapfusion.config import from_dict, load_json
+    from snapfusion.models.unet_config import UNetConfig
+
+    data = load_json(Path(folder) / "config.json")
+    return from_dict(UNetConfig, data["config"], where=f"{folder}/config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """The optimizer settings of each robust-training chunk between two evolution steps."""
+
+    steps: int = 200  # 0: no training between evolution steps
+    batch_size: int = 32
+    lr: float = 5e-5
+    mixed_precision: str = "bf16"
+    seed: int = 0
+    num_workers: int = 4
+
+
+def training_chunk(task_config: Callable[[object, str], object], chunk: ChunkConfig, device: str):
+    """The evolution's robust-training chunk: the one loop, started from the current UNet, resumable.
+
+    ``task_config(unet_config, init_folder)`` builds the ``RobustTaskConfig`` of a chunk."""
+    import torch
+
+    from snapfusion.evolve.robust import RobustTask
+    from snapfusion.models.unet import UNet
+    from snapfusion.train import state as ckpt_io
+    from snapfusion.train.loop import loop_config, train
+
+    def run(unet: UNet, run_dir: Path) -> UNet:
+        if chunk.steps <= 0:
+            return unet
+        init = run_dir.parent / "train_init"
+        if not (init / "config.json").is_file():
+            unet.save(init)
+        cfg = loop_config(run_dir=str(run_dir), max_steps=chunk.steps, batch_size=chunk.batch_size, lr=chunk.lr,
+                          warmup_steps=0, ema_decay=0.0, mixed_precision=chunk.mixed_precision, log_every=25,
+                          sample_every=0, checkpoint_every=max(50, chunk.steps // 2), seed=chunk.seed,
+                          num_workers=chunk.num_workers)
+        task_cfg = task_config(unet.config, str(init))
+        # each chunk (its own run dir) sees new scenes, not the first steps x batch of the stream again
+        task_cfg = dataclasses.replace(task_cfg, unet=dataclasses.replace(
+            task_cfg.unet, seed=task_cfg.unet.seed + zlib.crc32(run_dir.name.encode())))
+        task = RobustTask(task_cfg)
+        with torch.enable_grad():  # the evolution around it runs under no_grad
+            train(cfg, task, resume=ckpt_io.latest_checkpoint(run_dir) is not None if run_dir.exists() else False)
+        return UNet.load(ckpt_io.latest_checkpoint(run_dir) / "model", device=device)
+
+    return run
+
+
+def clip_scorer(evaluators):
+    """Per-image domain CLIP score of (images, prompts) with the shipped scene CLIP."""
+    from snapfusion.eval.evaluators import clip_scores
+
+    return lambda images, prompts: clip_scores(evaluators.clip, images.to(next(evaluators.clip.parameters()).device),
+                                               prompts)
