@@ -81,7 +81,7 @@ def atomic_save_safetensors(tensors: Mapping, path: str | os.PathLike, metadata:
     return atomic_write_with(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=metadata))
 
 
-def trash(path: str | os.PathLike) -> None:
+def trash(path: str | os.PathLike, *, pause: Callable[[], None] | None = None) -> None:
     """Delete a folder crash-safely: rename it to ``.trash-<name>-<pid>`` first (out of every name a reader looks
     for), then delete it. A kill during the delete leaves only a ``.trash-*`` folder, which ``clean_trash`` removes."""
     path = Path(path)
@@ -92,6 +92,8 @@ def trash(path: str | os.PathLike) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     os.replace(path, aside)
     fsync_dir(path.parent)
+    if pause is not None:  # tests: a window between the rename and the delete
+        pause()
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -101,7 +101,8 @@ def write_checkpoint(run_dir: Path, step: int, save_models, optimizer: torch.opt
 
 
 def _slow_save_hook() -> None:
-    """Tests only: sleep SNAPFUSION_TEST_SLOW_SAVE seconds between writing a checkpoint's files and publishing it."""
+    """Tests only: sleep SNAPFUSION_TEST_SLOW_SAVE seconds between writing a checkpoint's (or final/'s) files and
+    publishing them, and between moving a pruned checkpoint aside and deleting it."""
     delay = os.environ.get(SLOW_SAVE_ENV)
     if delay:
         import time
@@ -113,7 +114,7 @@ def _prune(ckpt_root: Path, keep: int) -> None:
     done = checkpoints(ckpt_root.parent)
     broken = [p for p in ckpt_root.iterdir() if NAME.fullmatch(p.name) and p.is_dir() and p not in done]
     for old in (done[:-keep] if keep > 0 else []) + broken:
-        fileio.trash(old)  # renamed out of the checkpoint names first: a kill mid-delete leaves only .trash-*
+        fileio.trash(old, pause=_slow_save_hook)  # renamed out of the checkpoint names first: a kill mid-delete leaves only .trash-*
     fileio.clean_trash(ckpt_root)
 
 
