@@ -247,7 +247,9 @@ def check_opset(value, *, name: str = "--opset") -> int:
 
 
 def check_bench_size(value, *, name: str = "--size") -> int:
-    """A benchmark image side: a positive multiple of BENCH_MULTIPLE up to MAX_SIDE."""
+    """A benchmark image side: a positive multiple of BENCH_MULTIPLE up to MAX_SIDE (no default: None is refused)."""
+    if value is None:
+        raise InputError(f"{name} must be a positive multiple of {BENCH_MULTIPLE} up to {MAX_SIDE}, got None")
     return check_side(value, name=name, multiple=BENCH_MULTIPLE)
 
 
