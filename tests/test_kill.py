@@ -137,3 +137,72 @@ def test_kill_nine_and_resume(tmp_path):
     for f in figures:
         print("  ", f)
     assert len(kills) >= 10, figures  # the kill points were reached, not skipped by a run that ended first
+
+
+# ---- the pieces, without a subprocess ---------------------------------------------------------------------------
+
+def _fake_checkpoint(run_dir: Path, step: int) -> Path:
+    return ckpt_io.write_checkpoint(run_dir, step, lambda d: (d / "model").mkdir(), None, {}, keep=10)
+
+
+def test_folder_without_marker_is_not_a_checkpoint(tmp_path):
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path, step)
+    newest = tmp_path / "checkpoints" / "step_0000003"
+    assert ckpt_io.latest_checkpoint(tmp_path) == newest
+    (newest / "rng.safetensors").unlink()  # half deleted in place (as an in-place recursive delete leaves it)
+    assert ckpt_io.latest_checkpoint(tmp_path).name == "step_0000002"
+    (tmp_path / "checkpoints" / "step_0000002" / ckpt_io.COMPLETE).unlink()  # marker gone
+    assert ckpt_io.latest_checkpoint(tmp_path).name == "step_0000001"
+    ckpt_io.write_checkpoint(tmp_path, 4, lambda d: None, None, {}, keep=2)  # the broken ones are cleaned up
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000004"]
+
+
+def test_prune_renames_before_deleting(tmp_path, monkeypatch):
+    seen = []
+    for step in (1, 2):
+        _fake_checkpoint(tmp_path, step)
+    monkeypatch.setattr(ckpt_io, "_slow_save_hook", lambda: seen.append(sorted(
+        p.name for p in (tmp_path / "checkpoints").iterdir())))
+    ckpt_io.write_checkpoint(tmp_path, 3, lambda d: None, None, {}, keep=2)
+    pid = os.getpid()
+    # the hook ran before publishing (the new one still a .tmp-) and while the pruned one sat at .trash-
+    assert any(n.startswith("step_0000003.tmp-") for n in seen[0])
+    assert f".trash-step_0000001-{pid}" in seen[1] and "step_0000001" not in seen[1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+
+
+def test_publish_dir_never_deletes_first(tmp_path):
+    final = tmp_path / "final"
+    fileio.write_dir(final, lambda d: (d / "a.json").write_text('{"v": 1}'))
+
+    def broken(d):
+        (d / "a.json").write_text('{"v": 2}')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        fileio.write_dir(final, broken)
+    assert json.loads((final / "a.json").read_text()) == {"v": 1} and len(list(tmp_path.iterdir())) == 1
+    # a kill between publish_dir's two renames: the old one is aside, none at final/; recover_dir puts it back
+    os.replace(final, tmp_path / ".trash-final-123")
+    fileio.recover_dir(final)
+    assert json.loads((final / "a.json").read_text()) == {"v": 1} and len(list(tmp_path.iterdir())) == 1
+    fileio.write_dir(final, lambda d: (d / "a.json").write_text('{"v": 3}'))
+    assert json.loads((final / "a.json").read_text()) == {"v": 3} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_write_keeps_old_on_failure(tmp_path):
+    path = tmp_path / "manifest.json"
+    fileio.atomic_write_text(path, "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        fileio.atomic_write_with(path, broken)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    fileio.atomic_write_bytes(path, b"new")
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.read_bytes() == b"new"
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the usual umask, not mkstemp's 0600
