@@ -120,9 +120,9 @@ def test_boundaries():
     for bad in (1.0, 5.0, -0.1, float("nan")):
         with pytest.raises(InputError, match="--ema-decay"):
             v.check_ema_decay(bad)
-    assert v.check_opset(14) == 14 and v.check_opset(20) == 20
-    for bad in (5, 13, 21):
-        with pytest.raises(InputError, match="--opset must be between 14 and 20"):
+    assert v.check_opset(14) == 14 and v.check_opset(23) == 23
+    for bad in (5, 13, 24):
+        with pytest.raises(InputError, match="--opset must be between 14 and 23"):
             v.check_opset(bad)
     assert v.check_bench_size(512) == 512
     with pytest.raises(InputError, match="multiple of 64"):
