@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapfusion.errors import ConfigError, SnapFusionError
-from snapfusion.fileio import atomic_write_text
+from snapfusion.fileio import atomic_write_text, clean_trash
 from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained, \
     save_safetensors, WEIGHTS_STEM
 
@@ -152,6 +152,7 @@ def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int 
 
     cfg = SceneConfig(num_emoji=num_emoji)
     cache.mkdir(parents=True, exist_ok=True)
+    clean_trash(cache, tmp_of="*")  # temporary files of a killed build
     manifest = {"encoder": source, "num_emoji": num_emoji, "seed": seed, "full_size": full_size, "chunk": chunk}
     path = cache / "manifest.json"
     if path.is_file() and json.loads(path.read_text()) != manifest:

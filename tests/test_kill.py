@@ -131,7 +131,8 @@ def test_kill_nine_and_resume(tmp_path):
         figures.append((kind or "none", outcome, int(before.name[5:]) if before else 0, newest))
     assert ckpt_io.latest_checkpoint(run_dir).name == "step_0000016"
     assert json.loads((run_dir / "final" / "step.json").read_text())["step"] == 16
-    assert not list(run_dir.glob(".trash-*")) and not list((run_dir / "checkpoints").glob(".trash-*"))
+    assert not list(run_dir.glob(".trash-*")) and not list(run_dir.glob("final.tmp-*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000014", "step_0000016"]
     kills = [f for f in figures if f[1] == "killed"]
     print("\nkill test (kind, outcome, resumed from step, newest checkpoint after):")
     for f in figures:

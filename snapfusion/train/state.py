@@ -78,7 +78,7 @@ def write_checkpoint(run_dir: Path, step: int, save_models, optimizer: torch.opt
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    fileio.clean_trash(ckpt_root, tmp_of=final.name)  # leftovers of a killed write or prune
+    fileio.clean_trash(ckpt_root, tmp_of="step_*")  # leftovers of killed writes and prunes (one writer per run)
     tmp = fileio.new_tmp_dir(final)
     try:
         save_models(tmp)
