@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,6 @@ def _slow_save_hook() -> None:
     publishing them, and between moving a pruned checkpoint aside and deleting it."""
     delay = os.environ.get(SLOW_SAVE_ENV)
     if delay:
-        import time
-
         time.sleep(float(delay))
 
 
@@ -114,7 +113,7 @@ def _prune(ckpt_root: Path, keep: int) -> None:
     done = checkpoints(ckpt_root.parent)
     broken = [p for p in ckpt_root.iterdir() if NAME.fullmatch(p.name) and p.is_dir() and p not in done]
     for old in (done[:-keep] if keep > 0 else []) + broken:
-        fileio.trash(old, pause=_slow_save_hook)  # renamed out of the checkpoint names first: a kill mid-delete leaves only .trash-*
+        fileio.trash(old, pause=_slow_save_hook)  # renamed out of the checkpoint names first: a kill leaves .trash-*
     fileio.clean_trash(ckpt_root)
 
 
