@@ -207,3 +207,15 @@ def test_atomic_write_keeps_old_on_failure(tmp_path):
     (tmp_path / "plain").write_bytes(b"")
     assert path.read_bytes() == b"new"
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the usual umask, not mkstemp's 0600
+
+
+def test_run_from_before_the_marker_resumes_through_latest_json(tmp_path):
+    """Checkpoints written before complete.json existed (renamed into place whole) are found through latest.json."""
+    for step in (1, 2):
+        _fake_checkpoint(tmp_path, step)
+    for folder in (tmp_path / "checkpoints").iterdir():
+        (folder / ckpt_io.COMPLETE).unlink()
+    assert ckpt_io.latest_checkpoint(tmp_path).name == "step_0000002"
+    (tmp_path / "latest.json").write_text("{")
+    with pytest.raises(ckpt_io.SnapFusionError, match="corrupt checkpoint pointer"):
+        ckpt_io.latest_checkpoint(tmp_path)
