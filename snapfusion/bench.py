@@ -51,6 +51,10 @@ class BenchConfig:
             raise ConfigError("bench: runs and steps must be >= 1, warmup >= 0")
         if (self.compile_mode != "default" or self.compile_all) and not self.compile:
             raise ConfigError("bench: --compile-mode and --compile-all need --compile")
+        if self.backend == "onnxruntime" and self.preset:
+            raise ConfigError("bench --backend onnxruntime needs --model pointing to an ONNX export folder")
+        if self.backend == "onnxruntime" and self.compile:
+            raise ConfigError("bench --compile needs --backend torch")
 
 
 def preset_pipeline(name: str, *, device: str | torch.device = "cpu", size: int = 512) -> Pipeline:
@@ -140,8 +144,6 @@ def _load(cfg: BenchConfig):
     if cfg.backend == "onnxruntime":
         from snapfusion.export.ort import OrtPipeline, providers_for
 
-        if cfg.preset:
-            raise ConfigError("bench --backend onnxruntime needs --model pointing to an ONNX export folder")
         return OrtPipeline.load(cfg.model, providers=providers_for(cfg.device)), None
     pipe = preset_pipeline(cfg.preset, device=cfg.device, size=cfg.size) if cfg.preset else \
         resolve_model(cfg.model, device=cfg.device)
@@ -185,8 +187,6 @@ def run_bench(cfg: BenchConfig) -> dict:
     dev = torch.device(cfg.device)
     flops = count_flops(torch_pipe, size=cfg.size, steps=cfg.steps, guidance=cfg.guidance) if torch_pipe else None
     if cfg.compile:
-        if torch_pipe is None:
-            raise ConfigError("bench --compile needs --backend torch")
         compile_pipeline(pipe, cfg.compile_mode, everything=cfg.compile_all)  # compile time is in first_run_s
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

@@ -46,25 +46,51 @@ def model_folder(name: str) -> Path:
     return EMBEDDED / name if name in DEFAULT_MODELS else Path(name)
 
 
+def check_model(name: str | None) -> str:
+    """The model a name resolves to, checked without loading it: an embedded name that is shipped, or an existing
+    path (its files are read, and checked, when it loads)."""
+    from snapfusion.folders import INDEX as index
+    if name is None:
+        shipped = [m for m in DEFAULT_MODELS if (EMBEDDED / m / index).is_file()]
+        if not shipped:
+            raise WeightsError(f"no embedded model found under {EMBEDDED} (the package is incomplete)")
+        return shipped[0]
+    if name in DEFAULT_MODELS:
+        if not (model_folder(name) / index).is_file():
+            raise WeightsError(f"embedded model '{name}' is not shipped in this version ({model_folder(name)})")
+        return name
+    if not Path(name).exists():
+        raise WeightsError(f"model not found: {name} (expected 'base', 'snapfusion' or a path)")
+    return name
+
+
+def check_decoder(name: str | None) -> Path | None:
+    """The decoder folder of a shipped name ('half') or a path, checked without loading it; None stays None."""
+    if name is None:
+        return None
+    folder = SHIPPED_DECODERS.get(name, Path(name))
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"decoder not found: {folder} (expected 'half' or a decoder folder)")
+    return folder
+
+
+def check_unet_folder(folder: str | None, *, option: str = "--unet") -> str | None:
+    """A UNet folder (with config.json), checked without loading it; None stays None."""
+    if folder is not None and not (Path(folder) / "config.json").is_file():
+        raise WeightsError(f"{option}: no UNet folder at {folder} (expected a folder with config.json)")
+    return folder
+
+
 def resolve_model(name: str | None, *, device: str = "cpu"):
     """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
     from snapfusion.config import load_json
     from snapfusion.pipeline import INDEX, Pipeline
     from snapfusion.sd15 import load_sd
 
-    if name is None:
-        shipped = [m for m in DEFAULT_MODELS if (EMBEDDED / m / INDEX).is_file()]
-        if not shipped:
-            raise WeightsError(f"no embedded model found under {EMBEDDED} (the package is incomplete)")
-        name = shipped[0]
+    name = check_model(name)
     if name in DEFAULT_MODELS:
-        folder = model_folder(name)
-        if not (folder / INDEX).is_file():
-            raise WeightsError(f"embedded model '{name}' is not shipped in this version ({folder})")
-        return Pipeline.load(folder, device=device)
+        return Pipeline.load(model_folder(name), device=device)
     path = Path(name)
-    if not path.exists():
-        raise WeightsError(f"model not found: {path} (expected 'base', 'snapfusion' or a path)")
     if (path / INDEX).is_file() and load_json(path / INDEX).get("kind") == "pipeline":
         return Pipeline.load(path, device=device)
     return load_sd(path, device=device)
@@ -76,9 +102,7 @@ def swap_decoder(pipe, name: str | None, *, device: str = "cpu"):
         return pipe
     from snapfusion.decoder.io import load_decoder, with_decoder
 
-    folder = SHIPPED_DECODERS.get(name, Path(name))
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"decoder not found: {folder} (expected 'half' or a decoder folder)")
+    folder = check_decoder(name)
     return with_decoder(pipe, load_decoder(folder, device=device, dtype=pipe.dtype))
 
 
@@ -90,8 +114,7 @@ def swap_unet(pipe, folder: str | None, *, device: str = "cpu"):
     from snapfusion.models.unet import UNet
     from snapfusion.pipeline import Pipeline
 
-    if not (Path(folder) / "config.json").is_file():
-        raise WeightsError(f"--unet: no UNet folder at {folder} (expected a folder with config.json)")
+    check_unet_folder(folder)
     unet = UNet.load(folder, device=device, dtype=pipe.dtype).eval()
     got, want = unet.config, pipe.unet.config
     if (got.in_channels, got.out_channels) != (want.in_channels, want.out_channels):

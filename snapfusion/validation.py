@@ -227,6 +227,16 @@ def parse_float(text, *, name: str) -> float:
     return _real(text, name)
 
 
+def parse_int(text, *, name: str) -> int:
+    """An integer written as text ('12', '-3'); '1.5', '1e3' and words refused."""
+    if isinstance(text, str):
+        try:
+            text = int(text.strip(), 10)
+        except ValueError:
+            raise InputError(f"{name} must be an integer, got {text!r}") from None
+    return _int(text, name)
+
+
 def parse_guidance_sweep(text, *, name: str = "--guidance-sweep") -> list[float]:
     """'1,2,4,7.5' -> [1.0, 2.0, 4.0, 7.5]: each a finite scale in [0, MAX_GUIDANCE], at most MAX_SWEEP of them.
 
@@ -330,4 +340,33 @@ def check_output_dir(value, *, name: str = "--out") -> Path:
             raise InputError(f"{name} {path}: no permission to write in it")
         return path
     _check_writable_parent(path, name)
+    return path
+
+
+def check_output_file(value, *, name: str, suffixes: Sequence[str] = ()) -> Path:
+    """A file path to write (JSON, Markdown, safetensors): not a folder, a known suffix if given, a writable place."""
+    path = _path(value, name)
+    if path.is_dir():
+        raise InputError(f"{name} {path} is a folder; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        got = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise InputError(f"{name} {path}: {got}; use {' or '.join(suffixes)}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{name} {path}: the file exists and is not writable")
+    _check_writable_parent(path, name)
+    return path
+
+
+def check_input_path(value, *, name: str, folder: bool | None = None, marker: str | None = None) -> Path:
+    """An existing file or folder to read (``folder``: True a folder, False a file, None either; ``marker``: a file
+    the folder must hold, e.g. config.json)."""
+    path = _path(value, name)
+    if not path.exists():
+        raise InputError(f"{name} {path}: no such file or folder")
+    if folder is True and not path.is_dir():
+        raise InputError(f"{name} {path} is a file, not a folder")
+    if folder is False and path.is_dir():
+        raise InputError(f"{name} {path} is a folder, not a file")
+    if marker and not (path / marker).is_file():
+        raise InputError(f"{name} {path}: no {marker} there")
     return path

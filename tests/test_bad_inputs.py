@@ -20,9 +20,9 @@ WORK = [("snapfusion.loading", "resolve_model"), ("snapfusion.loading", "load"),
         ("snapfusion.models.text", "load_text_encoder"), ("snapfusion.models.autoencoder", "load_autoencoder"),
         ("snapfusion.decoder.io", "load_decoder"), ("snapfusion.eval.runner", "run_eval_command")]
 WORK_METHODS = [("snapfusion.pipeline", "Pipeline", "load"), ("snapfusion.models.unet", "UNet", "load")]
-PRELOAD = ["snapfusion.cli", "snapfusion.train.stages", "snapfusion.distill.stages", "snapfusion.evolve.run_commands",
-           "snapfusion.export.commands", "snapfusion.decoder.commands", "snapfusion.decoder.task",
-           "snapfusion.distill.commands", "snapfusion.evolve.commands", "snapfusion.bench"]
+PRELOAD = ["snapfusion.cli", "snapfusion.train.stages", "snapfusion.distill.stages", "snapfusion.evolve.runs",
+           "snapfusion.evolve.robust", "snapfusion.decoder.task", "snapfusion.export.onnx_export", "snapfusion.bench",
+           "snapfusion.prior"]
 CASE_SECONDS = 60
 
 

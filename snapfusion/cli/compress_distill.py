@@ -26,7 +26,6 @@ def cmd_finetune_v(a: argparse.Namespace) -> None:
     from snapfusion.distill.stages import finetune_v
     from snapfusion.distill.tasks import VFinetuneConfig
 
-    options.check_noise_data_options(a)
     kd = options.kd_options(a)
     cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=options.scene_config(a),
                           sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
@@ -39,7 +38,6 @@ def cmd_distill(a: argparse.Namespace) -> None:
     from snapfusion.distill.stages import distill_steps
     from snapfusion.distill.tasks import DistillConfig
 
-    options.check_noise_data_options(a)
     cfg = DistillConfig(source=_source(a), student_unet=a.student_unet, student_steps=a.student_steps,
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),

@@ -58,7 +58,6 @@ def _task_cfg(a: argparse.Namespace, unet_cfg, init: str | None):
     from snapfusion.evolve.robust import RobustConfig, RobustTaskConfig
     from snapfusion.train.tasks import UNetTaskConfig
 
-    options.check_noise_data_options(a)
     vae, text = frozen_parts(a.model, a.vae, a.text_encoder)
     unet = UNetTaskConfig(model=unet_cfg, vae=vae, text_encoder=text, image_size=a.image_size,
                           data=options.scene_config(a), offset_noise=a.offset_noise,

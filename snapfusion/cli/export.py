@@ -6,19 +6,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from snapfusion.cli import options
-from snapfusion.loading import resolve_model
+from snapfusion.cli import options, types
+from snapfusion.fileio import atomic_write_text
+from snapfusion.loading import check_model, resolve_model
+from snapfusion.validation import MAX_IMAGES, MAX_STEPS
+
+
+def _export_config(a: argparse.Namespace):
+    from snapfusion.export.components import ExportConfig
+
+    return ExportConfig(format=a.format, precision=a.precision, opset=a.opset, batch=a.batch, resolution=a.size,
+                        parity=not a.no_parity, parity_steps=a.parity_steps, min_psnr=a.min_psnr,
+                        max_rel_diff=a.max_rel_diff)
+
+
+def check_export(a: argparse.Namespace) -> None:
+    """export's cross-option checks: the config as a whole, and the model's files."""
+    _export_config(a)
+    check_model(a.model)
 
 
 def cmd_export(a: argparse.Namespace) -> None:
     import torch
 
-    from snapfusion.export.components import ExportConfig
-
     torch.set_grad_enabled(False)
-    cfg = ExportConfig(format=a.format, precision=a.precision, opset=a.opset, batch=a.batch, resolution=a.size,
-                       parity=not a.no_parity, parity_steps=a.parity_steps, min_psnr=a.min_psnr,
-                       max_rel_diff=a.max_rel_diff)
+    cfg = _export_config(a)
     pipe = resolve_model(a.model, device="cpu")  # fp32 on the CPU: the reference the parity check compares with
     if cfg.format == "onnx":
         from snapfusion.export.onnx_export import export_onnx
@@ -40,21 +52,32 @@ def cmd_export(a: argparse.Namespace) -> None:
         print("parity: not run (Core ML packages run only on macOS); interfaces checked above")
 
 
-def cmd_bench(a: argparse.Namespace) -> None:
-    from snapfusion.bench import BenchConfig, dumps, markdown_table, run_bench
+def _bench_config(a: argparse.Namespace):
+    from snapfusion.bench import BenchConfig
 
-    cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=options.device(a.device), backend=a.backend,
-                      dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
-                      compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup)
-    result = run_bench(cfg)
+    return BenchConfig(model=a.model or "", preset=a.preset or "", device=options.device(a.device),
+                       backend=a.backend, dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance,
+                       compile=a.compile, compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs,
+                       warmup=a.warmup)
+
+
+def check_bench(a: argparse.Namespace) -> None:
+    """bench's cross-option checks: the config as a whole, and the model's files."""
+    _bench_config(a)
+    if a.model:
+        check_model(a.model)
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from snapfusion.bench import dumps, markdown_table, run_bench
+
+    result = run_bench(_bench_config(a))
     table = markdown_table([result])
     print(table, end="")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(dumps(result))
-    if a.markdown:
-        Path(a.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.markdown).write_text(table)
+    for path, text in ((a.json, dumps(result)), (a.markdown, table)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
 
 
 def cmd_convert_sd(a: argparse.Namespace) -> None:
@@ -75,45 +98,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--format", choices=["onnx", "coreml"], default="onnx", help="target runtime (default %(default)s)")
     e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="weights: fp32, fp16, or int8 (dynamic/linear weight quantization) (default %(default)s)")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
-    e.add_argument("--batch", type=int, default=2, help="Core ML: fixed UNet batch (default %(default)s)")
-    e.add_argument("--size", type=int, default=0, help="Core ML shapes and parity image side (default: model's)")
+    e.add_argument("--out", required=True, type=types.output_dir(), help="output folder")
+    e.add_argument("--opset", type=types.opset(), default=17, help="ONNX opset (default %(default)s)")
+    e.add_argument("--batch", type=types.positive("--batch", maximum=2 * MAX_IMAGES), default=2, help="Core ML: fixed UNet batch (default %(default)s)")
+    e.add_argument("--size", type=types.side("--size", zero=True), default=0, help="Core ML shapes and parity image side (default: model's)")
     e.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
-    e.add_argument("--parity-steps", type=int, default=0,
+    e.add_argument("--parity-steps", type=types.integer("--parity-steps", minimum=0, maximum=MAX_STEPS), default=0,
                    help="steps of the parity image (default: the model's, at most 8)")
-    e.add_argument("--min-psnr", type=float, default=0.0, help="fail below this PSNR (default: 35/30/20 dB "
+    e.add_argument("--min-psnr", type=types.number("--min-psnr", minimum=0.0), default=0.0, help="fail below this PSNR (default: 35/30/20 dB "
                    "for fp32/fp16/int8)")
-    e.add_argument("--max-rel-diff", type=float, default=0.0, help="fail above this per-network max|diff|/max|ref| "
+    e.add_argument("--max-rel-diff", type=types.number("--max-rel-diff", minimum=0.0), default=0.0, help="fail above this per-network max|diff|/max|ref| "
                    "(default: 1e-3/2e-2/0.2)")
-    e.set_defaults(func=cmd_export)
+    e.set_defaults(func=cmd_export, check=check_export)
 
     b = sub.add_parser("bench", help="per-component latency (median/min/max), peak memory, FLOPs, compute floor",
                        epilog="example: snapfusion bench --preset snapfusion --device cuda --dtype fp16 --steps 8")
     b.add_argument("--model", default=None, help="a pipeline (torch) or an ONNX export folder (onnxruntime)")
     b.add_argument("--preset", choices=["sd15", "snapfusion", "base", "base-snapfusion", "tiny"], default=None,
                    help="random-weight architecture instead of --model")
-    b.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
+    options.add_device(b, "cpu")
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="the runtime timed (default %(default)s)")
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="torch backend")
-    b.add_argument("--size", type=int, default=512, help="image side in pixels (default %(default)s)")
-    b.add_argument("--steps", type=int, default=8, help="sampling steps (default %(default)s)")
-    b.add_argument("--guidance", type=float, default=7.5, help="guidance scale; 1: no unconditional pass "
+    b.add_argument("--size", type=types.bench_size(), default=512, help="image side in pixels (default %(default)s)")
+    b.add_argument("--steps", type=types.steps(), default=8, help="sampling steps (default %(default)s)")
+    b.add_argument("--guidance", type=types.guidance(), default=7.5, help="guidance scale; 1: no unconditional pass "
                    "(default %(default)s)")
     b.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     b.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode (reduce-overhead: CUDA graphs on the GPU)")
     b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
-    b.add_argument("--runs", type=int, default=5, help="timed generations (default %(default)s)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed generations first (default %(default)s)")
-    b.add_argument("--json", default=None, help="write the full result here")
-    b.add_argument("--markdown", default=None, help="write the table here")
-    b.set_defaults(func=cmd_bench)
+    b.add_argument("--runs", type=types.positive("--runs", maximum=10_000), default=5, help="timed generations (default %(default)s)")
+    b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=2, help="untimed generations first (default %(default)s)")
+    b.add_argument("--json", default=None, type=types.output_file("--json", [".json"]), help="write the full result here")
+    b.add_argument("--markdown", default=None, type=types.output_file("--markdown"), help="write the table here")
+    b.set_defaults(func=cmd_bench, check=check_bench)
 
     c = sub.add_parser("convert-sd", help="convert a local SD-v1.x (diffusers folder or .safetensors) to our format",
                        epilog="example: snapfusion convert-sd path/to/sd-v1-5 --out sd15 --fp16")
     c.add_argument("path", help="a diffusers SD-v1.x folder or a single-file .safetensors checkpoint")
-    c.add_argument("--out", required=True, help="the pipeline folder to write")
+    c.add_argument("--out", required=True, type=types.output_dir(), help="the pipeline folder to write")
     c.add_argument("--fp16", action="store_true", help="store the weights in fp16 (default: as loaded)")
     c.set_defaults(func=cmd_convert_sd)

@@ -5,25 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from snapfusion.cli import options
-from snapfusion.errors import SnapFusionError
-from snapfusion.loading import resolve_model, swap_decoder, swap_unet
+from snapfusion.cli import options, types
+from snapfusion.errors import InputError
+from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
+from snapfusion.validation import MAX_EVAL_BATCH, MAX_SEED, truncation_warning
 
 
 def _ort_pipeline(model: str | None, device: str):
     """The ONNX Runtime pipeline of an export folder (``generate --backend onnxruntime``)."""
     from snapfusion.export.ort import OrtPipeline, providers_for
 
-    if not model:
-        raise SnapFusionError("--backend onnxruntime needs --model pointing to a folder written by "
-                              "'snapfusion export --format onnx'")
     return OrtPipeline.load(model, providers=providers_for(device))
 
 
-def _warn_unreadable(pipe, prompt: str) -> None:
-    """Say which words a compact-vocabulary model reads as blanks, and whether CLIP truncates the prompt."""
+def _warn_unreadable(pipe, prompt: str, negative_prompt: str = "") -> None:
+    """Say which words a compact-vocabulary model reads as blanks, and whether CLIP truncates either prompt."""
     unknown = getattr(pipe.text_encoder, "unknown_tokens", None)
     if unknown is not None:  # a compact vocabulary (our domain models): say which words the model cannot read
         ids = pipe.tokenizer([prompt])[0]
@@ -31,36 +28,42 @@ def _warn_unreadable(pipe, prompt: str) -> None:
         if words:
             print(f"snapfusion: warning: {pipe.config.name} does not know the word(s) {', '.join(words)}; "
                   "they are read as blanks", file=sys.stderr)
-    if pipe.tokenizer.is_truncated(prompt):
-        print(f"snapfusion: warning: the prompt is longer than CLIP's {pipe.tokenizer.max_length - 2} tokens; "
-              "the rest is dropped", file=sys.stderr)
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        warning = truncation_warning(pipe.tokenizer, text, name=name)
+        if warning:
+            print(f"snapfusion: warning: {warning}", file=sys.stderr)
+
+
+def check_generate(a: argparse.Namespace) -> None:
+    """generate's cross-option checks (each option's own are its argparse type)."""
+    if a.backend == "onnxruntime":
+        if a.decoder:
+            raise InputError("--decoder works with --backend torch; export a pipeline holding that decoder instead")
+        if not a.model:
+            raise InputError("--backend onnxruntime needs --model pointing to a folder written by "
+                             "'snapfusion export --format onnx'")
+    check_model(a.model)
+    check_decoder(a.decoder)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
     import torch
-    from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
 
+    from snapfusion.images import image_metadata, save_image
     from snapfusion.pipeline import Timings, image_grid, to_pil
 
-    if a.num_images < 1:
-        raise SnapFusionError(f"--num-images must be at least 1, got {a.num_images}")
-    if not a.prompt.strip():
-        raise SnapFusionError("the prompt is empty (use --guidance 1 with a blank prompt via the Python API for "
-                              "unconditional samples)")
     torch.set_grad_enabled(False)
     device = options.device(a.device)
-    if a.backend == "onnxruntime" and a.decoder:
-        raise SnapFusionError("--decoder works with --backend torch; export a pipeline holding that decoder instead")
     if a.backend == "onnxruntime":
         pipe = _ort_pipeline(a.model, device)  # the same generate(); the networks run in onnxruntime
     else:
         pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
     if a.dtype != "fp32" and a.backend == "torch":
         pipe.to(device, options.dtype(a.dtype))
-    _warn_unreadable(pipe, a.prompt)
+    _warn_unreadable(pipe, a.prompt, a.negative_prompt)
     prompts = [a.prompt] * a.num_images
-    seeds = [a.seed + i for i in range(a.num_images)]
+    seeds = [(a.seed + i) % (MAX_SEED + 1) for i in range(a.num_images)]
     steps = options.first(a.steps, pipe.config.steps)
     guidance = options.first(a.guidance, pipe.config.guidance)
     timings = Timings()
@@ -70,19 +73,28 @@ def cmd_generate(a: argparse.Namespace) -> None:
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
                                timings=timings, use_prior=not a.no_prior)
     pics = to_pil(images)
-    meta = PngInfo()
-    for key, value in (("prompt", a.prompt), ("negative_prompt", a.negative_prompt), ("seed", seeds),
-                       ("steps", steps), ("guidance", guidance), ("sampler", a.sampler or pipe.config.sampler),
-                       ("model", a.model or pipe.config.name), ("decoder", a.decoder or "model's"),
-                       ("software", "snapfusion")):
-        meta.add_text(key, json.dumps(value) if not isinstance(value, str) else value)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    (pics[0] if len(pics) == 1 else image_grid(pics)).save(out, pnginfo=meta)
+    meta = image_metadata(prompt=a.prompt, negative_prompt=a.negative_prompt, seeds=seeds, steps=steps,
+                          guidance=guidance, sampler=a.sampler or pipe.config.sampler,
+                          model=a.model or pipe.config.name, decoder=a.decoder or "model's")
+    out = save_image(pics[0] if len(pics) == 1 else image_grid(pics), a.out, meta)
     t = timings.as_dict()
     print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {guidance}, seed {a.seed}) in {t['total']:.2f} s: "
           f"text encoder {t['text_encoder']:.2f} s, UNet {t['unet_total']:.2f} s "
           f"({t['unet_per_step'] * 1000:.0f} ms/step), decoder {t['decoder']:.2f} s")
+
+
+def check_eval(a: argparse.Namespace) -> None:
+    """eval's cross-option checks: one guidance option, the prompt set and its size, the model's files."""
+    from snapfusion.eval.runner import load_records
+
+    if a.guidance is not None and a.guidance_sweep is not None:
+        raise InputError("give exactly one of --guidance or --guidance-sweep")
+    records = load_records(a.prompts, a.num_emoji)
+    if a.num_images is not None and a.num_images > len(records):
+        raise InputError(f"--num-images {a.num_images} exceeds the {len(records)} prompts of {a.prompts}")
+    check_model(a.model)
+    check_decoder(a.decoder)
+    check_unet_folder(a.unet)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -92,8 +104,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from snapfusion.pipeline import to_pil
 
     torch.set_grad_enabled(False)
-    if a.seeds_per_prompt < 1 or (a.num_images is not None and a.num_images < 2):
-        raise SnapFusionError("--seeds-per-prompt must be at least 1 and --num-images at least 2 (FID)")
     device = options.device(a.device)
     pipe = swap_decoder(resolve_model(a.model, device=device), a.decoder, device=device)
     pipe = swap_unet(pipe, a.unet, device=device)
@@ -123,19 +133,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``generate`` and ``eval``."""
     g = sub.add_parser("generate", help="text -> PNG with the embedded model or a local SD-v1.5",
                        epilog='example: snapfusion generate "a red apple left of a cat on a blue background"')
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", type=types.prompt("prompt", allow_empty=False), help="what to draw")
     g.add_argument("--model", default=None, help="'base', 'snapfusion', a pipeline folder, a diffusers SD folder "
                    "or an SD .safetensors file (default: the embedded SnapFusion model, else base)")
-    g.add_argument("-o", "--out", default="snapfusion.png", help="output PNG (a grid if --num-images > 1)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image (default %(default)s)")
-    g.add_argument("--num-images", "--batch", type=int, default=1, help="images of the prompt, seeds seed..seed+n-1")
-    g.add_argument("--steps", type=int, default=None, help="default: the model's")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("-o", "--out", default="snapfusion.png", type=types.output_image(),
+                   help="output image, .png, .jpg or .webp, with the settings in its metadata (a grid if "
+                   "--num-images > 1)")
+    g.add_argument("--seed", type=types.seed(), default=0, help="seed of the first image (default %(default)s)")
+    g.add_argument("--num-images", "--batch", type=types.num_images(), default=1, help="images of the prompt, seeds seed..seed+n-1")
+    g.add_argument("--steps", type=types.steps(), default=None, help="default: the model's")
+    g.add_argument("--guidance", type=types.guidance(), default=None, help="classifier-free guidance scale (default: the model's)")
     options.add_sampler(g)
-    g.add_argument("--size", type=int, default=None, help="square image side in pixels (default: the model's)")
-    g.add_argument("--height", type=int, default=None, help="image height in pixels (default: --size)")
-    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: --size)")
-    g.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional prompt)")
+    g.add_argument("--size", type=types.side("--size"), default=None, help="square image side in pixels (default: the model's)")
+    g.add_argument("--height", type=types.side("--height"), default=None, help="image height in pixels (default: --size)")
+    g.add_argument("--width", type=types.side("--width"), default=None, help="image width in pixels (default: --size)")
+    g.add_argument("--negative-prompt", default="", type=types.prompt("--negative-prompt"), help="what to steer away from (the unconditional prompt)")
     g.add_argument("--decoder", default=None, help="'half' (the distilled channel-halved decoder of base) or a "
                    "decoder folder, in place of the model's own")
     options.add_device(g)
@@ -145,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "prior (prior/: the prompt's coarse layout at the first step's noise level)")
     g.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="onnxruntime: --model is a folder from 'snapfusion export --format onnx'")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, check=check_generate)
 
     e = sub.add_parser("eval", help="CLIP score, domain FID and attribute accuracy of a model on held-out prompts",
                        epilog="example: snapfusion eval --model base --num-images 200 --guidance-sweep 1,2,4,7.5")
@@ -153,21 +165,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--prompts", default="test", help="a shipped prompt set name (test, test200, val) or a .jsonl file")
     e.add_argument("--decoder", default=None, help="as for generate: 'half' or a decoder folder")
     e.add_argument("--unet", default=None, help="a UNet folder in place of the model's (e.g. a checkpoint's model/)")
-    e.add_argument("--steps", type=int, default=None, help="default: the model's")
-    e.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    e.add_argument("--guidance-sweep", default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")
+    e.add_argument("--steps", type=types.steps(), default=None, help="default: the model's")
+    e.add_argument("--guidance", type=types.guidance(), default=None, help="guidance scale (default: the model's)")
+    e.add_argument("--guidance-sweep", type=types.guidance_sweep(), default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")
     options.add_sampler(e)
-    e.add_argument("--num-images", type=int, default=None,
+    e.add_argument("--num-images", type=types.integer("--num-images", minimum=2), default=None,
                    help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")
-    e.add_argument("--num-emoji", type=int, default=None,
+    e.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                    help="keep only prompts whose emoji are among the first N (the base model trains on 40)")
-    e.add_argument("--seeds-per-prompt", type=int, default=1,
+    e.add_argument("--seeds-per-prompt", type=types.positive("--seeds-per-prompt", maximum=1000), default=1,
                    help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds): lower "
                         "variance on a small prompt set, and paired comparisons (scripts/compare_evals.py)")
-    e.add_argument("--batch-size", type=int, default=16, help="images per generate call (default %(default)s)")
-    e.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
-    e.add_argument("--out", default="eval_out", help="folder for the JSON, grid and curve")
+    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_EVAL_BATCH), default=16, help="images per generate call (default %(default)s)")
+    e.add_argument("--size", type=types.side("--size"), default=None, help="image side (default: the model's)")
+    e.add_argument("--out", default="eval_out", type=types.output_dir(), help="folder for the JSON, grid and curve")
     options.add_device(e)
     options.add_dtype(e, help="network precision (bf16 or fp16 on a GPU: about twice as fast)")
     e.add_argument("--no-prior", action="store_true", help="as for generate: plain-noise starts")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=cmd_eval, check=check_eval)

@@ -39,8 +39,18 @@ def _grouped(listings: list[tuple[str, list[tuple[str, str]]]]) -> str:
     return "\n".join(lines) + "\n\nrun 'snapfusion COMMAND --help' for a command's options and an example"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: a bad command line is one line, like every other user error
+    (sub-parsers are of this class too)."""
+
+    def error(self, message: str):
+        from snapfusion.errors import InputError
+
+        raise InputError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="snapfusion", description="SnapFusion: fast text-to-image diffusion.",
+    parser = _Parser(prog="snapfusion", description="SnapFusion: fast text-to-image diffusion.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below")
     listings = []
@@ -57,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    try:  # every option is checked here, its type and then the command's cross-option check, before any work
+        args = build_parser().parse_args(argv)
+        if getattr(args, "check", None) is not None:
+            args.check(args)
+    except SnapFusionError as err:
+        print(f"snapfusion: error: {err}", file=sys.stderr)
+        return 2
     import torch
 
     grad_enabled = torch.is_grad_enabled()  # commands may switch autograd off; restore it for in-process callers

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from snapfusion.cli import types
 from snapfusion.errors import SnapFusionError
 from snapfusion.loading import resolve_device, resolve_dtype
+from snapfusion.validation import check_training
 
 DTYPES = ["fp32", "fp16", "bf16"]
 SAMPLERS = ["ddim", "dpmpp_2m"]
@@ -23,13 +25,19 @@ def dtype(name: str):
     return resolve_dtype(name, option="--dtype")
 
 
+def _device_name(name: str) -> str:
+    """--device checked as given ('auto' stays 'auto': it is resolved when the command runs)."""
+    device(name)
+    return name
+
+
 def first(*values):
     """The first value that is not None (0 is a value: it must reach validation, not fall back to a default)."""
     return next((v for v in values if v is not None), None)
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, help=f"auto, cpu or cuda[:N] (default {default}; auto: CUDA when "
+    p.add_argument("--device", default=default, type=_device_name, help=f"auto, cpu or cuda[:N] (default {default}; auto: CUDA when "
                    "there is one)")
 
 
@@ -44,7 +52,7 @@ def add_sampler(p: argparse.ArgumentParser) -> None:
 
 def add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
     """The one training loop's options (every train-* and compression training command)."""
-    p.add_argument("--run-dir", required=True, help="checkpoints, logs and samples go here")
+    p.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"), help="checkpoints, logs and samples go here")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
     p.add_argument("--max-steps", type=int, default=steps, help="total optimizer steps (default %(default)s)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop cleanly with a checkpoint after this long")
@@ -60,11 +68,20 @@ def add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr:
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (default %(default)s)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data loader worker processes (default: up to 8 CPUs)")
-    p.add_argument("--num-emoji", type=int, default=None, help="train on the first N atlas emoji (default: all)")
+    p.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
+                   help="train on the first N atlas emoji (default: all)")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the trained UNet (train-unet, finetune-v, distill): faster steps on a GPU "
                    "after a one-off compile of a few minutes, which counts against --max-minutes")
+
+
+def check_train_options(a: argparse.Namespace) -> None:
+    """add_train_options' numbers, checked together by validation.check_training and written back normalised."""
+    vars(a).update(check_training(
+        max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, ema_decay=a.ema_decay,
+        log_every=a.log_every, sample_every=a.sample_every, checkpoint_every=a.checkpoint_every,
+        num_workers=a.num_workers, max_minutes=a.max_minutes, seed=a.seed))
 
 
 def loop_config(a: argparse.Namespace):
@@ -87,27 +104,21 @@ def scene_config(a: argparse.Namespace):
 def add_noise_data_options(p: argparse.ArgumentParser) -> None:
     """--offset-noise and --latent-pool: every command that trains a UNet on the scenes (train-unet, robust-train,
     evolve, finetune-v, distill) takes them."""
-    p.add_argument("--offset-noise", type=float, default=0.0, help="per-channel noise offset, e.g. 0.1: lets the "
+    p.add_argument("--offset-noise", type=types.number("--offset-noise", minimum=0.0), default=0.0, help="per-channel noise offset, e.g. 0.1: lets the "
                    "model move a channel's mean, i.e. a flat background's color (docs/base_model.md)")
-    p.add_argument("--latent-pool", type=int, default=0,
+    p.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0,
                    help="encode this many training scenes once and train on their latents (0: encode every batch)")
-
-
-def check_noise_data_options(a: argparse.Namespace) -> None:
-    if a.offset_noise < 0:
-        raise SnapFusionError(f"--offset-noise must be >= 0, got {a.offset_noise}")
-    if a.latent_pool < 0:
-        raise SnapFusionError(f"--latent-pool must be >= 0, got {a.latent_pool}")
 
 
 def add_kd_options(p: argparse.ArgumentParser) -> None:
     """--kd-unet, --kd-weight, --kd-feature-weight: distillation from a frozen eps or v teacher UNet (robust-train,
     finetune-v)."""
-    p.add_argument("--kd-unet", default=None, help="frozen teacher UNet folder (eps or v): add its (implied) eps as a "
+    p.add_argument("--kd-unet", default=None, type=types.existing("--kd-unet", folder=True, marker="config.json"),
+                   help="frozen teacher UNet folder (eps or v): add its (implied) eps as a "
                    "target, on the student's (implied) eps (output-level knowledge distillation, as BK-SDM fine-tunes "
                    "a pruned UNet)")
-    p.add_argument("--kd-weight", type=float, default=None, help="weight of the distillation term (default 1)")
-    p.add_argument("--kd-feature-weight", type=float, default=None, help="with --kd-unet: also match the "
+    p.add_argument("--kd-weight", type=types.number("--kd-weight", minimum=0.0), default=None, help="weight of the distillation term (default 1)")
+    p.add_argument("--kd-feature-weight", type=types.number("--kd-feature-weight", minimum=0.0), default=None, help="with --kd-unet: also match the "
                    "teacher's stage outputs, MSE summed over stages times this weight (BK-SDM's feature-level "
                    "distillation; default 0: off)")
 

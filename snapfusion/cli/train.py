@@ -51,7 +51,6 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
         text, init = text or str(part_folder(root, "text_encoder")), init or str(part_folder(root, "unet"))
     if not vae or not text:
         raise SnapFusionError("train-unet needs --vae and --text-encoder, or --from-pipeline")
-    options.check_noise_data_options(a)
     for flag, folder in (("--vae", vae), ("--text-encoder", text), ("--init-unet", init), ("--vae-decoder", decoder)):
         if folder and not Path(folder, "config.json").is_file():
             raise SnapFusionError(f"{flag} {folder}: no config.json there")

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from snapfusion import validation
 from snapfusion.errors import SnapFusionError
 from snapfusion.eval.evaluators import Evaluators, clip_features, domain_fid, evaluate_images, load_evaluators
 from snapfusion.eval.frechet import GaussianStats, gaussian_stats
@@ -30,15 +31,12 @@ RESULT_FILE = "eval.json"
 SEED_STRIDE = 1_000_003  # seed shift between copies of the prompt set (with_seeds_per_prompt)
 
 
-def parse_guidance_sweep(text: str) -> tuple[float, ...]:
-    """'1,2,4.5' -> (1.0, 2.0, 4.5); a clear error naming the bad item."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SnapFusionError(f"--guidance-sweep: expected comma-separated numbers, got '{text}'") from None
-    if not values or any(v < 0 for v in values):
-        raise SnapFusionError(f"--guidance-sweep: expected one or more non-negative numbers, got '{text}'")
-    return values
+def parse_guidance_sweep(text) -> tuple[float, ...]:
+    """'1,2,4.5' (or the list validation.parse_guidance_sweep made of it) -> (1.0, 2.0, 4.5); a clear error naming
+    the bad item."""
+    if isinstance(text, str):
+        return tuple(validation.parse_guidance_sweep(text))
+    return tuple(validation.check_guidance(v, name="--guidance-sweep value") for v in text)
 
 
 def load_records(prompts: str, num_emoji: int | None = None) -> list[dict[str, Any]]:
@@ -195,7 +193,7 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
 
 
 def run_eval_command(generate_fn: GenerateFn, *, prompts: str = "test", steps: int, sampler: str,
-                     guidance: float | None = None, guidance_sweep: str | None = None, num_images: int | None = None,
+                     guidance: float | None = None, guidance_sweep: str | Sequence[float] | None = None, num_images: int | None = None,
                      batch_size: int = 16, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                      evaluators_dir: str | None = None, model: str = "",
                      num_emoji: int | None = None, seeds_per_prompt: int = 1) -> dict[str, Any]:
