@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-from snapfusion.cli import options
-from snapfusion.errors import SnapFusionError
+from snapfusion.cli import options, types
+from snapfusion.errors import InputError
+from snapfusion.fileio import atomic_write_text
+from snapfusion.loading import check_model
+from snapfusion.validation import MAX_BATCH
 
 
 def _student_spec(a: argparse.Namespace):
@@ -27,6 +29,19 @@ def _latent_source(a: argparse.Namespace):
     return LatentSource(sampler=a.sampler, steps=a.latent_steps, guidance_min=a.guidance_range[0],
                         guidance_max=a.guidance_range[1], resolution=a.resolution,
                         num_emoji=a.num_emoji, pool=getattr(a, "latent_pool", 0))
+
+
+def check_latent_options(a: argparse.Namespace) -> None:
+    """The teacher exists (checked without loading it) and the guidance range is a range."""
+    check_model(a.teacher)
+    low, high = a.guidance_range
+    if low > high:
+        raise InputError(f"--guidance-range MIN MAX: MIN {low:g} is above MAX {high:g}")
+
+
+def check_distill_decoder(a: argparse.Namespace) -> None:
+    options.check_train_options(a)
+    check_latent_options(a)
 
 
 def cmd_reduce_decoder(a: argparse.Namespace) -> None:
@@ -77,9 +92,6 @@ def cmd_eval_decoder(a: argparse.Namespace) -> None:
     from snapfusion.decoder.io import load_decoder
     from snapfusion.decoder.task import load_teacher
 
-    if a.pipeline_steps < 1 or not math.isfinite(a.pipeline_guidance) or a.pipeline_guidance < 0:
-        raise SnapFusionError(f"--pipeline-steps must be >= 1 and --pipeline-guidance a finite number >= 0, got "
-                              f"{a.pipeline_steps} and {a.pipeline_guidance}")
     torch.set_grad_enabled(False)
     device = options.device(a.device)
     pipe = load_teacher(a.teacher).to(device)
@@ -100,8 +112,7 @@ def cmd_eval_decoder(a: argparse.Namespace) -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(a.out, text + "\n")
 
 
 def _trained_steps(folder: str) -> int | None:
@@ -110,26 +121,30 @@ def _trained_steps(folder: str) -> int | None:
     return json.loads(path.read_text()).get("step") if path.is_file() else None
 
 
+_ratio = types.number("--ratio", minimum=0.0, maximum=1.0, low_open=True)
+_groups = types.positive("--norm-groups", maximum=1024)
+
+
 def _add_latent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="base", help="'base', a pipeline folder or an SD-v1.5 folder/.safetensors")
     p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default="dpmpp_2m", help="teacher sampler for latents")
-    p.add_argument("--latent-steps", type=int, default=12, help="teacher sampling steps (default %(default)s)")
-    p.add_argument("--guidance-range", type=float, nargs=2, default=(1.0, 10.5), metavar=("MIN", "MAX"),
+    p.add_argument("--latent-steps", type=types.steps("--latent-steps"), default=12, help="teacher sampling steps (default %(default)s)")
+    p.add_argument("--guidance-range", type=types.guidance("--guidance-range"), nargs=2, default=(1.0, 10.5), metavar=("MIN", "MAX"),
                    help="per-sample guidance scale drawn from U[MIN, MAX] (default 1.0 10.5)")
-    p.add_argument("--resolution", type=int, default=None, help="image side (default: the teacher's)")
+    p.add_argument("--resolution", type=types.side("--resolution"), default=None, help="image side (default: the teacher's)")
 
 
 def _add_student_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", choices=["reduced", "tiny"], default="reduced",
                    help="channel-reduced teacher decoder, or the TAESD-style conv baseline")
-    p.add_argument("--ratio", type=float, default=0.5, help="decoder width ratio (default %(default)s)")
+    p.add_argument("--ratio", type=_ratio, default=0.5, help="decoder width ratio (default %(default)s)")
     p.add_argument("--init", choices=["l1", "first", "random"], default="l1",
                    help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
-    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the largest divisor "
+    p.add_argument("--norm-groups", type=_groups, default=None, help="GroupNorm groups (default: the largest divisor "
                    "of the teacher's count that leaves >= 2 channels per group)")
-    p.add_argument("--tiny-widths", type=int, nargs="+", default=[64, 64, 48, 24],
+    p.add_argument("--tiny-widths", type=types.positive("--tiny-widths", maximum=4096), nargs="+", default=[64, 64, 48, 24],
                    help="tiny: widths per level (default: about the halved base decoder's CPU latency)")
-    p.add_argument("--tiny-blocks", type=int, nargs="+", default=[3, 3, 2, 1], help="tiny: conv blocks per level")
+    p.add_argument("--tiny-blocks", type=types.positive("--tiny-blocks", maximum=64), nargs="+", default=[3, 3, 2, 1], help="tiny: conv blocks per level")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -137,51 +152,54 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("reduce-decoder", help="build a channel-reduced decoder initialised from a teacher's",
                        epilog="example: snapfusion reduce-decoder --teacher base --ratio 0.5 --out halved")
     r.add_argument("--teacher", default="base", help="a decoder/VAE folder, a pipeline, 'base' or an SD-v1.5 path")
-    r.add_argument("--out", required=True, help="the reduced decoder's folder")
-    r.add_argument("--ratio", type=float, default=0.5, help="decoder width ratio (default %(default)s)")
+    r.add_argument("--out", required=True, type=types.output_dir(), help="the reduced decoder's folder")
+    r.add_argument("--ratio", type=_ratio, default=0.5, help="decoder width ratio (default %(default)s)")
     r.add_argument("--init", choices=["l1", "first", "random"], default="l1",
                    help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
-    r.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (default: the largest divisor of "
+    r.add_argument("--norm-groups", type=_groups, default=None, help="GroupNorm groups (default: the largest divisor of "
                    "the teacher's count that leaves >= 2 channels per group)")
-    r.set_defaults(func=cmd_reduce_decoder)
+    r.set_defaults(func=cmd_reduce_decoder, check=lambda a: check_model(a.teacher))
 
     d = sub.add_parser("distill-decoder", help="distill a small decoder from the teacher's on generated latents",
                        epilog="example: snapfusion distill-decoder --teacher base --run-dir runs/dec --max-minutes 8")
     options.add_train_options(d, steps=20000, batch=8, lr=2e-4)
     _add_latent_options(d)
     _add_student_options(d)
-    d.add_argument("--data-seed", type=int, default=5, help="seed of the prompt/seed/guidance stream")
-    d.add_argument("--latent-pool", type=int, default=0, help="cycle over this many cached teacher latents per "
+    d.add_argument("--data-seed", type=types.seed("--data-seed"), default=5, help="seed of the prompt/seed/guidance stream")
+    d.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0, help="cycle over this many cached teacher latents per "
                    "process (0: every latent fresh; default %(default)s)")
-    d.add_argument("--latent-cache", default=None, help="a decoder-latents file made with the same latent options")
-    d.add_argument("--start-from", default=None, help="a decoder folder of the same architecture (e.g. an earlier "
+    d.add_argument("--latent-cache", default=None, type=types.existing("--latent-cache", folder=False), help="a decoder-latents file made with the same latent options")
+    d.add_argument("--start-from", default=None, type=types.existing("--start-from", folder=True,
+                                                                     marker="config.json"), help="a decoder folder of the same architecture (e.g. an earlier "
                    "run's final/): train on from its weights with a fresh optimizer")
-    d.set_defaults(func=cmd_distill_decoder)
+    d.set_defaults(func=cmd_distill_decoder, check=check_distill_decoder)
 
     c = sub.add_parser("decoder-latents", help="generate the teacher latents of distill-decoder's pool once",
                        epilog="example: snapfusion decoder-latents --latent-pool 2048 --out lat.safetensors")
     _add_latent_options(c)
-    c.add_argument("--latent-pool", type=int, required=True, help="how many latents (the pool size)")
-    c.add_argument("--num-emoji", type=int, default=None, help="prompts use the first N atlas emoji")
-    c.add_argument("--data-seed", type=int, default=5, help="seed of the prompt/seed/guidance stream "
+    c.add_argument("--latent-pool", type=types.positive("--latent-pool"), required=True, help="how many latents (the pool size)")
+    c.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None, help="prompts use the first N atlas emoji")
+    c.add_argument("--data-seed", type=types.seed("--data-seed"), default=5, help="seed of the prompt/seed/guidance stream "
                    "(default %(default)s)")
-    c.add_argument("--batch-size", type=int, default=32, help="latents per teacher call (default %(default)s)")
+    c.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=32, help="latents per teacher call (default %(default)s)")
     options.add_device(c)
-    c.add_argument("--out", required=True, help="a .safetensors file")
-    c.set_defaults(func=cmd_decoder_latents)
+    c.add_argument("--out", required=True, type=types.output_file("--out", [".safetensors"]),
+                   help="a .safetensors file")
+    c.set_defaults(func=cmd_decoder_latents, check=check_latent_options)
 
     e = sub.add_parser("eval-decoder", help="PSNR of distilled decoders against the teacher's on held-out latents",
                        epilog="example: snapfusion eval-decoder runs/dec/final --teacher base --count 64")
-    e.add_argument("students", nargs="+", help="decoder folders (vae-decoder or tiny-decoder kind)")
+    e.add_argument("students", nargs="+", type=types.existing("decoder folder", folder=True, marker="config.json"),
+                   help="decoder folders (vae-decoder or tiny-decoder kind)")
     _add_latent_options(e)
-    e.add_argument("--count", type=int, default=64, help="held-out test-split prompts (default %(default)s)")
-    e.add_argument("--batch-size", type=int, default=8, help="latents per decoder call (default %(default)s)")
-    e.add_argument("--num-emoji", type=int, default=None, help="only test prompts with the first N atlas emoji")
-    e.add_argument("--pipeline-metrics", type=int, default=0, metavar="N",
+    e.add_argument("--count", type=types.positive("--count"), default=64, help="held-out test-split prompts (default %(default)s)")
+    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=8, help="latents per decoder call (default %(default)s)")
+    e.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None, help="only test prompts with the first N atlas emoji")
+    e.add_argument("--pipeline-metrics", type=types.non_negative("--pipeline-metrics"), default=0, metavar="N",
                    help="also domain FID / CLIP / attribute accuracy of the full pipeline on N test prompts")
-    e.add_argument("--pipeline-steps", type=int, default=25, help="DDIM steps of the pipeline metrics' latents "
+    e.add_argument("--pipeline-steps", type=types.steps("--pipeline-steps"), default=25, help="DDIM steps of the pipeline metrics' latents "
                    "(default %(default)s)")
-    e.add_argument("--pipeline-guidance", type=float, default=5.0, help="their guidance (default %(default)s)")
+    e.add_argument("--pipeline-guidance", type=types.guidance("--pipeline-guidance"), default=5.0, help="their guidance (default %(default)s)")
     options.add_device(e)
-    e.add_argument("--out", default=None, help="also write the JSON report here")
-    e.set_defaults(func=cmd_eval_decoder)
+    e.add_argument("--out", default=None, type=types.output_file("--out"), help="also write the JSON report here")
+    e.set_defaults(func=cmd_eval_decoder, check=check_latent_options)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from snapfusion.cli import options
+from snapfusion.cli import options, types
+from snapfusion.errors import InputError
+from snapfusion.validation import MAX_STEPS
 
 
 def _source(a: argparse.Namespace):
@@ -20,6 +22,21 @@ def _source(a: argparse.Namespace):
     if not index.is_file() or load_json(index).get("kind") != "pipeline":  # malformed JSON: a one-line error
         raise WeightsError(f"--model {a.model}: no snapfusion pipeline folder at {folder} (missing {index})")
     return ModelSource(pipeline=str(folder), teacher_unet=a.teacher_unet, vae_encoder=a.vae_encoder)
+
+
+def check_finetune_v(a: argparse.Namespace) -> None:
+    """finetune-v's cross-option checks: the loop, the teacher pipeline, the distillation weights."""
+    options.check_train_options(a)
+    _source(a)
+    options.kd_options(a)
+
+
+def check_distill(a: argparse.Namespace) -> None:
+    """distill's cross-option checks: the loop, the teacher pipeline, the guidance range."""
+    options.check_train_options(a)
+    _source(a)
+    if a.guidance_min > a.guidance_max:
+        raise InputError(f"--guidance-min {a.guidance_min:g} is above --guidance-max {a.guidance_max:g}")
 
 
 def cmd_finetune_v(a: argparse.Namespace) -> None:
@@ -47,14 +64,19 @@ def cmd_distill(a: argparse.Namespace) -> None:
     print(f"{a.student_steps}-step student UNet: {final}")
 
 
+def _unet_folder(name: str):
+    """A model part folder (with config.json)."""
+    return types.existing(name, folder=True, marker="config.json")
+
+
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="base",
                    help="teacher pipeline: 'base' or a pipeline folder (default %(default)s)")
-    p.add_argument("--teacher-unet", default=None, help="UNet folder replacing the pipeline's unet/ as the teacher")
-    p.add_argument("--vae-encoder", default=None,
+    p.add_argument("--teacher-unet", default=None, type=_unet_folder("--teacher-unet"), help="UNet folder replacing the pipeline's unet/ as the teacher")
+    p.add_argument("--vae-encoder", default=None, type=_unet_folder("--vae-encoder"),
                    help="autoencoder or encoder folder, if the pipeline has no vae_encoder/")
-    p.add_argument("--image-size", type=int, default=512, help="training image side in pixels (default %(default)s)")
-    p.add_argument("--sample-guidance", type=float, default=None, help="guidance of sample grids (default: model's)")
+    p.add_argument("--image-size", type=types.side("--image-size"), default=512, help="training image side in pixels (default %(default)s)")
+    p.add_argument("--sample-guidance", type=types.guidance("--sample-guidance"), default=None, help="guidance of sample grids (default: model's)")
     options.add_noise_data_options(p)
 
 
@@ -65,21 +87,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_train_options(p, steps=4000, batch=64, lr=5e-5)
     _add_source_options(p)
     options.add_kd_options(p)
-    p.set_defaults(func=cmd_finetune_v)
+    p.set_defaults(func=cmd_finetune_v, check=check_finetune_v)
 
     p = sub.add_parser("distill", help="CFG-aware step distillation: 1 student step = 2 teacher steps (16 -> 8)",
                        epilog="example: snapfusion distill --run-dir runs/d8 --model base "
                               "--teacher-unet runs/vtune/final --student-steps 8")
     options.add_train_options(p, steps=10000, batch=32, lr=2e-5)
     _add_source_options(p)
-    p.add_argument("--student-unet", default=None, help="UNet folder to start the student from (default: teacher)")
-    p.add_argument("--student-steps", type=int, default=8, help="the teacher runs twice as many (default %(default)s)")
-    p.add_argument("--cfg-prob", type=float, default=0.1, help="p of the CFG-aware loss (default %(default)s)")
-    p.add_argument("--guidance-min", type=float, default=2.0, help="the CFG-aware loss draws its guidance "
+    p.add_argument("--student-unet", default=None, type=_unet_folder("--student-unet"), help="UNet folder to start the student from (default: teacher)")
+    p.add_argument("--student-steps", type=types.positive("--student-steps", maximum=MAX_STEPS // 2), default=8, help="the teacher runs twice as many (default %(default)s)")
+    p.add_argument("--cfg-prob", type=types.probability("--cfg-prob"), default=0.1, help="p of the CFG-aware loss (default %(default)s)")
+    p.add_argument("--guidance-min", type=types.guidance("--guidance-min"), default=2.0, help="the CFG-aware loss draws its guidance "
                    "scale w ~ U[min, max] (default %(default)s)")
-    p.add_argument("--guidance-max", type=float, default=14.0, help="the upper end of that range (default %(default)s)")
-    p.add_argument("--ori-weight", type=float, default=0.2, help="gamma of gamma * L_ori (default %(default)s)")
-    p.add_argument("--feature-weight", type=float, default=0.0, help="> 0: also match the teacher's stage outputs "
+    p.add_argument("--guidance-max", type=types.guidance("--guidance-max"), default=14.0, help="the upper end of that range (default %(default)s)")
+    p.add_argument("--ori-weight", type=types.number("--ori-weight", minimum=0.0), default=0.2, help="gamma of gamma * L_ori (default %(default)s)")
+    p.add_argument("--feature-weight", type=types.number("--feature-weight", minimum=0.0), default=0.0, help="> 0: also match the teacher's stage outputs "
                    "at the student's input, rescaled to this fraction of L_dstl like L_ori (a variant, not the "
                    "paper's; needs equal stage widths; default %(default)s: off)")
-    p.set_defaults(func=cmd_distill)
+    p.set_defaults(func=cmd_distill, check=check_distill)

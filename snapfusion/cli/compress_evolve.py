@@ -7,8 +7,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from snapfusion.cli import options
-from snapfusion.errors import SnapFusionError
+from snapfusion.cli import options, types
+from snapfusion.errors import InputError, SnapFusionError
+from snapfusion.loading import check_model
+from snapfusion.validation import MAX_BATCH, MAX_EVAL_BATCH, MAX_IMAGES
 from snapfusion.evolve.runs import (UNET_PRESETS, ChunkConfig, clip_scorer, frozen_parts, start_folder,
                                     training_chunk, unet_config_of, unet_preset)
 
@@ -20,8 +22,6 @@ def _unet_of(model: str | None, preset: str | None):
     from snapfusion.loading import resolve_model
     from snapfusion.models.unet import UNet
 
-    if (model is None) == (preset is None):
-        raise SnapFusionError("give exactly one of --model or --preset")
     if preset is not None:
         torch.manual_seed(0)
         return UNet(unet_preset(preset)), f"preset:{preset}"
@@ -29,6 +29,51 @@ def _unet_of(model: str | None, preset: str | None):
     if (path / "config.json").is_file() and not (path / "model_index.json").is_file():
         return UNet.load(path), str(path)  # a UNet folder
     return resolve_model(model).unet, model
+
+
+def check_bench_blocks(a: argparse.Namespace) -> None:
+    """bench-blocks' cross-option checks: one UNet source, a known preset or an existing model."""
+    if (a.model is None) == (a.preset is None):
+        raise InputError("give exactly one of --model or --preset")
+    if a.preset is not None and a.preset not in UNET_PRESETS:
+        raise InputError(f"--preset must be one of {', '.join(UNET_PRESETS)}, got {a.preset!r}")
+    if a.model is not None:
+        check_model(a.model)
+
+
+def check_model_options(a: argparse.Namespace) -> None:
+    """The model and its parts (robust-train, evolve, block-importance): folders checked without loading them."""
+    check_model(a.model)
+    init = start_folder(a.model, a.init)
+    if not (Path(init) / "config.json").is_file():
+        raise InputError(f"--init: no UNet folder at {init} (expected a folder with config.json)")
+    frozen_parts(a.model, a.vae, a.text_encoder)
+
+
+def check_robust_train(a: argparse.Namespace) -> None:
+    options.check_train_options(a)
+    check_model_options(a)
+    options.kd_options(a)
+
+
+def check_evolve(a: argparse.Namespace) -> None:
+    from snapfusion.evolve.latency import load_table
+
+    check_model_options(a)
+    load_table(a.table)
+
+
+def check_tables(a: argparse.Namespace) -> None:
+    """A --table given is a latency table (block-importance, bk-sdm, evolve-apply)."""
+    from snapfusion.evolve.latency import load_table
+
+    if a.table:
+        load_table(a.table)
+
+
+def check_block_importance(a: argparse.Namespace) -> None:
+    check_model_options(a)
+    check_tables(a)
 
 
 def cmd_bench_blocks(a: argparse.Namespace) -> None:
@@ -128,8 +173,6 @@ def cmd_block_importance(a: argparse.Namespace) -> None:
     from snapfusion.evolve.evolution import block_importance, plot_importance
     from snapfusion.evolve.latency import load_table
 
-    if Path(a.out).suffix != ".json":
-        raise SnapFusionError(f"--out {a.out}: expected a .json path (the chart goes beside it as .png)")
     _, pipe, start, ev, records, scorer = _scoring(a)
     table = load_table(a.table) if a.table else None
     with torch.no_grad():
@@ -187,27 +230,34 @@ def _predicted(table: dict | None, new, old) -> str:
     return f"; predicted {predict_ms(new, table)[0]:.1f} ms vs {predict_ms(old, table)[0]:.1f} ms"
 
 
+def _unet_folder(name: str):
+    """A model part folder (with config.json)."""
+    return types.existing(name, folder=True, marker="config.json")
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     """How a UNet is scored: CLIP score of images for a fixed prompt subset (evolve, block-importance)."""
     p.add_argument("--prompt-set", default="test200", help="shipped prompt set of the scores (default %(default)s)")
-    p.add_argument("--num-prompts", type=int, default=32, help="its first N prompts (default %(default)s)")
-    p.add_argument("--eval-steps", type=int, default=10, help="DDIM steps per candidate image (default 10)")
-    p.add_argument("--eval-batch", type=int, default=16, help="images per generate call (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the images (default %(default)s)")
-    p.add_argument("--evaluators", default=None, help="evaluator folder (default: the shipped ones)")
+    p.add_argument("--num-prompts", type=types.positive("--num-prompts", maximum=100_000), default=32, help="its first N prompts (default %(default)s)")
+    p.add_argument("--eval-steps", type=types.steps("--eval-steps"), default=10, help="DDIM steps per candidate image (default 10)")
+    p.add_argument("--eval-batch", type=types.positive("--eval-batch", maximum=MAX_EVAL_BATCH), default=16, help="images per generate call (default %(default)s)")
+    p.add_argument("--guidance", type=types.guidance(), default=7.5, help="guidance scale of the images (default %(default)s)")
+    p.add_argument("--evaluators", default=None, type=types.existing("--evaluators", folder=True), help="evaluator folder (default: the shipped ones)")
     options.add_device(p)
 
 
 def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -> None:
     p.add_argument("--model", default="base", help="teacher pipeline: 'base' or a pipeline folder (default base)")
-    p.add_argument("--init", default=None, help="UNet folder to start from (default: the model's unet/)")
-    p.add_argument("--vae", default=None, help="VAE encoder or autoencoder folder (default: <model>/vae_encoder)")
-    p.add_argument("--text-encoder", default=None, help="text tower folder (default: <model>/text_encoder)")
-    p.add_argument("--image-size", type=int, default=512, help="image side in pixels (default %(default)s)")
+    p.add_argument("--init", default=None, type=_unet_folder("--init"), help="UNet folder to start from (default: the model's unet/)")
+    p.add_argument("--vae", default=None, type=_unet_folder("--vae"), help="VAE encoder or autoencoder folder (default: <model>/vae_encoder)")
+    p.add_argument("--text-encoder", default=None, type=_unet_folder("--text-encoder"), help="text tower folder (default: <model>/text_encoder)")
+    p.add_argument("--image-size", type=types.side("--image-size"), default=512,
+                   help="image side in pixels (default %(default)s)")
     if num_emoji:  # robust-train has it from the shared training options
-        p.add_argument("--num-emoji", type=int, default=None, help="train on the first N atlas emoji")
-    p.add_argument("--p-res", type=float, default=0.9, help="probability a res block runs (default 0.9)")
-    p.add_argument("--p-attn", type=float, default=0.9, help="probability an attn block runs (default 0.9)")
+        p.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
+                       help="train on the first N atlas emoji")
+    p.add_argument("--p-res", type=types.probability("--p-res"), default=0.9, help="probability a res block runs (default 0.9)")
+    p.add_argument("--p-attn", type=types.probability("--p-attn"), default=0.9, help="probability an attn block runs (default 0.9)")
     p.add_argument("--granularity", choices=["sample", "batch"], default="sample",
                    help="draw the block skips per sample or once per batch (default %(default)s)")
     options.add_noise_data_options(p)
@@ -221,56 +271,59 @@ def _register_runs(sub: argparse._SubParsersAction) -> None:
     options.add_train_options(r, steps=2000, batch=32, lr=5e-5)
     _add_model_options(r)
     options.add_kd_options(r)
-    r.set_defaults(func=cmd_robust_train)
+    r.set_defaults(func=cmd_robust_train, check=check_robust_train)
 
     e = sub.add_parser("evolve", help="architecture evolution under a latency budget (SnapFusion Alg. 1)",
                        epilog="example: snapfusion evolve --run-dir runs/evo --table "
                        "snapfusion/assets/latency/base_cpu_torch.json --budget 0.3 --device cuda")
-    e.add_argument("--run-dir", required=True, help="the evolution's log, candidates and training chunks go here")
-    e.add_argument("--table", required=True, help="latency lookup table JSON (bench-blocks) of the target device")
-    e.add_argument("--budget", type=float, default=0.3, help="fraction of the start UNet's latency (default 0.3)")
-    e.add_argument("--iterations", type=int, default=8, help="evolution steps at most (default %(default)s)")
-    e.add_argument("--actions-per-step", type=int, default=1, help="block removals (or additions) per evolution "
+    e.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"), help="the evolution's log, candidates and training chunks go here")
+    e.add_argument("--table", required=True, type=types.existing("--table", folder=False), help="latency lookup table JSON (bench-blocks) of the target device")
+    e.add_argument("--budget", type=types.number("--budget", minimum=0.0, maximum=1.0, low_open=True), default=0.3, help="fraction of the start UNet's latency (default 0.3)")
+    e.add_argument("--iterations", type=types.positive("--iterations", maximum=10_000), default=8, help="evolution steps at most (default %(default)s)")
+    e.add_argument("--actions-per-step", type=types.positive("--actions-per-step", maximum=1000), default=1, help="block removals (or additions) per evolution "
                    "step (default %(default)s)")
     e.add_argument("--no-add", action="store_true", help="never add blocks under budget")
     _add_eval_options(e)
-    e.add_argument("--max-minutes", type=float, default=0.0, help="stop after the iteration passing this time")
-    e.add_argument("--train-steps", type=int, default=200, help="robust-training steps between evolution steps")
-    e.add_argument("--batch-size", type=int, default=32, help="robust-training batch (default %(default)s)")
-    e.add_argument("--lr", type=float, default=5e-5, help="robust-training learning rate (default %(default)s)")
+    e.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0, help="stop after the iteration passing this time")
+    e.add_argument("--train-steps", type=types.non_negative("--train-steps"), default=200, help="robust-training steps between evolution steps")
+    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=32, help="robust-training batch (default %(default)s)")
+    e.add_argument("--lr", type=types.lr(), default=5e-5, help="robust-training learning rate (default %(default)s)")
     e.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16",
                    help="robust-training autocast precision (default %(default)s)")
-    e.add_argument("--num-workers", type=int, default=4, help="data loader workers (default %(default)s)")
-    e.add_argument("--seed", type=int, default=0, help="robust-training seed (default %(default)s)")
+    e.add_argument("--num-workers", type=types.non_negative("--num-workers", maximum=256), default=4, help="data loader workers (default %(default)s)")
+    e.add_argument("--seed", type=types.seed(), default=0, help="robust-training seed (default %(default)s)")
     _add_model_options(e, num_emoji=True)
-    e.set_defaults(func=cmd_evolve)
+    e.set_defaults(func=cmd_evolve, check=check_evolve)
 
     i = sub.add_parser("block-importance", help="ΔCLIP of dropping each block alone (SnapFusion Fig. 5 probe)",
                        epilog="example: snapfusion block-importance --init runs/robust/final --out importance.json")
-    i.add_argument("--out", required=True, help="output JSON (a bar chart is written beside it)")
-    i.add_argument("--table", default=None, help="latency table: adds each block's ΔLatency and value")
+    i.add_argument("--out", required=True, type=types.output_file("--out", [".json"]),
+                   help="output JSON (a bar chart is written beside it)")
+    i.add_argument("--table", default=None, type=types.existing("--table", folder=False), help="latency table: adds each block's ΔLatency and value")
     i.add_argument("--label", default=None, help="name of the UNet in the JSON and chart (default: --init)")
     _add_eval_options(i)
     _add_model_options(i, num_emoji=True)
-    i.set_defaults(func=cmd_block_importance)
+    i.set_defaults(func=cmd_block_importance, check=check_block_importance)
 
     b = sub.add_parser("bk-sdm", help="BK-SDM-style fixed-rule block removal of a UNet (baseline)",
                        epilog="example: snapfusion bk-sdm --init snapfusion/assets/models/base/unet --out runs/bk")
-    b.add_argument("--init", required=True, help="UNet folder")
-    b.add_argument("--out", required=True, help="the pruned UNet's folder")
+    b.add_argument("--init", required=True, type=_unet_folder("--init"), help="UNet folder")
+    b.add_argument("--out", required=True, type=types.output_dir(), help="the pruned UNet's folder")
     b.add_argument("--drop-mid", action="store_true", help="also drop the mid block's attn and second res")
-    b.add_argument("--table", default=None, help="latency table, to print the predicted latency")
-    b.set_defaults(func=cmd_bk_sdm)
+    b.add_argument("--table", default=None, type=types.existing("--table", folder=False),
+                   help="latency table, to print the predicted latency")
+    b.set_defaults(func=cmd_bk_sdm, check=check_tables)
 
     x = sub.add_parser("evolve-apply", help="apply an evolution run's actions to a UNet of the config it started "
                        "from (e.g. the teacher's weights, or a retrained base)",
                        epilog="example: snapfusion evolve-apply --log runs/evo --init "
                        "snapfusion/assets/models/base/unet --out runs/evo_on_base")
-    x.add_argument("--log", required=True, help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
-    x.add_argument("--init", required=True, help="UNet folder whose weights the evolved UNet inherits")
-    x.add_argument("--out", required=True, help="the evolved UNet's folder")
-    x.add_argument("--table", default=None, help="latency table, to print the predicted latency")
-    x.set_defaults(func=cmd_evolve_apply)
+    x.add_argument("--log", required=True, type=types.existing("--log"), help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
+    x.add_argument("--init", required=True, type=_unet_folder("--init"), help="UNet folder whose weights the evolved UNet inherits")
+    x.add_argument("--out", required=True, type=types.output_dir(), help="the evolved UNet's folder")
+    x.add_argument("--table", default=None, type=types.existing("--table", folder=False),
+                   help="latency table, to print the predicted latency")
+    x.set_defaults(func=cmd_evolve_apply, check=check_tables)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -283,12 +336,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="the runtime the blocks are timed in (default %(default)s)")
     b.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision (default %(default)s)")
-    b.add_argument("--size", type=int, default=512, help="image side in pixels; latent = size / 8 (default 512)")
-    b.add_argument("--batch", type=int, default=2, help="UNet batch; 2 = one image with guidance (default 2)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed calls per piece first (default %(default)s)")
-    b.add_argument("--repeats", type=int, default=10, help="timings per block; the median is kept (default 10)")
-    b.add_argument("--inner", type=int, default=0, help="calls per timing (default: 1 on cpu, 10 on cuda)")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    b.add_argument("--size", type=types.bench_size(), default=512, help="image side in pixels; latent = size / 8 (default 512)")
+    b.add_argument("--batch", type=types.positive("--batch", maximum=2 * MAX_IMAGES), default=2, help="UNet batch; 2 = one image with guidance (default 2)")
+    b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=3, help="untimed calls per piece first (default %(default)s)")
+    b.add_argument("--repeats", type=types.positive("--repeats", maximum=10_000), default=10, help="timings per block; the median is kept (default 10)")
+    b.add_argument("--inner", type=types.non_negative("--inner", maximum=10_000), default=0, help="calls per timing (default: 1 on cpu, 10 on cuda)")
+    b.add_argument("--threads", type=types.non_negative("--threads", maximum=1024), default=0, help="torch CPU threads (default: torch's)")
     b.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time, robust to load from other processes (needs --threads 1)")
     b.add_argument("--cuda-graphs", action="store_true", help="cuda: time every piece as a replayed CUDA graph "
@@ -296,6 +349,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--separate-whole", action="store_true", help="time the whole UNet in its own phase, freed "
                    "before the parts: about half the peak memory (SD-v1.5 with onnxruntime in 24 GiB); use with "
                    "--clock cpu, as the whole and its parts no longer share timing rounds")
-    b.add_argument("--out", required=True, help="output JSON")
-    b.set_defaults(func=cmd_bench_blocks)
+    b.add_argument("--out", required=True, type=types.output_file("--out", [".json"]), help="output JSON")
+    b.set_defaults(func=cmd_bench_blocks, check=check_bench_blocks)
     _register_runs(sub)
