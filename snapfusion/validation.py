@@ -170,6 +170,7 @@ MAX_SWEEP = 32             # guidance scales in one sweep
 MIN_OPSET, MAX_OPSET = 14, 23  # 14: scaled_dot_product_attention's first; torch 2.13's exporter refuses 24; 14..23
 #                                export the tiny pipeline (fp32, fp16, int8) and pass onnxruntime parity
 BENCH_MULTIPLE = 64        # KL-f8 latents x 3 UNet downsamplings: every shipped preset's size step
+SIDE_MULTIPLE = 64         # the same for the image sizes of the commands: every shipped model's latent_factor
 
 
 def check_int(value, *, name: str, minimum: int | None = None, maximum: int | None = None) -> int:

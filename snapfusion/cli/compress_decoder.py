@@ -11,7 +11,7 @@ from snapfusion.cli import options, types
 from snapfusion.errors import InputError
 from snapfusion.fileio import atomic_write_text
 from snapfusion.loading import check_model
-from snapfusion.validation import MAX_BATCH
+from snapfusion.validation import MAX_BATCH, check_input_path
 
 
 def _student_spec(a: argparse.Namespace):
@@ -41,6 +41,13 @@ def check_latent_options(a: argparse.Namespace) -> None:
 
 def check_distill_decoder(a: argparse.Namespace) -> None:
     options.check_train_options(a)
+    check_latent_options(a)
+
+
+def check_eval_decoder(a: argparse.Namespace) -> None:
+    """eval-decoder's checks: every student is a decoder folder, the teacher exists, the latent options agree."""
+    for folder in a.students:
+        check_input_path(folder, name="decoder", folder=True, marker="config.json")
     check_latent_options(a)
 
 
@@ -128,10 +135,13 @@ _groups = types.positive("--norm-groups", maximum=1024)
 def _add_latent_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default="base", help="'base', a pipeline folder or an SD-v1.5 folder/.safetensors")
     p.add_argument("--sampler", choices=["ddim", "dpmpp_2m"], default="dpmpp_2m", help="teacher sampler for latents")
-    p.add_argument("--latent-steps", type=types.steps("--latent-steps"), default=12, help="teacher sampling steps (default %(default)s)")
-    p.add_argument("--guidance-range", type=types.guidance("--guidance-range"), nargs=2, default=(1.0, 10.5), metavar=("MIN", "MAX"),
+    p.add_argument("--latent-steps", type=types.steps("--latent-steps"), default=12,
+                   help="teacher sampling steps (default %(default)s)")
+    p.add_argument("--guidance-range", type=types.guidance("--guidance-range"), nargs=2,
+                   default=(1.0, 10.5), metavar=("MIN", "MAX"),
                    help="per-sample guidance scale drawn from U[MIN, MAX] (default 1.0 10.5)")
-    p.add_argument("--resolution", type=types.side("--resolution"), default=None, help="image side (default: the teacher's)")
+    p.add_argument("--resolution", type=types.side("--resolution"), default=None,
+                   help="image side (default: the teacher's)")
 
 
 def _add_student_options(p: argparse.ArgumentParser) -> None:
@@ -142,9 +152,11 @@ def _add_student_options(p: argparse.ArgumentParser) -> None:
                    help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
     p.add_argument("--norm-groups", type=_groups, default=None, help="GroupNorm groups (default: the largest divisor "
                    "of the teacher's count that leaves >= 2 channels per group)")
-    p.add_argument("--tiny-widths", type=types.positive("--tiny-widths", maximum=4096), nargs="+", default=[64, 64, 48, 24],
+    p.add_argument("--tiny-widths", type=types.positive("--tiny-widths", maximum=4096), nargs="+",
+                   default=[64, 64, 48, 24],
                    help="tiny: widths per level (default: about the halved base decoder's CPU latency)")
-    p.add_argument("--tiny-blocks", type=types.positive("--tiny-blocks", maximum=64), nargs="+", default=[3, 3, 2, 1], help="tiny: conv blocks per level")
+    p.add_argument("--tiny-blocks", type=types.positive("--tiny-blocks", maximum=64), nargs="+", default=[3, 3, 2, 1],
+                   help="tiny: conv blocks per level")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +168,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ratio", type=_ratio, default=0.5, help="decoder width ratio (default %(default)s)")
     r.add_argument("--init", choices=["l1", "first", "random"], default="l1",
                    help="teacher channels kept: largest L1 norm per norm group, first ones, or random init")
-    r.add_argument("--norm-groups", type=_groups, default=None, help="GroupNorm groups (default: the largest divisor of "
+    r.add_argument("--norm-groups", type=_groups, default=None,
+                   help="GroupNorm groups (default: the largest divisor of "
                    "the teacher's count that leaves >= 2 channels per group)")
     r.set_defaults(func=cmd_reduce_decoder, check=lambda a: check_model(a.teacher))
 
@@ -165,23 +178,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_train_options(d, steps=20000, batch=8, lr=2e-4)
     _add_latent_options(d)
     _add_student_options(d)
-    d.add_argument("--data-seed", type=types.seed("--data-seed"), default=5, help="seed of the prompt/seed/guidance stream")
-    d.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0, help="cycle over this many cached teacher latents per "
+    d.add_argument("--data-seed", type=types.seed("--data-seed"), default=5,
+                   help="seed of the prompt/seed/guidance stream")
+    d.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0,
+                   help="cycle over this many cached teacher latents per "
                    "process (0: every latent fresh; default %(default)s)")
-    d.add_argument("--latent-cache", default=None, type=types.existing("--latent-cache", folder=False), help="a decoder-latents file made with the same latent options")
-    d.add_argument("--start-from", default=None, type=types.existing("--start-from", folder=True,
-                                                                     marker="config.json"), help="a decoder folder of the same architecture (e.g. an earlier "
-                   "run's final/): train on from its weights with a fresh optimizer")
+    d.add_argument("--latent-cache", default=None, type=types.existing("--latent-cache", folder=False),
+                   help="a decoder-latents file made with the same latent options")
+    d.add_argument("--start-from", default=None, type=types.existing("--start-from", folder=True, marker="config.json"),
+                   help="a decoder folder of the same architecture (e.g. an earlier run's final/): train on from "
+                   "its weights with a fresh optimizer")
     d.set_defaults(func=cmd_distill_decoder, check=check_distill_decoder)
 
     c = sub.add_parser("decoder-latents", help="generate the teacher latents of distill-decoder's pool once",
                        epilog="example: snapfusion decoder-latents --latent-pool 2048 --out lat.safetensors")
     _add_latent_options(c)
-    c.add_argument("--latent-pool", type=types.positive("--latent-pool"), required=True, help="how many latents (the pool size)")
-    c.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None, help="prompts use the first N atlas emoji")
-    c.add_argument("--data-seed", type=types.seed("--data-seed"), default=5, help="seed of the prompt/seed/guidance stream "
+    c.add_argument("--latent-pool", type=types.positive("--latent-pool"), required=True,
+                   help="how many latents (the pool size)")
+    c.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
+                   help="prompts use the first N atlas emoji")
+    c.add_argument("--data-seed", type=types.seed("--data-seed"), default=5,
+                   help="seed of the prompt/seed/guidance stream "
                    "(default %(default)s)")
-    c.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=32, help="latents per teacher call (default %(default)s)")
+    c.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=32,
+                   help="latents per teacher call (default %(default)s)")
     options.add_device(c)
     c.add_argument("--out", required=True, type=types.output_file("--out", [".safetensors"]),
                    help="a .safetensors file")
@@ -189,17 +209,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval-decoder", help="PSNR of distilled decoders against the teacher's on held-out latents",
                        epilog="example: snapfusion eval-decoder runs/dec/final --teacher base --count 64")
-    e.add_argument("students", nargs="+", type=types.existing("decoder folder", folder=True, marker="config.json"),
-                   help="decoder folders (vae-decoder or tiny-decoder kind)")
+    e.add_argument("students", nargs="+", help="decoder folders (vae-decoder or tiny-decoder kind)")
     _add_latent_options(e)
-    e.add_argument("--count", type=types.positive("--count"), default=64, help="held-out test-split prompts (default %(default)s)")
-    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=8, help="latents per decoder call (default %(default)s)")
-    e.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None, help="only test prompts with the first N atlas emoji")
+    e.add_argument("--count", type=types.positive("--count"), default=64,
+                   help="held-out test-split prompts (default %(default)s)")
+    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=8,
+                   help="latents per decoder call (default %(default)s)")
+    e.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
+                   help="only test prompts with the first N atlas emoji")
     e.add_argument("--pipeline-metrics", type=types.non_negative("--pipeline-metrics"), default=0, metavar="N",
                    help="also domain FID / CLIP / attribute accuracy of the full pipeline on N test prompts")
-    e.add_argument("--pipeline-steps", type=types.steps("--pipeline-steps"), default=25, help="DDIM steps of the pipeline metrics' latents "
+    e.add_argument("--pipeline-steps", type=types.steps("--pipeline-steps"), default=25,
+                   help="DDIM steps of the pipeline metrics' latents "
                    "(default %(default)s)")
-    e.add_argument("--pipeline-guidance", type=types.guidance("--pipeline-guidance"), default=5.0, help="their guidance (default %(default)s)")
+    e.add_argument("--pipeline-guidance", type=types.guidance("--pipeline-guidance"), default=5.0,
+                   help="their guidance (default %(default)s)")
     options.add_device(e)
     e.add_argument("--out", default=None, type=types.output_file("--out"), help="also write the JSON report here")
-    e.set_defaults(func=cmd_eval_decoder, check=check_latent_options)
+    e.set_defaults(func=cmd_eval_decoder, check=check_eval_decoder)

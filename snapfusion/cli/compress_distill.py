@@ -72,11 +72,14 @@ def _unet_folder(name: str):
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="base",
                    help="teacher pipeline: 'base' or a pipeline folder (default %(default)s)")
-    p.add_argument("--teacher-unet", default=None, type=_unet_folder("--teacher-unet"), help="UNet folder replacing the pipeline's unet/ as the teacher")
+    p.add_argument("--teacher-unet", default=None, type=_unet_folder("--teacher-unet"),
+                   help="UNet folder replacing the pipeline's unet/ as the teacher")
     p.add_argument("--vae-encoder", default=None, type=_unet_folder("--vae-encoder"),
                    help="autoencoder or encoder folder, if the pipeline has no vae_encoder/")
-    p.add_argument("--image-size", type=types.side("--image-size"), default=512, help="training image side in pixels (default %(default)s)")
-    p.add_argument("--sample-guidance", type=types.guidance("--sample-guidance"), default=None, help="guidance of sample grids (default: model's)")
+    p.add_argument("--image-size", type=types.side("--image-size"), default=512,
+                   help="training image side in pixels (default %(default)s)")
+    p.add_argument("--sample-guidance", type=types.guidance("--sample-guidance"), default=None,
+                   help="guidance of sample grids (default: model's)")
     options.add_noise_data_options(p)
 
 
@@ -94,14 +97,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "--teacher-unet runs/vtune/final --student-steps 8")
     options.add_train_options(p, steps=10000, batch=32, lr=2e-5)
     _add_source_options(p)
-    p.add_argument("--student-unet", default=None, type=_unet_folder("--student-unet"), help="UNet folder to start the student from (default: teacher)")
-    p.add_argument("--student-steps", type=types.positive("--student-steps", maximum=MAX_STEPS // 2), default=8, help="the teacher runs twice as many (default %(default)s)")
-    p.add_argument("--cfg-prob", type=types.probability("--cfg-prob"), default=0.1, help="p of the CFG-aware loss (default %(default)s)")
-    p.add_argument("--guidance-min", type=types.guidance("--guidance-min"), default=2.0, help="the CFG-aware loss draws its guidance "
+    p.add_argument("--student-unet", default=None, type=_unet_folder("--student-unet"),
+                   help="UNet folder to start the student from (default: teacher)")
+    p.add_argument("--student-steps", type=types.positive("--student-steps", maximum=MAX_STEPS // 2), default=8,
+                   help="the teacher runs twice as many (default %(default)s)")
+    p.add_argument("--cfg-prob", type=types.probability("--cfg-prob"), default=0.1,
+                   help="p of the CFG-aware loss (default %(default)s)")
+    p.add_argument("--guidance-min", type=types.guidance("--guidance-min"), default=2.0,
+                   help="the CFG-aware loss draws its guidance "
                    "scale w ~ U[min, max] (default %(default)s)")
-    p.add_argument("--guidance-max", type=types.guidance("--guidance-max"), default=14.0, help="the upper end of that range (default %(default)s)")
-    p.add_argument("--ori-weight", type=types.number("--ori-weight", minimum=0.0), default=0.2, help="gamma of gamma * L_ori (default %(default)s)")
-    p.add_argument("--feature-weight", type=types.number("--feature-weight", minimum=0.0), default=0.0, help="> 0: also match the teacher's stage outputs "
+    p.add_argument("--guidance-max", type=types.guidance("--guidance-max"), default=14.0,
+                   help="the upper end of that range (default %(default)s)")
+    p.add_argument("--ori-weight", type=types.number("--ori-weight", minimum=0.0), default=0.2,
+                   help="gamma of gamma * L_ori (default %(default)s)")
+    p.add_argument("--feature-weight", type=types.number("--feature-weight", minimum=0.0), default=0.0,
+                   help="> 0: also match the teacher's stage outputs "
                    "at the student's input, rescaled to this fraction of L_dstl like L_ori (a variant, not the "
                    "paper's; needs equal stage widths; default %(default)s: off)")
     p.set_defaults(func=cmd_distill, check=check_distill)

@@ -238,26 +238,36 @@ def _unet_folder(name: str):
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     """How a UNet is scored: CLIP score of images for a fixed prompt subset (evolve, block-importance)."""
     p.add_argument("--prompt-set", default="test200", help="shipped prompt set of the scores (default %(default)s)")
-    p.add_argument("--num-prompts", type=types.positive("--num-prompts", maximum=100_000), default=32, help="its first N prompts (default %(default)s)")
-    p.add_argument("--eval-steps", type=types.steps("--eval-steps"), default=10, help="DDIM steps per candidate image (default 10)")
-    p.add_argument("--eval-batch", type=types.positive("--eval-batch", maximum=MAX_EVAL_BATCH), default=16, help="images per generate call (default %(default)s)")
-    p.add_argument("--guidance", type=types.guidance(), default=7.5, help="guidance scale of the images (default %(default)s)")
-    p.add_argument("--evaluators", default=None, type=types.existing("--evaluators", folder=True), help="evaluator folder (default: the shipped ones)")
+    p.add_argument("--num-prompts", type=types.positive("--num-prompts", maximum=100_000), default=32,
+                   help="its first N prompts (default %(default)s)")
+    p.add_argument("--eval-steps", type=types.steps("--eval-steps"), default=10,
+                   help="DDIM steps per candidate image (default 10)")
+    p.add_argument("--eval-batch", type=types.positive("--eval-batch", maximum=MAX_EVAL_BATCH), default=16,
+                   help="images per generate call (default %(default)s)")
+    p.add_argument("--guidance", type=types.guidance(), default=7.5,
+                   help="guidance scale of the images (default %(default)s)")
+    p.add_argument("--evaluators", default=None, type=types.existing("--evaluators", folder=True),
+                   help="evaluator folder (default: the shipped ones)")
     options.add_device(p)
 
 
 def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -> None:
     p.add_argument("--model", default="base", help="teacher pipeline: 'base' or a pipeline folder (default base)")
-    p.add_argument("--init", default=None, type=_unet_folder("--init"), help="UNet folder to start from (default: the model's unet/)")
-    p.add_argument("--vae", default=None, type=_unet_folder("--vae"), help="VAE encoder or autoencoder folder (default: <model>/vae_encoder)")
-    p.add_argument("--text-encoder", default=None, type=_unet_folder("--text-encoder"), help="text tower folder (default: <model>/text_encoder)")
+    p.add_argument("--init", default=None, type=_unet_folder("--init"),
+                   help="UNet folder to start from (default: the model's unet/)")
+    p.add_argument("--vae", default=None, type=_unet_folder("--vae"),
+                   help="VAE encoder or autoencoder folder (default: <model>/vae_encoder)")
+    p.add_argument("--text-encoder", default=None, type=_unet_folder("--text-encoder"),
+                   help="text tower folder (default: <model>/text_encoder)")
     p.add_argument("--image-size", type=types.side("--image-size"), default=512,
                    help="image side in pixels (default %(default)s)")
     if num_emoji:  # robust-train has it from the shared training options
         p.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                        help="train on the first N atlas emoji")
-    p.add_argument("--p-res", type=types.probability("--p-res"), default=0.9, help="probability a res block runs (default 0.9)")
-    p.add_argument("--p-attn", type=types.probability("--p-attn"), default=0.9, help="probability an attn block runs (default 0.9)")
+    p.add_argument("--p-res", type=types.probability("--p-res"), default=0.9,
+                   help="probability a res block runs (default 0.9)")
+    p.add_argument("--p-attn", type=types.probability("--p-attn"), default=0.9,
+                   help="probability an attn block runs (default 0.9)")
     p.add_argument("--granularity", choices=["sample", "batch"], default="sample",
                    help="draw the block skips per sample or once per batch (default %(default)s)")
     options.add_noise_data_options(p)
@@ -276,21 +286,30 @@ def _register_runs(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("evolve", help="architecture evolution under a latency budget (SnapFusion Alg. 1)",
                        epilog="example: snapfusion evolve --run-dir runs/evo --table "
                        "snapfusion/assets/latency/base_cpu_torch.json --budget 0.3 --device cuda")
-    e.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"), help="the evolution's log, candidates and training chunks go here")
-    e.add_argument("--table", required=True, type=types.existing("--table", folder=False), help="latency lookup table JSON (bench-blocks) of the target device")
-    e.add_argument("--budget", type=types.number("--budget", minimum=0.0, maximum=1.0, low_open=True), default=0.3, help="fraction of the start UNet's latency (default 0.3)")
-    e.add_argument("--iterations", type=types.positive("--iterations", maximum=10_000), default=8, help="evolution steps at most (default %(default)s)")
-    e.add_argument("--actions-per-step", type=types.positive("--actions-per-step", maximum=1000), default=1, help="block removals (or additions) per evolution "
+    e.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"),
+                   help="the evolution's log, candidates and training chunks go here")
+    e.add_argument("--table", required=True, type=types.existing("--table", folder=False),
+                   help="latency lookup table JSON (bench-blocks) of the target device")
+    e.add_argument("--budget", type=types.number("--budget", minimum=0.0, maximum=1.0, low_open=True), default=0.3,
+                   help="fraction of the start UNet's latency (default 0.3)")
+    e.add_argument("--iterations", type=types.positive("--iterations", maximum=10_000), default=8,
+                   help="evolution steps at most (default %(default)s)")
+    e.add_argument("--actions-per-step", type=types.positive("--actions-per-step", maximum=1000), default=1,
+                   help="block removals (or additions) per evolution "
                    "step (default %(default)s)")
     e.add_argument("--no-add", action="store_true", help="never add blocks under budget")
     _add_eval_options(e)
-    e.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0, help="stop after the iteration passing this time")
-    e.add_argument("--train-steps", type=types.non_negative("--train-steps"), default=200, help="robust-training steps between evolution steps")
-    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=32, help="robust-training batch (default %(default)s)")
+    e.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0,
+                   help="stop after the iteration passing this time")
+    e.add_argument("--train-steps", type=types.non_negative("--train-steps"), default=200,
+                   help="robust-training steps between evolution steps")
+    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=32,
+                   help="robust-training batch (default %(default)s)")
     e.add_argument("--lr", type=types.lr(), default=5e-5, help="robust-training learning rate (default %(default)s)")
     e.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="bf16",
                    help="robust-training autocast precision (default %(default)s)")
-    e.add_argument("--num-workers", type=types.non_negative("--num-workers", maximum=256), default=4, help="data loader workers (default %(default)s)")
+    e.add_argument("--num-workers", type=types.non_negative("--num-workers", maximum=256), default=4,
+                   help="data loader workers (default %(default)s)")
     e.add_argument("--seed", type=types.seed(), default=0, help="robust-training seed (default %(default)s)")
     _add_model_options(e, num_emoji=True)
     e.set_defaults(func=cmd_evolve, check=check_evolve)
@@ -299,7 +318,8 @@ def _register_runs(sub: argparse._SubParsersAction) -> None:
                        epilog="example: snapfusion block-importance --init runs/robust/final --out importance.json")
     i.add_argument("--out", required=True, type=types.output_file("--out", [".json"]),
                    help="output JSON (a bar chart is written beside it)")
-    i.add_argument("--table", default=None, type=types.existing("--table", folder=False), help="latency table: adds each block's ΔLatency and value")
+    i.add_argument("--table", default=None, type=types.existing("--table", folder=False),
+                   help="latency table: adds each block's ΔLatency and value")
     i.add_argument("--label", default=None, help="name of the UNet in the JSON and chart (default: --init)")
     _add_eval_options(i)
     _add_model_options(i, num_emoji=True)
@@ -318,8 +338,10 @@ def _register_runs(sub: argparse._SubParsersAction) -> None:
                        "from (e.g. the teacher's weights, or a retrained base)",
                        epilog="example: snapfusion evolve-apply --log runs/evo --init "
                        "snapfusion/assets/models/base/unet --out runs/evo_on_base")
-    x.add_argument("--log", required=True, type=types.existing("--log"), help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
-    x.add_argument("--init", required=True, type=_unet_folder("--init"), help="UNet folder whose weights the evolved UNet inherits")
+    x.add_argument("--log", required=True, type=types.existing("--log"),
+                   help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
+    x.add_argument("--init", required=True, type=_unet_folder("--init"),
+                   help="UNet folder whose weights the evolved UNet inherits")
     x.add_argument("--out", required=True, type=types.output_dir(), help="the evolved UNet's folder")
     x.add_argument("--table", default=None, type=types.existing("--table", folder=False),
                    help="latency table, to print the predicted latency")
@@ -336,12 +358,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="the runtime the blocks are timed in (default %(default)s)")
     b.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision (default %(default)s)")
-    b.add_argument("--size", type=types.bench_size(), default=512, help="image side in pixels; latent = size / 8 (default 512)")
-    b.add_argument("--batch", type=types.positive("--batch", maximum=2 * MAX_IMAGES), default=2, help="UNet batch; 2 = one image with guidance (default 2)")
-    b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=3, help="untimed calls per piece first (default %(default)s)")
-    b.add_argument("--repeats", type=types.positive("--repeats", maximum=10_000), default=10, help="timings per block; the median is kept (default 10)")
-    b.add_argument("--inner", type=types.non_negative("--inner", maximum=10_000), default=0, help="calls per timing (default: 1 on cpu, 10 on cuda)")
-    b.add_argument("--threads", type=types.non_negative("--threads", maximum=1024), default=0, help="torch CPU threads (default: torch's)")
+    b.add_argument("--size", type=types.bench_size(), default=512,
+                   help="image side in pixels; latent = size / 8 (default 512)")
+    b.add_argument("--batch", type=types.positive("--batch", maximum=2 * MAX_IMAGES), default=2,
+                   help="UNet batch; 2 = one image with guidance (default 2)")
+    b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=3,
+                   help="untimed calls per piece first (default %(default)s)")
+    b.add_argument("--repeats", type=types.positive("--repeats", maximum=10_000), default=10,
+                   help="timings per block; the median is kept (default 10)")
+    b.add_argument("--inner", type=types.non_negative("--inner", maximum=10_000), default=0,
+                   help="calls per timing (default: 1 on cpu, 10 on cuda)")
+    b.add_argument("--threads", type=types.non_negative("--threads", maximum=1024), default=0,
+                   help="torch CPU threads (default: torch's)")
     b.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time, robust to load from other processes (needs --threads 1)")
     b.add_argument("--cuda-graphs", action="store_true", help="cuda: time every piece as a replayed CUDA graph "

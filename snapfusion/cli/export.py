@@ -100,14 +100,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weights: fp32, fp16, or int8 (dynamic/linear weight quantization) (default %(default)s)")
     e.add_argument("--out", required=True, type=types.output_dir(), help="output folder")
     e.add_argument("--opset", type=types.opset(), default=17, help="ONNX opset (default %(default)s)")
-    e.add_argument("--batch", type=types.positive("--batch", maximum=2 * MAX_IMAGES), default=2, help="Core ML: fixed UNet batch (default %(default)s)")
-    e.add_argument("--size", type=types.side("--size", zero=True), default=0, help="Core ML shapes and parity image side (default: model's)")
+    e.add_argument("--batch", type=types.positive("--batch", maximum=2 * MAX_IMAGES), default=2,
+                   help="Core ML: fixed UNet batch (default %(default)s)")
+    e.add_argument("--size", type=types.side("--size", zero=True), default=0,
+                   help="Core ML shapes and parity image side (default: model's)")
     e.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
     e.add_argument("--parity-steps", type=types.integer("--parity-steps", minimum=0, maximum=MAX_STEPS), default=0,
                    help="steps of the parity image (default: the model's, at most 8)")
-    e.add_argument("--min-psnr", type=types.number("--min-psnr", minimum=0.0), default=0.0, help="fail below this PSNR (default: 35/30/20 dB "
+    e.add_argument("--min-psnr", type=types.number("--min-psnr", minimum=0.0), default=0.0,
+                   help="fail below this PSNR (default: 35/30/20 dB "
                    "for fp32/fp16/int8)")
-    e.add_argument("--max-rel-diff", type=types.number("--max-rel-diff", minimum=0.0), default=0.0, help="fail above this per-network max|diff|/max|ref| "
+    e.add_argument("--max-rel-diff", type=types.number("--max-rel-diff", minimum=0.0), default=0.0,
+                   help="fail above this per-network max|diff|/max|ref| "
                    "(default: 1e-3/2e-2/0.2)")
     e.set_defaults(func=cmd_export, check=check_export)
 
@@ -128,9 +132,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode (reduce-overhead: CUDA graphs on the GPU)")
     b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
-    b.add_argument("--runs", type=types.positive("--runs", maximum=10_000), default=5, help="timed generations (default %(default)s)")
-    b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=2, help="untimed generations first (default %(default)s)")
-    b.add_argument("--json", default=None, type=types.output_file("--json", [".json"]), help="write the full result here")
+    b.add_argument("--runs", type=types.positive("--runs", maximum=10_000), default=5,
+                   help="timed generations (default %(default)s)")
+    b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=2,
+                   help="untimed generations first (default %(default)s)")
+    b.add_argument("--json", default=None, type=types.output_file("--json", [".json"]),
+                   help="write the full result here")
     b.add_argument("--markdown", default=None, type=types.output_file("--markdown"), help="write the table here")
     b.set_defaults(func=cmd_bench, check=check_bench)
 

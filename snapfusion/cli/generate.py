@@ -7,7 +7,7 @@ import json
 import sys
 
 from snapfusion.cli import options, types
-from snapfusion.errors import InputError
+from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
 from snapfusion.validation import MAX_EVAL_BATCH, MAX_SEED, truncation_warning
 
@@ -89,7 +89,10 @@ def check_eval(a: argparse.Namespace) -> None:
 
     if a.guidance is not None and a.guidance_sweep is not None:
         raise InputError("give exactly one of --guidance or --guidance-sweep")
-    records = load_records(a.prompts, a.num_emoji)
+    try:
+        records = load_records(a.prompts, a.num_emoji)
+    except SnapFusionError as err:
+        raise InputError(f"--prompts: {err}") from None
     if a.num_images is not None and a.num_images > len(records):
         raise InputError(f"--num-images {a.num_images} exceeds the {len(records)} prompts of {a.prompts}")
     check_model(a.model)
@@ -140,14 +143,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output image, .png, .jpg or .webp, with the settings in its metadata (a grid if "
                    "--num-images > 1)")
     g.add_argument("--seed", type=types.seed(), default=0, help="seed of the first image (default %(default)s)")
-    g.add_argument("--num-images", "--batch", type=types.num_images(), default=1, help="images of the prompt, seeds seed..seed+n-1")
+    g.add_argument("--num-images", "--batch", type=types.num_images(), default=1,
+                   help="images of the prompt, seeds seed..seed+n-1")
     g.add_argument("--steps", type=types.steps(), default=None, help="default: the model's")
-    g.add_argument("--guidance", type=types.guidance(), default=None, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--guidance", type=types.guidance(), default=None,
+                   help="classifier-free guidance scale (default: the model's)")
     options.add_sampler(g)
-    g.add_argument("--size", type=types.side("--size"), default=None, help="square image side in pixels (default: the model's)")
-    g.add_argument("--height", type=types.side("--height"), default=None, help="image height in pixels (default: --size)")
+    g.add_argument("--size", type=types.side("--size"), default=None,
+                   help="square image side in pixels (default: the model's)")
+    g.add_argument("--height", type=types.side("--height"), default=None,
+                   help="image height in pixels (default: --size)")
     g.add_argument("--width", type=types.side("--width"), default=None, help="image width in pixels (default: --size)")
-    g.add_argument("--negative-prompt", default="", type=types.prompt("--negative-prompt"), help="what to steer away from (the unconditional prompt)")
+    g.add_argument("--negative-prompt", default="", type=types.prompt("--negative-prompt"),
+                   help="what to steer away from (the unconditional prompt)")
     g.add_argument("--decoder", default=None, help="'half' (the distilled channel-halved decoder of base) or a "
                    "decoder folder, in place of the model's own")
     options.add_device(g)
@@ -167,7 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--unet", default=None, help="a UNet folder in place of the model's (e.g. a checkpoint's model/)")
     e.add_argument("--steps", type=types.steps(), default=None, help="default: the model's")
     e.add_argument("--guidance", type=types.guidance(), default=None, help="guidance scale (default: the model's)")
-    e.add_argument("--guidance-sweep", type=types.guidance_sweep(), default=None, help="comma-separated guidance scales, e.g. 1,2,4,7.5")
+    e.add_argument("--guidance-sweep", type=types.guidance_sweep(), default=None,
+                   help="comma-separated guidance scales, e.g. 1,2,4,7.5")
     options.add_sampler(e)
     e.add_argument("--num-images", type=types.integer("--num-images", minimum=2), default=None,
                    help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")
@@ -176,7 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seeds-per-prompt", type=types.positive("--seeds-per-prompt", maximum=1000), default=1,
                    help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds): lower "
                         "variance on a small prompt set, and paired comparisons (scripts/compare_evals.py)")
-    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_EVAL_BATCH), default=16, help="images per generate call (default %(default)s)")
+    e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_EVAL_BATCH), default=16,
+                   help="images per generate call (default %(default)s)")
     e.add_argument("--size", type=types.side("--size"), default=None, help="image side (default: the model's)")
     e.add_argument("--out", default="eval_out", type=types.output_dir(), help="folder for the JSON, grid and curve")
     options.add_device(e)

@@ -37,7 +37,8 @@ def first(*values):
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, type=_device_name, help=f"auto, cpu or cuda[:N] (default {default}; auto: CUDA when "
+    p.add_argument("--device", default=default, type=_device_name,
+                   help=f"auto, cpu or cuda[:N] (default {default}; auto: CUDA when "
                    "there is one)")
 
 
@@ -52,7 +53,8 @@ def add_sampler(p: argparse.ArgumentParser) -> None:
 
 def add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float) -> None:
     """The one training loop's options (every train-* and compression training command)."""
-    p.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"), help="checkpoints, logs and samples go here")
+    p.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"),
+                   help="checkpoints, logs and samples go here")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint")
     p.add_argument("--max-steps", type=int, default=steps, help="total optimizer steps (default %(default)s)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop cleanly with a checkpoint after this long")
@@ -104,7 +106,8 @@ def scene_config(a: argparse.Namespace):
 def add_noise_data_options(p: argparse.ArgumentParser) -> None:
     """--offset-noise and --latent-pool: every command that trains a UNet on the scenes (train-unet, robust-train,
     evolve, finetune-v, distill) takes them."""
-    p.add_argument("--offset-noise", type=types.number("--offset-noise", minimum=0.0), default=0.0, help="per-channel noise offset, e.g. 0.1: lets the "
+    p.add_argument("--offset-noise", type=types.number("--offset-noise", minimum=0.0), default=0.0,
+                   help="per-channel noise offset, e.g. 0.1: lets the "
                    "model move a channel's mean, i.e. a flat background's color (docs/base_model.md)")
     p.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0,
                    help="encode this many training scenes once and train on their latents (0: encode every batch)")
@@ -117,8 +120,10 @@ def add_kd_options(p: argparse.ArgumentParser) -> None:
                    help="frozen teacher UNet folder (eps or v): add its (implied) eps as a "
                    "target, on the student's (implied) eps (output-level knowledge distillation, as BK-SDM fine-tunes "
                    "a pruned UNet)")
-    p.add_argument("--kd-weight", type=types.number("--kd-weight", minimum=0.0), default=None, help="weight of the distillation term (default 1)")
-    p.add_argument("--kd-feature-weight", type=types.number("--kd-feature-weight", minimum=0.0), default=None, help="with --kd-unet: also match the "
+    p.add_argument("--kd-weight", type=types.number("--kd-weight", minimum=0.0), default=None,
+                   help="weight of the distillation term (default 1)")
+    p.add_argument("--kd-feature-weight", type=types.number("--kd-feature-weight", minimum=0.0), default=None,
+                   help="with --kd-unet: also match the "
                    "teacher's stage outputs, MSE summed over stages times this weight (BK-SDM's feature-level "
                    "distillation; default 0: off)")
 

@@ -184,7 +184,8 @@ def _add_unet_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--vae-decoder", default=None, help="decoder for sample grids when --vae is an encoder alone")
     t.add_argument("--from-pipeline", default=None, metavar="MODEL",
                    help="'base' or a pipeline folder: continue its UNet on its text encoder and autoencoder")
-    t.add_argument("--image-size", type=types.side("--image-size"), default=512, help="training image side in pixels (default %(default)s)")
+    t.add_argument("--image-size", type=types.side("--image-size"), default=512,
+                   help="training image side in pixels (default %(default)s)")
     t.add_argument("--clip-skip", type=types.integer("--clip-skip", minimum=0, maximum=64), default=0, metavar="K",
                    help="condition on the text tower without its last K layers (diffusers' clip_skip; SD 2 uses the "
                    "penultimate layer, K = 1); pass the same K to assemble")
@@ -203,41 +204,54 @@ def _add_unet_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--timestep-bias-multiplier", type=types.number("--timestep-bias-multiplier", minimum=0.0,
                                                                    maximum=1000.0), default=2.0,
                    help="how many times as often the favoured timesteps are drawn (0: never)")
-    t.add_argument("--timestep-bias-portion", type=types.probability("--timestep-bias-portion"), default=0.25, help="later / earlier: their share of the "
+    t.add_argument("--timestep-bias-portion", type=types.probability("--timestep-bias-portion"), default=0.25,
+                   help="later / earlier: their share of the "
                    "timesteps (default 0.25)")
-    t.add_argument("--timestep-bias-range", type=types.integer("--timestep-bias-range", minimum=0,
-                                                               maximum=MAX_STEPS), nargs=2, default=None, metavar=("BEGIN", "END"),
+    t.add_argument("--timestep-bias-range", type=types.integer("--timestep-bias-range", minimum=0, maximum=MAX_STEPS),
+                   nargs=2, default=None, metavar=("BEGIN", "END"),
                    help="range: the favoured timesteps, BEGIN <= t < END")
-    t.add_argument("--mix-size", type=types.side("--mix-size", zero=True), default=0, help="mixed-resolution training (with --latent-pool): some "
+    t.add_argument("--mix-size", type=types.side("--mix-size", zero=True), default=0,
+                   help="mixed-resolution training (with --latent-pool): some "
                    "steps train at this size instead of --image-size, e.g. --image-size 256 --mix-size 512")
-    t.add_argument("--mix-prob", type=types.probability("--mix-prob"), default=0.25, help="share of the steps at --mix-size (default 0.25)")
-    t.add_argument("--mix-batch-size", type=types.non_negative("--mix-batch-size", maximum=MAX_BATCH), default=0, help="scenes per --mix-size step (default: "
+    t.add_argument("--mix-prob", type=types.probability("--mix-prob"), default=0.25,
+                   help="share of the steps at --mix-size (default 0.25)")
+    t.add_argument("--mix-batch-size", type=types.non_negative("--mix-batch-size", maximum=MAX_BATCH), default=0,
+                   help="scenes per --mix-size step (default: "
                    "--batch-size x (image-size / mix-size)², the same latent positions as a normal step)")
-    t.add_argument("--mix-pool", type=types.non_negative("--mix-pool"), default=0, help="scenes in the --mix-size latent pool (default: "
+    t.add_argument("--mix-pool", type=types.non_negative("--mix-pool"), default=0,
+                   help="scenes in the --mix-size latent pool (default: "
                    "--latent-pool / 4)")
 
 
 def _add_prior_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--model", default="base", help="the pipeline whose text states and latent space it serves")
-    t.add_argument("--out", required=True, type=types.output_dir(), help="the prior's folder (copy it to <pipeline>/prior to use it)")
+    t.add_argument("--out", required=True, type=types.output_dir(),
+                   help="the prior's folder (copy it to <pipeline>/prior to use it)")
     t.add_argument("--encoder", default=None, help="the VAE encoder folder of the model's latent space (default: "
                    "the pipeline's vae_encoder/; the SnapFusion student has none, it shares base's)")
     t.add_argument("--scenes", type=types.integer("--scenes", minimum=10),
                    default=10000, help="training renders (the last 10%% are held out)")
-    t.add_argument("--encode-size", type=types.side("--encode-size"), default=128, help="renders are encoded at this size (cheap)")
-    t.add_argument("--calibrate", type=types.non_negative("--calibrate"), default=64, help="renders also encoded at full size, for a per-channel "
+    t.add_argument("--encode-size", type=types.side("--encode-size", multiple=8), default=128,
+                   help="renders are encoded at this size (cheap)")
+    t.add_argument("--calibrate", type=types.non_negative("--calibrate"), default=64,
+                   help="renders also encoded at full size, for a per-channel "
                    "affine map of the reduced-size block means (0: none)")
-    t.add_argument("--grid", type=types.positive("--grid", maximum=MAX_SIDE // 8), default=2, help="predict the latent's G x G block means")
-    t.add_argument("--steps", type=types.positive("--steps"), default=3000, help="optimizer steps (default %(default)s)")
+    t.add_argument("--grid", type=types.positive("--grid", maximum=MAX_SIDE // 8), default=2,
+                   help="predict the latent's G x G block means")
+    t.add_argument("--steps", type=types.positive("--steps"), default=3000,
+                   help="optimizer steps (default %(default)s)")
     t.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_BATCH), default=256,
                    help="scenes per step (default %(default)s)")
     t.add_argument("--lr", type=types.lr(), default=1e-3, help="AdamW learning rate (default %(default)s)")
-    t.add_argument("--eval-every", type=types.positive("--eval-every"), default=250, help="held-out MSE every N steps (default %(default)s)")
+    t.add_argument("--eval-every", type=types.positive("--eval-every"), default=250,
+                   help="held-out MSE every N steps (default %(default)s)")
     t.add_argument("--keep-last", action="store_true", help="keep the last step's weights (default: early stopping, "
                    "the evaluated step with the lowest MSE on the first half of the held-out scenes)")
-    t.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None, help="as the UNet trained (the base: 40)")
+    t.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
+                   help="as the UNet trained (the base: 40)")
     t.add_argument("--seed", type=types.seed(), default=16, help="the training scenes' seed")
-    t.add_argument("--cache", default="runs/prior_cache", type=types.output_dir("--cache"), help="encoded block means, in chunks (a killed run resumes)")
+    t.add_argument("--cache", default="runs/prior_cache", type=types.output_dir("--cache"),
+                   help="encoded block means, in chunks (a killed run resumes)")
     options.add_device(t, "cpu")
 
 

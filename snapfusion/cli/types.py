@@ -59,7 +59,7 @@ def guidance(name: str = "--guidance") -> Callable[[str], float]:
     return _named(lambda text: v.check_guidance(v.parse_float(text, name=name), name=name), "number")
 
 
-def side(name: str, *, multiple: int = 8, zero: bool = False) -> Callable[[str], int]:
+def side(name: str, *, multiple: int = v.SIDE_MULTIPLE, zero: bool = False) -> Callable[[str], int]:
     """An image side: a positive multiple of ``multiple`` up to MAX_SIDE (``zero``: 0 too, meaning the default)."""
     def parse(text: str) -> int:
         value = v.parse_int(text, name=name)

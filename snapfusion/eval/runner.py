@@ -193,7 +193,8 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
 
 
 def run_eval_command(generate_fn: GenerateFn, *, prompts: str = "test", steps: int, sampler: str,
-                     guidance: float | None = None, guidance_sweep: str | Sequence[float] | None = None, num_images: int | None = None,
+                     guidance: float | None = None, guidance_sweep: str | Sequence[float] | None = None,
+                     num_images: int | None = None,
                      batch_size: int = 16, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                      evaluators_dir: str | None = None, model: str = "",
                      num_emoji: int | None = None, seeds_per_prompt: int = 1) -> dict[str, Any]:
