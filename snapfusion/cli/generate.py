@@ -182,7 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")
     e.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                    help="keep only prompts whose emoji are among the first N (the base model trains on 40)")
-    e.add_argument("--seeds-per-prompt", type=types.positive("--seeds-per-prompt", maximum=1000), default=1,
+    e.add_argument("--seeds-per-prompt", type=types.integer("--seeds-per-prompt", minimum=1), default=1,
                    help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds): lower "
                         "variance on a small prompt set, and paired comparisons (scripts/compare_evals.py)")
     e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_EVAL_BATCH), default=16,
