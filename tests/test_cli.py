@@ -140,3 +140,47 @@ def test_eval_option_errors_come_before_loading(capsys):
         assert main(["eval", "--model", "/nonexistent/model", "--guidance", "2", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("snapfusion: error:") and "at least" in err and "\n" not in err
+
+
+def test_diverged_sampling_is_one_line_and_writes_nothing(pipeline_dir, tmp_path, capsys, monkeypatch):
+    """Non-finite latents end the command with one line and exit 2, never a black image."""
+    import torch
+
+    from snapfusion.models.unet import UNet
+
+    monkeypatch.setattr(UNet, "forward", lambda self, z, *args, **kwargs: torch.full_like(z, float("nan")))
+    out = tmp_path / "nan.png"
+    assert main(["generate", "a cat", "--model", str(pipeline_dir), "--steps", "1", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("snapfusion: error:") and "non-finite" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".png"])
+def test_generate_keeps_the_settings_in_jpeg_webp_and_png(pipeline_dir, tmp_path, suffix):
+    from snapfusion.images import read_metadata
+
+    out = tmp_path / f"a{suffix}"
+    assert main(["generate", "a red circle", "--model", str(pipeline_dir), "--out", str(out), "--steps", "1",
+                 "--guidance", "3", "--negative-prompt", "blurry", "--quiet"]) == 0
+    meta = read_metadata(out)
+    assert meta["prompt"] == "a red circle" and meta["negative_prompt"] == "blurry" and meta["steps"] == "1"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+
+
+def test_unused_negative_prompt_is_not_recorded_and_a_long_one_is_warned_about(pipeline_dir, tmp_path, capsys):
+    from snapfusion.images import read_metadata
+
+    out = tmp_path / "g1.png"
+    assert main(["generate", "a cat", "--model", str(pipeline_dir), "--out", str(out), "--steps", "1",
+                 "--guidance", "1", "--negative-prompt", "dog " * 100, "--quiet"]) == 0
+    assert read_metadata(out)["negative_prompt"] == ""  # guidance 1: no unconditional pass, the text is unused
+    err = capsys.readouterr().err
+    assert "warning: the negative prompt is longer than CLIP's" in err
+
+
+def test_argparse_errors_are_one_line_without_usage(capsys):
+    for argv in (["generate"], ["generate", "a cat", "--seed", "x"], ["paint"], [], ["eval", "--nope"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("snapfusion: error:") and err.count("\n") == 1 and "usage:" not in err
