@@ -178,9 +178,9 @@ def check_int(value, *, name: str, minimum: int | None = None, maximum: int | No
     value = _int(value, name)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
         if maximum is None:
-            raise InputError(f"{name} must be at least {minimum}, got {value}")
+            raise InputError(f"{name} must be >= {minimum}, got {value}")
         if minimum is None:
-            raise InputError(f"{name} must be at most {maximum}, got {value}")
+            raise InputError(f"{name} must be <= {maximum}, got {value}")
         raise InputError(f"{name} must be between {minimum} and {maximum}, got {value}")
     return value
 
@@ -201,6 +201,9 @@ def check_float(value, *, name: str, minimum: float | None = None, maximum: floa
     value = _real(value, name)
     low_bad = minimum is not None and (value <= minimum if low_open else value < minimum)
     high_bad = maximum is not None and (value >= maximum if high_open else value > maximum)
+    if (low_bad or high_bad) and (minimum is None or maximum is None):  # one bound: say it plainly
+        bound = f"{'>' if low_open else '>='} {minimum:g}" if low_bad else f"{'<' if high_open else '<='} {maximum:g}"
+        raise InputError(f"{name} must be {bound}, got {value:g}")
     if low_bad or high_bad:
         lo = "(-inf" if minimum is None else f"{'(' if low_open else '['}{minimum:g}"
         hi = "inf)" if maximum is None else f"{maximum:g}{')' if high_open else ']'}"

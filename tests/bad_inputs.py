@@ -280,4 +280,99 @@ def _compress() -> list[Case]:
     return [Case(i, a, e) for i, a, e in rows]
 
 
-CASES: list[Case] = _generate() + _eval() + _export_bench() + _convert_assemble_prior() + _training() + _compress()
+def _more() -> list[Case]:
+    """Cross-option checks, paths and number formats across the commands."""
+    g = ["generate", P, "--out", "{tmp}/out.png"]
+    e = ["eval", "--out", "{tmp}/ev"]
+    b = ["bench", "--preset", "tiny"]
+    bb = ["bench-blocks", "--preset", "tiny_sd15", "--out", "{tmp}/t.json"]
+    text = ["train-text", "--run-dir", "{tmp}/run"]
+    unet = ["train-unet", "--run-dir", "{tmp}/run", "--from-pipeline", "base"]
+    dec = ["distill-decoder", "--run-dir", "{tmp}/run"]
+    prior = ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache"]
+    rows = [
+        ("generate/seed-exponent", g + ["--seed", "1e3"], "--seed must be an integer"),
+        ("generate/num-images-65", g + ["--num-images", "65"], "limit per call is 64"),
+        ("generate/height-0", g + ["--height", "0"], "--height"),
+        ("generate/size-not-64-step", g + ["--size", "520"], "multiple of 64"),
+        ("generate/onnx-no-model", g + ["--backend", "onnxruntime"], "--model"),
+        ("generate/negative-nul", g + ["--negative-prompt", "a\x00b"], "--negative-prompt"),
+        ("generate/out-newline", ["generate", P, "--out", "{tmp}/a\nb.xyz"], "--out"),
+        ("generate/out-jpeg-in-file", ["generate", P, "--out", "{tmp}/file.txt/x.jpg"], "file.txt"),
+        ("generate/device-cuda-missing", g + ["--device", "cuda:7"], "--device"),
+        ("eval/guidance-and-sweep", e + ["--guidance", "2", "--guidance-sweep", "1,2"], "exactly one"),
+        ("eval/num-images-above-set", e + ["--num-images", "100000"], "--num-images 100000 exceeds"),
+        ("eval/seeds-per-prompt-text", e + ["--seeds-per-prompt", "two"], "--seeds-per-prompt"),
+        ("eval/decoder-missing", e + ["--decoder", "{tmp}/nodecoder"], "nodecoder"),
+        ("eval/model-missing", e + ["--model", "{tmp}/nomodel"], "nomodel"),
+        ("eval/sweep-too-many", e + ["--guidance-sweep", ",".join(["1"] * 40)], "the limit is 32"),
+        ("export/parity-steps-huge", ["export", "--out", "{tmp}/onnx", "--parity-steps", "5000"], "--parity-steps"),
+        ("export/batch-huge", ["export", "--out", "{tmp}/onnx", "--batch", "100000"], "--batch"),
+        ("bench/runs-text", b + ["--runs", "many"], "--runs"),
+        ("bench/json-not-json", b + ["--json", "{tmp}/b.txt"], "--json"),
+        ("bench/compile-onnx", ["bench", "--model", "{tmp}/dir", "--backend", "onnxruntime", "--compile"],
+         "--compile"),
+        ("bench/model-and-preset", b + ["--model", "base"], "exactly one"),
+        ("bench/model-missing", ["bench", "--model", "{tmp}/nomodel"], "nomodel"),
+        ("bench-blocks/model-and-preset", bb + ["--model", "base"], "exactly one"),
+        ("bench-blocks/preset-unknown", ["bench-blocks", "--preset", "huge", "--out", "{tmp}/t.json"], "--preset"),
+        ("bench-blocks/out-not-json", ["bench-blocks", "--preset", "tiny_sd15", "--out", "{tmp}/t.txt"], "--out"),
+        ("bench-blocks/clock-cpu-threads", bb + ["--clock", "cpu"], "--threads 1"),
+        ("train-text/max-steps-text", text + ["--max-steps", "ten"], "--max-steps"),
+        ("train-text/lr-2", text + ["--lr", "2"], "--lr"),
+        ("train-text/seed-negative", text + ["--seed=-1"], "--seed"),
+        ("train-text/num-emoji-0", text + ["--num-emoji", "0"], "--num-emoji"),
+        ("train-text/max-minutes-negative", text + ["--max-minutes=-1"], "--max-minutes"),
+        ("train-text/run-dir-empty", ["train-text", "--run-dir", ""], "--run-dir"),
+        ("train-unet/timestep-bias-range-reversed", unet + ["--timestep-bias", "range", "--timestep-bias-range",
+                                                            "500", "100"], "--timestep-bias-range"),
+        ("train-unet/timestep-bias-range-alone", unet + ["--timestep-bias-range", "100", "500"], "--timestep-bias"),
+        ("train-unet/offset-noise-grid-3", unet + ["--offset-noise-grid", "3"], "power of 2"),
+        ("train-unet/mix-prob-nan", unet + ["--mix-prob", "nan"], "--mix-prob"),
+        ("train-unet/latent-pool-negative", unet + ["--latent-pool=-1"], "--latent-pool"),
+        ("train-unet/vae-missing", ["train-unet", "--run-dir", "{tmp}/run", "--vae", "{tmp}/novae",
+                                    "--text-encoder", "{tmp}/notext"], "novae"),
+        ("distill/student-steps-0", ["distill", "--run-dir", "{tmp}/run", "--student-steps", "0"], "--student-steps"),
+        ("distill/teacher-unet-missing", ["distill", "--run-dir", "{tmp}/run", "--teacher-unet", "{tmp}/nounet"],
+         "nounet"),
+        ("distill/model-missing", ["distill", "--run-dir", "{tmp}/run", "--model", "{tmp}/nomodel"], "nomodel"),
+        ("finetune-v/kd-weight-without-teacher", ["finetune-v", "--run-dir", "{tmp}/run", "--kd-weight", "2"],
+         "--kd-unet"),
+        ("finetune-v/kd-unet-missing", ["finetune-v", "--run-dir", "{tmp}/run", "--kd-unet", "{tmp}/nounet"],
+         "--kd-unet"),
+        ("robust-train/init-missing", ["robust-train", "--run-dir", "{tmp}/run", "--init", "{tmp}/noinit"], "noinit"),
+        ("robust-train/image-size-0", ["robust-train", "--run-dir", "{tmp}/run", "--image-size", "0"],
+         "--image-size"),
+        ("distill-decoder/guidance-range-reversed", dec + ["--guidance-range", "9", "2"], "--guidance-range"),
+        ("distill-decoder/latent-cache-missing", dec + ["--latent-cache", "{tmp}/none.safetensors"],
+         "--latent-cache"),
+        ("distill-decoder/tiny-widths-0", dec + ["--student", "tiny", "--tiny-widths", "64", "0"], "--tiny-widths"),
+        ("distill-decoder/teacher-missing", dec + ["--teacher", "{tmp}/noteacher"], "noteacher"),
+        ("decoder-latents/out-not-safetensors", ["decoder-latents", "--latent-pool", "4", "--out", "{tmp}/lat.bin"],
+         "--out"),
+        ("eval-decoder/student-missing", ["eval-decoder", "{tmp}/nodecoder"], "nodecoder"),
+        ("eval-decoder/pipeline-guidance-nan", ["eval-decoder", "{tmp}/empty", "--pipeline-guidance", "nan"],
+         "--pipeline-guidance"),
+        ("reduce-decoder/teacher-missing", ["reduce-decoder", "--out", "{tmp}/dec", "--teacher", "{tmp}/noteacher"],
+         "noteacher"),
+        ("reduce-decoder/norm-groups-0", ["reduce-decoder", "--out", "{tmp}/dec", "--norm-groups", "0"],
+         "--norm-groups"),
+        ("train-prior/calibrate-above-scenes", prior + ["--scenes", "20", "--calibrate", "50"], "--calibrate"),
+        ("train-prior/model-missing", prior + ["--model", "{tmp}/nomodel"], "nomodel"),
+        ("train-prior/seed-2**64", prior + ["--seed", "18446744073709551616"], "--seed"),
+        ("evolve/table-malformed", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/bad.json"], "bad.json"),
+        ("evolve/budget-2", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/bad.json", "--budget", "2"],
+         "--budget"),
+        ("evolve/lr-inf", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/bad.json", "--lr", "inf"], "--lr"),
+        ("block-importance/out-not-json", ["block-importance", "--out", "{tmp}/bi.txt"], "--out"),
+        ("bk-sdm/init-without-config", ["bk-sdm", "--init", "{tmp}/empty", "--out", "{tmp}/bk"], "--init"),
+        ("evolve-apply/init-without-config", ["evolve-apply", "--log", "{tmp}/file.txt", "--init", "{tmp}/empty",
+                                              "--out", "{tmp}/ev"], "--init"),
+        ("assemble/out-empty", ["assemble", "--text-encoder", "{tmp}/empty", "--vae", "{tmp}/empty", "--unet",
+                                "{tmp}/empty", "--out", ""], "--out"),
+    ]
+    return [Case(i, a, x) for i, a, x in rows]
+
+
+CASES: list[Case] = (_generate() + _eval() + _export_bench() + _convert_assemble_prior() + _training() + _compress()
+                     + _more())

@@ -35,10 +35,15 @@ def check_bench_blocks(a: argparse.Namespace) -> None:
     """bench-blocks' cross-option checks: one UNet source, a known preset or an existing model."""
     if (a.model is None) == (a.preset is None):
         raise InputError("give exactly one of --model or --preset")
-    if a.preset is not None and a.preset not in UNET_PRESETS:
-        raise InputError(f"--preset must be one of {', '.join(UNET_PRESETS)}, got {a.preset!r}")
+    if a.preset is not None:
+        unet_preset(a.preset)  # a known preset (a config, nothing built)
     if a.model is not None:
         check_model(a.model)
+    if a.clock == "cpu" and (a.threads != 1 or options.device(a.device) != "cpu"):
+        raise InputError("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
+    if a.cuda_graphs and (not options.device(a.device).startswith("cuda") or a.backend != "torch"):
+        raise InputError("--cuda-graphs times torch modules on a CUDA device: use it with --device cuda "
+                         "--backend torch")
 
 
 def check_model_options(a: argparse.Namespace) -> None:
@@ -69,6 +74,13 @@ def check_tables(a: argparse.Namespace) -> None:
 
     if a.table:
         load_table(a.table)
+
+
+def check_evolve_apply(a: argparse.Namespace) -> None:
+    from snapfusion.evolve.evolution import read_log
+
+    read_log(a.log)
+    check_tables(a)
 
 
 def check_block_importance(a: argparse.Namespace) -> None:
@@ -338,14 +350,13 @@ def _register_runs(sub: argparse._SubParsersAction) -> None:
                        "from (e.g. the teacher's weights, or a retrained base)",
                        epilog="example: snapfusion evolve-apply --log runs/evo --init "
                        "snapfusion/assets/models/base/unet --out runs/evo_on_base")
-    x.add_argument("--log", required=True, type=types.existing("--log"),
-                   help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
+    x.add_argument("--log", required=True, help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
     x.add_argument("--init", required=True, type=_unet_folder("--init"),
                    help="UNet folder whose weights the evolved UNet inherits")
     x.add_argument("--out", required=True, type=types.output_dir(), help="the evolved UNet's folder")
     x.add_argument("--table", default=None, type=types.existing("--table", folder=False),
                    help="latency table, to print the predicted latency")
-    x.set_defaults(func=cmd_evolve_apply, check=check_tables)
+    x.set_defaults(func=cmd_evolve_apply, check=check_evolve_apply)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -85,10 +85,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def check_eval(a: argparse.Namespace) -> None:
     """eval's cross-option checks: one guidance option, the prompt set and its size, the model's files."""
-    from snapfusion.eval.runner import load_records
+    from snapfusion.eval.runner import load_records, with_seeds_per_prompt
 
     if a.guidance is not None and a.guidance_sweep is not None:
         raise InputError("give exactly one of --guidance or --guidance-sweep")
+    if a.num_images is not None and a.num_images < 2:
+        raise InputError(f"--num-images must be at least 2 (FID compares sets of images), got {a.num_images}")
+    with_seeds_per_prompt([], a.seeds_per_prompt)  # the runner's own check: at least 1
     try:
         records = load_records(a.prompts, a.num_emoji)
     except SnapFusionError as err:
@@ -178,11 +181,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--guidance-sweep", type=types.guidance_sweep(), default=None,
                    help="comma-separated guidance scales, e.g. 1,2,4,7.5")
     options.add_sampler(e)
-    e.add_argument("--num-images", type=types.integer("--num-images", minimum=2), default=None,
+    e.add_argument("--num-images", type=int, default=None,
                    help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")
     e.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                    help="keep only prompts whose emoji are among the first N (the base model trains on 40)")
-    e.add_argument("--seeds-per-prompt", type=types.integer("--seeds-per-prompt", minimum=1), default=1,
+    e.add_argument("--seeds-per-prompt", type=int, default=1,
                    help="K > 1: every prompt K times with K seeds (the first copy is the set's own seeds): lower "
                         "variance on a small prompt set, and paired comparisons (scripts/compare_evals.py)")
     e.add_argument("--batch-size", type=types.positive("--batch-size", maximum=MAX_EVAL_BATCH), default=16,

@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(err: Exception) -> int:
+    """The one line of a user error (line breaks in a path or value are shown escaped), exit status 2."""
+    text = str(err).replace("\r", "\\r").replace("\n", "\\n")
+    print(f"snapfusion: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from snapfusion.errors import SnapFusionError
 
@@ -71,20 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "check", None) is not None:
             args.check(args)
-    except SnapFusionError as err:
-        print(f"snapfusion: error: {err}", file=sys.stderr)
-        return 2
+    except (SnapFusionError, OSError) as err:
+        return _fail(err)
     import torch
 
     grad_enabled = torch.is_grad_enabled()  # commands may switch autograd off; restore it for in-process callers
     try:
         args.func(args)
-    except SnapFusionError as err:
-        print(f"snapfusion: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # an unreadable input or unwritable output path
-        print(f"snapfusion: error: {err}", file=sys.stderr)
-        return 2
+    except (SnapFusionError, OSError) as err:  # OSError: an unreadable input or unwritable output path
+        return _fail(err)
     except KeyboardInterrupt:
         print("snapfusion: interrupted", file=sys.stderr)
         return 130

@@ -39,8 +39,6 @@ def cmd_train_text(a: argparse.Namespace) -> None:
 def check_train_unet(a: argparse.Namespace) -> None:
     """train-unet's cross-option checks: the loop, the frozen parts' folders, the timestep bias and mixing."""
     options.check_train_options(a)
-    if a.from_pipeline:
-        check_model(a.from_pipeline)
     _parts(a)
     _timestep_bias_options(a)
 
