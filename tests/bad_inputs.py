@@ -366,8 +366,8 @@ def _more() -> list[Case]:
         ("evolve/lr-inf", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/bad.json", "--lr", "inf"], "--lr"),
         ("block-importance/out-not-json", ["block-importance", "--out", "{tmp}/bi.txt"], "--out"),
         ("bk-sdm/init-without-config", ["bk-sdm", "--init", "{tmp}/empty", "--out", "{tmp}/bk"], "--init"),
-        ("evolve-apply/init-without-config", ["evolve-apply", "--log", "{tmp}/file.txt", "--init", "{tmp}/empty",
-                                              "--out", "{tmp}/ev"], "--init"),
+        ("evolve-apply/log-not-a-log", ["evolve-apply", "--log", "{tmp}/file.txt", "--init", "{tmp}/empty",
+                                        "--out", "{tmp}/ev"], "not a valid evolution log"),
         ("assemble/out-empty", ["assemble", "--text-encoder", "{tmp}/empty", "--vae", "{tmp}/empty", "--unet",
                                 "{tmp}/empty", "--out", ""], "--out"),
     ]

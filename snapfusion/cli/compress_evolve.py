@@ -80,6 +80,7 @@ def check_evolve_apply(a: argparse.Namespace) -> None:
     from snapfusion.evolve.evolution import read_log
 
     read_log(a.log)
+    _unet_folder("--init")(a.init)
     check_tables(a)
 
 
@@ -351,8 +352,7 @@ def _register_runs(sub: argparse._SubParsersAction) -> None:
                        epilog="example: snapfusion evolve-apply --log runs/evo --init "
                        "snapfusion/assets/models/base/unet --out runs/evo_on_base")
     x.add_argument("--log", required=True, help="evolution run folder, or its evolve.jsonl (a copy anywhere)")
-    x.add_argument("--init", required=True, type=_unet_folder("--init"),
-                   help="UNet folder whose weights the evolved UNet inherits")
+    x.add_argument("--init", required=True, help="UNet folder whose weights the evolved UNet inherits")
     x.add_argument("--out", required=True, type=types.output_dir(), help="the evolved UNet's folder")
     x.add_argument("--table", default=None, type=types.existing("--table", folder=False),
                    help="latency table, to print the predicted latency")
