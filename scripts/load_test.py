@@ -90,7 +90,7 @@ def run_level(args, clients: int) -> dict:
             "p95_s": _round(percentile(latencies, 95)), "rejected_429": statuses.count(429),
             "errors": sum(1 for s in statuses if s not in (200, 429)),
             "mean_batch": round((after["images"] - before["images"]) / batches, 2) if batches else None,
-            "server_peak_rss_mib": after["peak_rss_mib"]}
+            "server_rss_mib": after.get("rss_mib"), "server_peak_rss_mib": after["peak_rss_mib"]}
 
 
 def _round(x):
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--http-timeout", type=float, default=600.0, help="seconds before a client gives up")
     p.add_argument("--warmup", type=int, default=1, help="requests sent (not counted) before measuring")
     p.add_argument("--out", default=None, help="write the rows (and the settings) as JSON here")
+    p.add_argument("--note", default="", help="a caption kept in the JSON (the machine, what else ran)")
     args = p.parse_args(argv)
     host = urlparse(args.url).hostname
     if host not in LOCAL:
@@ -135,16 +136,18 @@ def main(argv=None) -> int:
         call(args.url, "/v1/images/generations", {"prompt": PROMPTS[0], "size": args.size, "seed": 10**6 + i,
                                                   **({"steps": args.steps} if args.steps else {})}, args.token)
     rows = []
-    print("| clients | requests | images/s | p50 s | p95 s | 429s | errors | mean batch | server peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| clients | requests | images/s | p50 s | p95 s | 429s | errors | mean batch | server RSS after, MiB | "
+          "server peak RSS, MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in clients:
         r = run_level(args, c)
         rows.append(r)
         print(f"| {r['clients']} | {r['requests']} | {r['images_per_s']} | {r['p50_s']} | {r['p95_s']} | "
-              f"{r['rejected_429']} | {r['errors']} | {r['mean_batch']} | {r['server_peak_rss_mib']} |", flush=True)
+              f"{r['rejected_429']} | {r['errors']} | {r['mean_batch']} | {r['server_rss_mib']} | "
+              f"{r['server_peak_rss_mib']} |", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"url": args.url, "size": args.size, "steps": args.steps,
+        Path(args.out).write_text(json.dumps({"note": args.note, "command": " ".join(sys.argv), "url": args.url, "size": args.size, "steps": args.steps,
                                               "model": args.model or health["default_model"],
                                               "max_batch": health["max_batch"],
                                               "queue_capacity": health["queue_capacity"], "rows": rows}, indent=1))

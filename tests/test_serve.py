@@ -344,6 +344,7 @@ def test_health_and_models(client):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["default_model"] == "tiny" and h["models_loaded"] == ["tiny"]
     assert h["queue_waiting"] == 0 and h["queue_capacity"] == 16 and h["peak_rss_mib"] > 10
+    assert 10 < h["rss_mib"] <= h["peak_rss_mib"] + 1
     assert h["auth"] is False
     m = client.get("/v1/models").json()
     assert m["object"] == "list"

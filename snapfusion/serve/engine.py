@@ -106,6 +106,15 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def rss_mib() -> float | None:
+    """This process's resident memory now in MiB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Engine:
     """Warm models by name, a queue of at most ``queue_size`` waiting requests and one worker thread."""
 
@@ -175,12 +184,13 @@ class Engine:
         return max(1, math.ceil(self._batch_seconds * batches))
 
     def status(self) -> dict:
-        """Queue depth, loaded models, counters and peak memory (for /health)."""
+        """Queue depth, loaded models, counters, memory now and at its peak (for /health)."""
         with self._cond:
             waiting, running = len(self._queue), sum(j.request.n for j in self._running)
+        rss = rss_mib()
         return {"default_model": self.default, "models_loaded": sorted(self.models), "queue_waiting": waiting,
                 "queue_capacity": self.queue_size, "images_running": running, "max_batch": self.max_batch,
-                **self.counts, "peak_rss_mib": round(peak_rss_mib(), 1)}
+                **self.counts, "rss_mib": rss and round(rss, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
 
     # ---- the worker ---------------------------------------------------------------------------------------
     def start(self) -> "Engine":
