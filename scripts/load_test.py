@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                                 epilog="example: python scripts/load_test.py --url http://127.0.0.1:7860 --clients "
                                 "1,2,4,8 --requests 8")
     p.add_argument("--url", default="http://127.0.0.1:7860", help="the server (this machine only; default %(default)s)")
-    p.add_argument("--clients", default="1,2,4,8", help="comma-separated concurrent client counts (default %(default)s)")
+    p.add_argument("--clients", default="1,2,4,8",
+                   help="comma-separated concurrent client counts (default %(default)s)")
     p.add_argument("--requests", type=int, default=8, help="requests per client count, 1..1000 (default %(default)s)")
     p.add_argument("--size", default="512x512", help="image size (default %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
               f"{r['server_peak_rss_mib']} |", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"note": args.note, "command": " ".join(sys.argv), "url": args.url, "size": args.size, "steps": args.steps,
+        Path(args.out).write_text(json.dumps({"note": args.note, "command": " ".join(sys.argv), "url": args.url,
+                                              "size": args.size, "steps": args.steps,
                                               "model": args.model or health["default_model"],
                                               "max_batch": health["max_batch"],
                                               "queue_capacity": health["queue_capacity"], "rows": rows}, indent=1))

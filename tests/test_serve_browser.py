@@ -136,3 +136,15 @@ def test_page_generates_an_image_in_headless_chromium(live_server, tmp_path):
 
     with Image.open(shot) as im:
         assert im.size[0] >= 1000 and im.getextrema() != ((255, 255),) * 3  # a real, non-blank screenshot
+
+
+def test_a_missing_browser_skips_locally_but_fails_under_ci(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium"):
+        _require_browser()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        _require_browser()
