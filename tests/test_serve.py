@@ -382,3 +382,19 @@ def test_serve_command_rejects_bad_options_in_one_line(capsys, monkeypatch, argv
 def test_serve_config_defaults_listen_on_this_machine_only():
     config = ServeConfig().check()
     assert config.host == "127.0.0.1" and config.port == 7860 and config.token is None
+
+
+def test_serve_command_refuses_a_busy_port_before_loading(capsys, monkeypatch):
+    import socket
+
+    from snapfusion import cli, loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"snapfusion: error: --host 127.0.0.1 --port {port}: cannot listen there (")
+    assert err.count("\n") == 1

@@ -92,7 +92,7 @@ def _error_response(status: int, message: str, kind: str, param=None, headers=No
 def create_app(engine: Engine, token: str | None = None, *, timeout: float = 120.0):
     """The FastAPI app serving ``engine``; ``token``: a bearer token every /v1 call must carry (None: open)."""
     app = FastAPI(title="snapfusion serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.token = engine, token
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):

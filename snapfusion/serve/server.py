@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import socket
+import sys
 
-from snapfusion.errors import ConfigError
+from snapfusion.errors import ConfigError, InputError
 from snapfusion.serve.config import TOKEN_ENV, ServeConfig
 
 
@@ -46,18 +49,38 @@ def require_extra() -> None:
         raise ConfigError(f"snapfusion serve needs {' and '.join(missing)}: pip install 'snapfusion[serve]'")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (port 0: any free one), or a one-line ``InputError``."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)  # hold the port now: a second server on it fails here, not after its models load
+    except OSError as err:
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+    return sock
+
+
 def run(config: ServeConfig) -> None:
     """Load the models and serve until interrupted (uvicorn on ``config.host``:``config.port``)."""
     config.check()
     require_extra()
+    sock = listen(config.host, config.port)  # before the models load: a busy port is a one-line error
     import torch
     import uvicorn
 
     torch.set_grad_enabled(False)
+    print(f"snapfusion serve: {dataclasses.replace(config, token=config.token and '***')}", flush=True)
     engine, app = build(config)
-    print(f"snapfusion serve: {engine.default} warm on {config.host}:{config.port}; open http://{config.host}:"
-          f"{config.port}/ (models: {', '.join(engine.loaders)})", flush=True)
+    port = sock.getsockname()[1]
+    if app.state.token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"snapfusion: warning: listening on {config.host} without a token: anyone who can reach this port can "
+              "use the models (--token)", file=sys.stderr)
+    print(f"snapfusion serve: {engine.default} warm; open http://{config.host}:{port}/ (models: "
+          f"{', '.join(engine.loaders)})", flush=True)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()
