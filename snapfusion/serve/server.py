@@ -64,7 +64,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run(config: ServeConfig) -> None:
     """Load the models and serve until interrupted (uvicorn on ``config.host``:``config.port``)."""
+    from snapfusion.loading import resolve_device
+
     config.check()
+    resolve_device(config.device, option="--device")
     require_extra()
     sock = listen(config.host, config.port)  # before the models load: a busy port is a one-line error
     import torch
