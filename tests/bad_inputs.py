@@ -371,6 +371,15 @@ def _more() -> list[Case]:
         ("assemble/out-empty", ["assemble", "--text-encoder", "{tmp}/empty", "--vae", "{tmp}/empty", "--unet",
                                 "{tmp}/empty", "--out", ""], "--out"),
     ]
+    rows += [
+        ("serve/port-99999", ["serve", "--port", "99999"], "--port"),
+        ("serve/port-text", ["serve", "--port", "http"], "--port"),
+        ("serve/timeout-nan", ["serve", "--timeout", "nan"], "--timeout"),
+        ("serve/queue-size-0", ["serve", "--queue-size", "0"], "--queue-size"),
+        ("serve/max-batch-1000", ["serve", "--max-batch", "1000"], "--max-batch"),
+        ("serve/device-unknown", ["serve", "--device", "tpu"], "--device"),
+        ("serve/model-missing", ["serve", "--model", "{tmp}/nomodel"], "nomodel"),
+    ]
     return [Case(i, a, x) for i, a, x in rows]
 
 

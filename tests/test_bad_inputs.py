@@ -16,7 +16,8 @@ WORK = [("snapfusion.loading", "resolve_model"), ("snapfusion.loading", "load"),
         ("snapfusion.train.loop", "train"), ("snapfusion.bench", "run_bench"),
         ("snapfusion.evolve.latency", "measure_table"), ("snapfusion.evolve.evolution", "evolve"),
         ("snapfusion.models.text", "load_text_encoder"), ("snapfusion.models.autoencoder", "load_autoencoder"),
-        ("snapfusion.decoder.io", "load_decoder"), ("snapfusion.eval.runner", "run_eval_command")]
+        ("snapfusion.decoder.io", "load_decoder"), ("snapfusion.eval.runner", "run_eval_command"),
+        ("snapfusion.serve", "run")]
 WORK_METHODS = [("snapfusion.pipeline", "Pipeline", "load"), ("snapfusion.models.unet", "UNet", "load")]
 PRELOAD = ["snapfusion.cli", "snapfusion.train.stages", "snapfusion.distill.stages", "snapfusion.evolve.runs",
            "snapfusion.evolve.robust", "snapfusion.decoder.task", "snapfusion.export.onnx_export", "snapfusion.bench",

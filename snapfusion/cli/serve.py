@@ -5,11 +5,26 @@ from __future__ import annotations
 import argparse
 
 
-def cmd_serve(a: argparse.Namespace) -> None:
-    from snapfusion.serve import ServeConfig, run
+def _config(a: argparse.Namespace):
+    from snapfusion.serve import ServeConfig
 
-    run(ServeConfig(host=a.host, port=a.port, model=a.model, device=a.device, dtype=a.dtype, preload=a.preload,
-                    queue_size=a.queue_size, max_batch=a.max_batch, timeout=a.timeout, token=a.token))
+    return ServeConfig(host=a.host, port=a.port, model=a.model, device=a.device, dtype=a.dtype, preload=a.preload,
+                       queue_size=a.queue_size, max_batch=a.max_batch, timeout=a.timeout, token=a.token)
+
+
+def check_serve(a: argparse.Namespace) -> None:
+    """The server's config (ServeConfig.check), its device and its default model, before the port is taken."""
+    from snapfusion.loading import check_model, resolve_device
+
+    _config(a).check()
+    resolve_device(a.device, option="--device")
+    check_model(a.model)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from snapfusion.serve import run
+
+    run(_config(a))
 
 
 def register(sub) -> None:
@@ -33,4 +48,4 @@ def register(sub) -> None:
                    "504 (default %(default)s)")
     v.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /v1 calls (default: "
                    "$SNAPFUSION_SERVE_TOKEN if set, else no token)")
-    v.set_defaults(func=cmd_serve)
+    v.set_defaults(func=cmd_serve, check=check_serve)
