@@ -109,7 +109,7 @@ def add_noise_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-noise", type=types.number("--offset-noise", minimum=0.0), default=0.0,
                    help="per-channel noise offset, e.g. 0.1: lets the "
                    "model move a channel's mean, i.e. a flat background's color (docs/base_model.md)")
-    p.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0,
+    p.add_argument("--latent-pool", type=types.at_least("--latent-pool", 0), default=0,
                    help="encode this many training scenes once and train on their latents (0: encode every batch)")
 
 

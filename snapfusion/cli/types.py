@@ -32,6 +32,14 @@ def non_negative(name: str, *, maximum: int = v.MAX_COUNT) -> Callable[[str], in
                   "integer")
 
 
+def at_least(name: str, minimum: int = 0) -> Callable[[str], int]:
+    """An integer >= minimum (and at most MAX_COUNT), refused as "must be >= minimum": pool sizes and the like."""
+    def parse(text: str) -> int:
+        value = v.check_int(v.parse_int(text, name=name), name=name, minimum=minimum)
+        return v.check_int(value, name=name, maximum=v.MAX_COUNT)
+    return _named(parse, "integer")
+
+
 def number(name: str, *, minimum: float | None = None, maximum: float | None = None, low_open: bool = False,
            high_open: bool = False) -> Callable[[str], float]:
     """A finite number in [minimum, maximum] (``low_open`` / ``high_open`` exclude the bound)."""
