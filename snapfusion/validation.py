@@ -181,7 +181,8 @@ def check_int(value, *, name: str, minimum: int | None = None, maximum: int | No
             raise InputError(f"{name} must be >= {minimum}, got {value}")
         if minimum is None:
             raise InputError(f"{name} must be <= {maximum}, got {value}")
-        raise InputError(f"{name} must be between {minimum} and {maximum}, got {value}")
+        shown = "2**63 - 1" if maximum == MAX_COUNT else maximum  # the int64 limit, not its 19 digits
+        raise InputError(f"{name} must be between {minimum} and {shown}, got {value}")
     return value
 
 
