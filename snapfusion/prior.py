@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snapfusion.config import save_json
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.fileio import atomic_write_text, clean_trash
 from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained, \
@@ -273,3 +274,32 @@ def train_prior(encode_text: Callable[[list[str]], torch.Tensor], captions: list
               "unselected_held_out": unseen.stop - unseen.start,
               "unselected_r2": 1 - err_unseen / variance(unseen), "log": log, "train": dataclasses.asdict(train)}
     return prior, report
+
+
+@dataclass(frozen=True)
+class PriorData:
+    """The (caption, block means) pairs of ``build_targets``."""
+
+    scenes: int = 10000        # training renders (the last 10 % are held out)
+    encode_size: int = 128     # renders are encoded at this size (cheap)
+    calibrate: int = 64        # renders also encoded at full size for the per-channel affine map (0: none)
+    grid: int = 2              # the latent's G x G block means
+    num_emoji: int | None = None
+    seed: int = 16
+
+
+def fit_pipeline_prior(pipe, encoder, out: Path, cache: Path, data: PriorData, train: PriorTrainConfig, *,
+                       source: str, model: str) -> dict:
+    """Train ``pipe``'s layout prior on block means from ``encoder`` (its latent space, named by ``source``); save it
+    to ``out`` with ``train_report.json`` beside it; returns the report."""
+    captions, targets = build_targets(encoder, data.scenes, cache, grid=data.grid, size=data.encode_size,
+                                      calibrate=data.calibrate, full_size=pipe.config.resolution,
+                                      num_emoji=data.num_emoji, seed=data.seed, source=source)
+    config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
+                               latent_channels=pipe.unet.config.in_channels, grid=data.grid)
+    prior, report = train_prior(lambda c: pipe.encode_text(c).float().cpu(), captions, targets, config, train)
+    prior.save(out)
+    save_json({"model": model, "scenes": data.scenes, "encode_size": data.encode_size, "calibrate": data.calibrate,
+               "num_emoji": data.num_emoji, "seed": data.seed, "config": dataclasses.asdict(config), **report},
+              out / "train_report.json")
+    return report

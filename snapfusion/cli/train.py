@@ -89,12 +89,9 @@ def _mix_options(a: argparse.Namespace) -> dict:
 
 
 def cmd_train_prior(a: argparse.Namespace) -> None:
-    import dataclasses
-
-    from snapfusion.config import save_json
     from snapfusion.models.autoencoder import Encoder, load_autoencoder
     from snapfusion.pipeline import part_folder
-    from snapfusion.prior import LayoutPriorConfig, PriorTrainConfig, build_targets, train_prior
+    from snapfusion.prior import PriorData, PriorTrainConfig, fit_pipeline_prior
 
     if a.scenes < 10 or a.steps < 1 or a.eval_every < 1 or not 0 <= a.calibrate <= a.scenes:
         raise SnapFusionError("--scenes must be >= 10, --steps and --eval-every >= 1 and --calibrate between 0 and "
@@ -106,19 +103,13 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
         raise SnapFusionError(f"the layout prior needs a VAE encoder of {a.model}'s latent space: none at "
                               f"{encoder_dir} (--encoder)")
     encoder = load_autoencoder(encoder_dir, Encoder, device=device).eval()
-    captions, targets = build_targets(encoder, a.scenes, Path(a.cache), grid=a.grid, size=a.encode_size,
-                                      calibrate=a.calibrate, full_size=pipe.config.resolution,
-                                      num_emoji=a.num_emoji, seed=a.seed, source=str(encoder_dir.resolve()))
-    config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
-                               latent_channels=pipe.unet.config.in_channels, grid=a.grid)
+    data = PriorData(scenes=a.scenes, encode_size=a.encode_size, calibrate=a.calibrate, grid=a.grid,
+                     num_emoji=a.num_emoji, seed=a.seed)
     train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
                              keep_best=not a.keep_last)
-    prior, report = train_prior(lambda c: pipe.encode_text(c).float().cpu(), captions, targets, config, train)
     out = Path(a.out)
-    prior.save(out)
-    save_json({"model": str(a.model), "scenes": a.scenes, "encode_size": a.encode_size, "calibrate": a.calibrate,
-               "num_emoji": a.num_emoji, "seed": a.seed, "config": dataclasses.asdict(config), **report},
-              out / "train_report.json")
+    report = fit_pipeline_prior(pipe, encoder, out, Path(a.cache), data, train, source=str(encoder_dir.resolve()),
+                                model=str(a.model))
     print(f"wrote {out} (step {report['kept_step']}): held-out R^2 {report['held_out_r2']:.3f} (MSE "
           f"{report['held_out_mse']:.4f}, target variance {report['held_out_variance']:.4f}; "
           f"{report['unselected_r2']:.3f} on the half that did not choose the step); put it in the pipeline folder "
