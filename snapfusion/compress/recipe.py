@@ -165,8 +165,9 @@ def _hashes(paths: dict[str, Path], cache: dict[Path, str], run_dir: Path) -> di
     return out
 
 
-def _decide(stage: Stage, config: RecipeConfig, run_dir: Path, budget: Budget, cache: dict) -> dict:
-    """What to do with a stage: skip (done and current), stop (time spent), resume, or fresh (wipe its folder)."""
+def _decide(stage: Stage, config: RecipeConfig, run_dir: Path, budget: Budget, cache: dict, ran: bool) -> dict:
+    """What to do with a stage: skip (done and current), stop (time spent, once a stage has run in this invocation:
+    every invocation makes progress), resume, or fresh (wipe its folder)."""
     inputs = _hashes(stage.inputs(config, run_dir), cache, run_dir)
     settings = stage.settings(config)
     digest = mf.settings_sha256(settings)
@@ -174,7 +175,7 @@ def _decide(stage: Stage, config: RecipeConfig, run_dir: Path, budget: Budget, c
     current = mf.is_current(entry, inputs, digest)
     if current and entry["status"] == "done" and mf.outputs_exist(entry):
         action = "skip"
-    elif budget.expired():
+    elif budget.expired() and ran:
         action = "stop"
     else:
         action = "resume" if current else "fresh"
@@ -220,8 +221,9 @@ def run_recipe(config: RecipeConfig) -> dict:
         data = mf.read(run_dir)
         mf.write(run_dir, {**data, "recipe": to_dict(config)})
     cache: dict[Path, str] = {}
+    ran = False
     for i, stage in enumerate(chosen):
-        decision = processes.share(_decide(stage, config, run_dir, budget, cache) if main else None)
+        decision = processes.share(_decide(stage, config, run_dir, budget, cache, ran) if main else None)
         if decision["action"] == "skip":
             if main:
                 print(f"[compress] {stage.name}: done, inputs unchanged: skipped", flush=True)
@@ -236,7 +238,7 @@ def run_recipe(config: RecipeConfig) -> dict:
             mf.record(run_dir, stage.name, _entry(stage, decision, device, "partial", 0.0, None, "running"),
                       accumulate=decision["action"] == "resume", new_invocation=True)
         processes.barrier()
-        t0 = time.time()
+        ran, t0 = True, time.time()
         try:
             result = (stage.run(config, run_dir, budget) if stage.trains or n == 1
                       else processes.run_alone(stage.name, config, run_dir, budget))
