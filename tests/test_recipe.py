@@ -1,4 +1,4 @@
-"""snapfusion compress: the whole recipe on a tiny teacher, its manifest, resumption in time-limited chunks, --stages."""
+"""snapfusion compress: the whole recipe on a tiny teacher, its manifest, resumption in time-limited calls, --stages."""
 
 import json
 import shutil
@@ -71,7 +71,8 @@ def test_every_stage_writes_an_output_that_loads(run, teacher):
     assert student.config == UNet.load(run / "v-student/final").config
     assert student.config.prediction_type == "v_prediction" and student.config.down == evolved.config.down
     reduced = load_decoder(run / "reduce-decoder/decoder")
-    assert reduced.config.decoder_widths == tuple(w // 2 for w in load_decoder(teacher / "vae_decoder").config.decoder_widths)
+    teacher_widths = load_decoder(teacher / "vae_decoder").config.decoder_widths
+    assert reduced.config.decoder_widths == tuple(w // 2 for w in teacher_widths)
     assert load_safetensors(run / "decoder-latents/latents.safetensors")["latents"].shape == (4, 4, 8, 8)
     assert load_decoder(run / "distill-decoder/final").config == reduced.config
     assert LayoutPrior.load(run / "train-prior/prior").config.context_dim == 32
@@ -187,3 +188,31 @@ def test_bad_options_are_one_line_errors_before_any_work(teacher, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_evolve_in_the_main_one(teacher, tmp_path):
+    """As under ``accelerate launch``: torchrun with two CPU processes (gloo)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "snapfusion.cli",
+           *_args(teacher, run_dir, "--stages", "bench-blocks,robust-train,evolve")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("recipe config") == 1  # the main process alone reports
+    assert "parameters; 2 process(es)" in out  # robust training: both processes
+    assert "parameters; 1 process(es)" in out  # evolution's training chunks: the main process's child alone
+    stages = _manifest(run_dir)["stages"]
+    assert list(stages) == ["bench-blocks", "robust-train", "evolve"]
+    assert all(e["status"] == "done" and e["processes"] == 2 for e in stages.values())
+    assert (run_dir / "evolve" / "final" / "config.json").is_file()

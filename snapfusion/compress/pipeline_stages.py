@@ -117,7 +117,8 @@ def assemble(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult
     ms, teacher_ms = predict_ms(unet.config, table)[0], predict_ms(teacher.unet.config, table)[0]
     return StageResult("done", {"pipeline": str(out)}, {
         "unet_parameters": parameter_count(unet), "teacher_unet_parameters": parameter_count(teacher.unet),
-        "decoder_parameters": parameter_count(pipe.decoder), "teacher_decoder_parameters": parameter_count(teacher.decoder),
+        "decoder_parameters": parameter_count(pipe.decoder),
+        "teacher_decoder_parameters": parameter_count(teacher.decoder),
         "unet_ms": ms, "teacher_unet_ms": teacher_ms, "unet_latency_fraction": ms / teacher_ms,
         "steps": pipe_cfg.steps, "megabytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 1e6})
 

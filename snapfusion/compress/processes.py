@@ -20,8 +20,9 @@ _LAUNCHER_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
 def init_group() -> None:
     """Join the launcher's process group with a long timeout (the training loop's accelerate state reuses it)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    PartialState(timeout=WAIT)
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=WAIT)  # the CPU flag as Accelerator reads it
 
 
 def share(value: Any) -> Any:

@@ -95,8 +95,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-prior", ps.train_prior, lambda c, r: {"teacher": teacher_dir(c)},
           lambda c: {"prior": to_dict(c.scale.prior), "num_emoji": c.scale.common.num_emoji}, False,
           "layout prior (not in the paper)"),
-    Stage("assemble", ps.assemble, lambda c, r: {"unet": r / us.STUDENT, "decoder": r / ps.DECODER,
-                                                "prior": r / ps.PRIOR, "table": r / us.TABLE, "teacher": teacher_dir(c)},
+    Stage("assemble", ps.assemble,
+          lambda c, r: {"unet": r / us.STUDENT, "decoder": r / ps.DECODER, "prior": r / ps.PRIOR, "table": r / us.TABLE,
+                        "teacher": teacher_dir(c)},
           lambda c: {"student_steps": c.scale.student_steps}, False, "the SnapFusion pipeline"),
     Stage("eval", ps.evaluate, lambda c, r: {"pipeline": r / ps.PIPELINE, "teacher": teacher_dir(c)},
           lambda c: _common(c, "evaluation", "student_steps"), False, "§5 evaluation"),
@@ -258,8 +259,9 @@ def run_recipe(config: RecipeConfig) -> dict:
             return _stopped(left, f"{stage.name} is partial ({result.note})", main)
     pipeline = run_dir / ps.PIPELINE
     if main:
-        print(f"[compress] done: {', '.join(s.name for s in chosen)}; pipeline {pipeline}; manifest "
-              f"{run_dir / mf.MANIFEST}", flush=True)
+        made = f"; pipeline {pipeline}" if pipeline.is_dir() else ""
+        print(f"[compress] done: {', '.join(s.name for s in chosen)}{made}; manifest {run_dir / mf.MANIFEST}",
+              flush=True)
     return {"status": "done", "left": [], "pipeline": str(pipeline) if pipeline.is_dir() else None}
 
 

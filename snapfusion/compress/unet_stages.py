@@ -136,7 +136,7 @@ def _chunk(config: RecipeConfig, budget: Budget, device: str):
 
 
 def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """SnapFusion Alg. 1: remove the lowest ΔCLIP/ΔLatency blocks while over the budget, add the best copies under it."""
+    """SnapFusion Alg. 1: remove the lowest-ΔCLIP/ΔLatency blocks while over the budget, add the best copies under."""
     from snapfusion.data import load_prompt_set
     from snapfusion.eval.evaluators import clip_scores, load_evaluators
     from snapfusion.evolve.actions import EvalConfig
@@ -178,7 +178,7 @@ def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
 
 
 def evolve_apply(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """The evolved architecture on the teacher UNet's own weights (the shipped student's start, docs/efficient_unet.md)."""
+    """The evolved architecture on the teacher UNet's own weights (as the shipped student's start was made)."""
     from snapfusion.evolve.evolution import read_log, replay
     from snapfusion.evolve.latency import load_table, predict_ms
     from snapfusion.evolve.robust import load_matching
