@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snapfusion.compress.settings import Train
+from snapfusion.compress.settings import RecipeConfig, Train
 
 if TYPE_CHECKING:
-    from snapfusion.compress.recipe import RecipeConfig
     from snapfusion.train.loop import LoopConfig
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from snapfusion.compress.core import (Budget, StageResult, device_of, loop_config, resuming, stage_dir, teacher_dir,
                                       teacher_part, training_result)
+from snapfusion.compress.settings import RecipeConfig
 from snapfusion.compress.unet_stages import STUDENT, TABLE
-
-if TYPE_CHECKING:
-    from snapfusion.compress.recipe import RecipeConfig
 
 REDUCED = "reduce-decoder/decoder"
 LATENTS = "decoder-latents/latents.safetensors"

@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import queue as queue_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from snapfusion.compress.core import Budget, StageResult, world
 
@@ -43,19 +43,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _child(name: str, config, run_dir: Path, minutes: float, queue) -> None:
-    from snapfusion.compress.recipe import STAGES
-
+def _child(run: Callable, config, run_dir: Path, minutes: float, queue) -> None:
     try:
-        stage = next(s for s in STAGES if s.name == name)
-        queue.put(("ok", stage.run(config, run_dir, Budget(minutes))))
+        queue.put(("ok", run(config, run_dir, Budget(minutes))))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
         queue.put(("error", f"{type(err).__name__}: {err}"))
         raise
 
 
-def run_alone(name: str, config, run_dir: Path, budget: Budget) -> StageResult | None:
-    """Run stage ``name`` in a child of the main process on this process's GPU alone; None in the other processes."""
+def run_alone(run: Callable, name: str, config, run_dir: Path, budget: Budget) -> StageResult | None:
+    """Run the stage function ``run`` (stage ``name``) in a child of the main process, on this process's GPU alone;
+    None in the other processes."""
     rank, _, local = world()
     if rank != 0:
         return None
@@ -67,7 +65,7 @@ def run_alone(name: str, config, run_dir: Path, budget: Budget) -> StageResult |
             del os.environ[key]
         visible = saved.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local] if visible else str(local)
-        child = ctx.Process(target=_child, args=(name, config, run_dir, budget.remaining_minutes(), queue))
+        child = ctx.Process(target=_child, args=(run, config, run_dir, budget.remaining_minutes(), queue))
         child.start()
     finally:
         os.environ.clear()

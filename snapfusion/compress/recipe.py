@@ -1,4 +1,5 @@
-"""``run_recipe``: a teacher pipeline folder -> an assembled SnapFusion pipeline, as one resumable chain of stages.
+"""``run_recipe``: a teacher pipeline folder -> an assembled SnapFusion pipeline, as one resumable chain of stages
+(``RecipeConfig``, in settings.py, says which teacher, budget, device, time limit, stages and preset).
 
 Each stage is a function ``(config, run_dir, budget) -> StageResult`` over the library (the stage commands are built on
 the same functions). The run folder holds one folder per stage and ``manifest.json`` (manifest.py). A rerun skips
@@ -14,28 +15,18 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from snapfusion.compress import manifest as mf
+from snapfusion.compress import processes
 from snapfusion.compress import pipeline_stages as ps
 from snapfusion.compress import unet_stages as us
 from snapfusion.compress.core import Budget, StageResult, device_of, gpu_count, teacher_dir, teacher_part, world
-from snapfusion.compress.settings import SCALES, Scale, scale_preset
+from snapfusion.compress.settings import RecipeConfig, scale_preset
 from snapfusion.config import format_config, save_json, to_dict
 from snapfusion.errors import InputError, WeightsError
-
-
-@dataclass(frozen=True)
-class RecipeConfig:
-    teacher: str                     # 'base' or a pipeline folder with text_encoder/, unet/, vae_encoder/, vae_decoder/
-    run_dir: str                     # every stage's folder and manifest.json
-    latency_budget: float = 0.3      # the evolved UNet's latency as a fraction of the teacher's, per step on `device`
-    device: str = "auto"             # target device of the latency table, and where single-process stages run
-    max_minutes: float = 0.0         # > 0: stop this invocation after about this long (training stops at a checkpoint)
-    stages: tuple[str, ...] = ()     # run only these (table order); empty: all
-    scale: Scale = field(default_factory=lambda: SCALES["full"])
 
 
 @dataclass(frozen=True)
@@ -205,8 +196,6 @@ def _device_name(device: str) -> str:
 
 def run_recipe(config: RecipeConfig) -> dict:
     """Run (or continue) the recipe; returns {"status": "done" | "partial", "left": [stage names], "pipeline": path}."""
-    from snapfusion.compress import processes
-
     chosen = check(config)
     budget = Budget(config.max_minutes)
     rank, n, _ = world()
@@ -242,7 +231,7 @@ def run_recipe(config: RecipeConfig) -> dict:
         ran, t0 = True, time.time()
         try:
             result = (stage.run(config, run_dir, budget) if stage.trains or n == 1
-                      else processes.run_alone(stage.name, config, run_dir, budget))
+                      else processes.run_alone(stage.run, stage.name, config, run_dir, budget))
         except BaseException as err:
             if main:
                 mf.record(run_dir, stage.name, _entry(stage, decision, device, "failed", time.time() - t0, None,

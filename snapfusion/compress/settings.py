@@ -1,4 +1,4 @@
-"""Per-stage settings of the compression recipe and the two presets: ``full`` (the step counts behind the shipped
+"""The recipe's config, its per-stage settings and the two presets: ``full`` (the step counts behind the shipped
 student, docs/efficient_unet.md and docs/step_distillation.md) and ``tiny`` (a few steps everywhere, for tests)."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Latency:
 class Evolution:
     """evolve: SnapFusion Alg. 1 with robust-training chunks between steps."""
 
-    iterations: int = 10
+    iterations: int = 8
     actions_per_step: int = 4
     num_prompts: int = 16
     eval_steps: int = 10
@@ -66,7 +66,7 @@ class Decoder:
     latents: int = 2048             # teacher latents generated once (DPM-Solver++, 12 steps, w ~ U[1, 10.5])
     latent_steps: int = 12
     latent_batch: int = 64
-    train: Train = field(default_factory=lambda: Train(steps=2000, batch=16, lr=2e-4, ema=0.99))
+    train: Train = field(default_factory=lambda: Train(steps=2420, batch=16, lr=5e-4, warmup=100, ema=0.99))
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,17 @@ def scale_preset(name: str) -> Scale:
     if name not in SCALES:
         raise InputError(f"--scale {name!r}: unknown (known: {', '.join(SCALES)})")
     return SCALES[name]
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """The recipe: which teacher, where, to what latency, on which device, how long per call, which stages, which
+    preset (printed at the start and saved as the run folder's recipe.json)."""
+
+    teacher: str                     # 'base' or a pipeline folder with text_encoder/, unet/, vae_encoder/, vae_decoder/
+    run_dir: str                     # every stage's folder and manifest.json
+    latency_budget: float = 0.3      # the evolved UNet's latency as a fraction of the teacher's, per step on `device`
+    device: str = "auto"             # target device of the latency table, and where single-process stages run
+    max_minutes: float = 0.0         # > 0: stop this invocation after about this long (training stops at a checkpoint)
+    stages: tuple[str, ...] = ()     # run only these (table order); empty: all
+    scale: Scale = field(default_factory=lambda: SCALES["full"])

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from snapfusion.compress.core import (Budget, OutOfTime, StageResult, device_of, loop_config, resuming, stage_dir,
                                       teacher_dir, teacher_part, training_result)
-
-if TYPE_CHECKING:
-    from snapfusion.compress.recipe import RecipeConfig
+from snapfusion.compress.settings import RecipeConfig
+from snapfusion.evolve.runs import clip_scorer, unet_config_of
 
 # every stage's output, relative to the run folder (the next stages read them from here)
 TABLE = "bench-blocks/table.json"
@@ -24,14 +22,6 @@ KD = "kd-finetune/final"
 V_TEACHER = "v-teacher/final"
 V_STUDENT = "v-student/final"
 STUDENT = "distill/final"
-
-
-def unet_config_of(folder: str | Path):
-    """The ``UNetConfig`` saved in a UNet folder."""
-    from snapfusion.config import from_dict, load_json
-    from snapfusion.models.unet_config import UNetConfig
-
-    return from_dict(UNetConfig, load_json(Path(folder) / "config.json")["config"], where=f"{folder}/config.json")
 
 
 def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
@@ -104,8 +94,9 @@ def robust_train(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageRe
 
 
 def _chunk(config: RecipeConfig, budget: Budget, device: str):
-    """Evolution's robust-training chunk between two steps (the one loop, resumable); ``OutOfTime`` when the budget
-    stops it before its last step, so that the step is redone, not scored on a shorter chunk."""
+    """Evolution's robust-training chunk between two steps (the one loop, resumable): ``evolve.runs.training_chunk``
+    with the time budget as the loop's limit, ``OutOfTime`` when the budget stops it before its last step (so that the
+    step is redone, not scored on a shorter chunk), and each iteration's own scenes."""
     from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
     from snapfusion.models.unet import UNet
     from snapfusion.train.loop import LoopConfig, train
@@ -138,7 +129,7 @@ def _chunk(config: RecipeConfig, budget: Budget, device: str):
 def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """SnapFusion Alg. 1: remove the lowest-ΔCLIP/ΔLatency blocks while over the budget, add the best copies under."""
     from snapfusion.data import load_prompt_set
-    from snapfusion.eval.evaluators import clip_scores, load_evaluators
+    from snapfusion.eval.evaluators import load_evaluators
     from snapfusion.evolve.actions import EvalConfig
     from snapfusion.evolve.evolution import EvolveConfig
     from snapfusion.evolve.evolution import evolve as run_evolution
@@ -151,11 +142,7 @@ def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     pipe = resolve_model(str(teacher_dir(config)), device=device)
     start = load_matching(UNet(unet_config_of(run_dir / ROBUST)), run_dir / ROBUST).to(device)
     records = load_prompt_set("test200", num_emoji=config.scale.common.num_emoji)[: e.num_prompts]
-    clip = load_evaluators(device=device).clip
-
-    def scorer(images, prompts):  # per-image domain CLIP score (the shipped scene CLIP)
-        return clip_scores(clip, images.to(device), prompts)
-
+    scorer = clip_scorer(load_evaluators(device=device))  # per-image domain CLIP score (the shipped scene CLIP)
     ev = EvalConfig(prompt_set="test200", num_prompts=e.num_prompts, steps=e.eval_steps, guidance=e.guidance,
                     size=config.scale.common.image_size, batch=e.eval_batch)
     cfg = EvolveConfig(budget_fraction=config.latency_budget, iterations=e.iterations,
