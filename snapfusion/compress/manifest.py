@@ -1,5 +1,5 @@
 """The run folder's ``manifest.json``: per stage its inputs and their sha256, settings, device, wall time,
-GPU-minutes, status and metrics. Written atomically (a temporary file, then ``os.replace``)."""
+GPU-minutes, status and metrics. Written atomically (a temporary file, fsync, then ``os.replace``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from snapfusion.errors import ConfigError
+from snapfusion.fileio import atomic_write_text
 
 MANIFEST = "manifest.json"
 STATUSES = ("done", "partial", "failed")
@@ -37,7 +38,7 @@ def sha256_path(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path)
-        if _SKIPPED_PARTS & set(rel.parts) or any(part.endswith(".tmp") for part in rel.parts):
+        if _SKIPPED_PARTS & set(rel.parts) or any(".tmp" in part or part.startswith(".trash-") for part in rel.parts):
             continue
         h.update(f"{rel.as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
@@ -68,10 +69,7 @@ def read(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def write(run_dir: str | os.PathLike, data: dict[str, Any]) -> None:
     """Replace the manifest atomically: a reader sees the old or the new file, never a part."""
-    path = Path(run_dir) / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({**data, "updated": now()}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(run_dir) / MANIFEST, json.dumps({**data, "updated": now()}, indent=1) + "\n")
 
 
 def is_current(entry: dict[str, Any] | None, inputs: dict[str, dict], settings_hash: str) -> bool:

@@ -13,7 +13,6 @@ Under ``accelerate launch`` the training stages run in every process (DDP); the 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from snapfusion.compress.core import Budget, StageResult, device_of, gpu_count, 
 from snapfusion.compress.settings import RecipeConfig, scale_preset
 from snapfusion.config import format_config, save_json, to_dict
 from snapfusion.errors import InputError, WeightsError
+from snapfusion.fileio import trash
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def run_recipe(config: RecipeConfig) -> dict:
             return _stopped(left, f"the {config.max_minutes:g} minutes are spent", main)
         if main:
             if decision["action"] == "fresh":
-                shutil.rmtree(run_dir / stage.name, ignore_errors=True)
+                trash(run_dir / stage.name)
             print(f"[compress] {stage.name} ({stage.section}): {decision['action']}", flush=True)
             mf.record(run_dir, stage.name, _entry(stage, decision, device, "partial", 0.0, None, "running"),
                       accumulate=decision["action"] == "resume", new_invocation=True)
