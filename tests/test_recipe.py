@@ -171,6 +171,25 @@ def test_stages_runs_only_the_named_stages(teacher, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "stage assemble needs" in err and "include distill in --stages" in err
 
 
+def test_a_failed_stage_is_recorded_and_the_next_call_redoes_it(teacher, tmp_path, monkeypatch, capsys):
+    import snapfusion.decoder.reduce
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    run_dir = tmp_path / "failing"
+    monkeypatch.setattr(snapfusion.decoder.reduce, "reduce_decoder", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(_args(teacher, run_dir, "--stages", "reduce-decoder"))
+    entry = _manifest(run_dir)["stages"]["reduce-decoder"]
+    assert entry["status"] == "failed" and entry["note"] == "RuntimeError: out of memory" and not entry["outputs"]
+    monkeypatch.undo()
+    assert main(_args(teacher, run_dir, "--stages", "reduce-decoder")) == 0
+    assert "reduce-decoder (§3.2 decoder channel reduction): resume" in capsys.readouterr().out
+    entry = _manifest(run_dir)["stages"]["reduce-decoder"]
+    assert entry["status"] == "done" and entry["invocations"] == 2 and entry["outputs"]["decoder"]["sha256"]
+
+
 def test_bad_options_are_one_line_errors_before_any_work(teacher, tmp_path, capsys):
     run_dir = tmp_path / "never"
     no_encoder = tmp_path / "no_encoder"
