@@ -100,13 +100,15 @@ class Scale:
     name: str
     common: Common = field(default_factory=Common)
     latency: Latency = field(default_factory=Latency)
-    robust: Train = field(default_factory=lambda: Train(steps=450, batch=64, lr=5e-5, ema=0.0, latent_pool=16384))
+    robust: Train = field(default_factory=lambda: Train(steps=450, batch=64, lr=5e-5, warmup=200, ema=0.0,
+                                                        latent_pool=16384))
     evolution: Evolution = field(default_factory=Evolution)
     kd: Train = field(default_factory=lambda: Train(steps=3086, batch=64, lr=1e-4, latent_pool=16384))
     kd_feature_weight: float = 1.0  # BK-SDM feature KD: what brought the 20 % UNet to the base (session 5)
     v_teacher: Train = field(default_factory=lambda: Train(steps=2686, batch=64, lr=5e-5, latent_pool=16384))
-    v_student: Train = field(default_factory=lambda: Train(steps=1048, batch=64, lr=1e-4, latent_pool=16384))
-    distill: Train = field(default_factory=lambda: Train(steps=600, batch=32, lr=1e-4, ema=0.995, latent_pool=8192))
+    v_student: Train = field(default_factory=lambda: Train(steps=1048, batch=64, lr=1e-4, warmup=200, ema=0.999))
+    distill: Train = field(default_factory=lambda: Train(steps=600, batch=32, lr=1e-4, warmup=200, ema=0.995,
+                                                         latent_pool=8192))
     student_steps: int = 8          # the teacher runs 2x as many (16 -> 8)
     cfg_prob: float = 0.1           # SnapFusion §4: L_cfg with p = 0.1, else L_vani
     feature_weight: float = 0.5     # the distillation's feature term (docs/step_distillation.md, session 7)
