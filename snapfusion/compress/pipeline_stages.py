@@ -123,7 +123,8 @@ def assemble(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult
 def _scores(report: dict) -> dict:
     row = report["results"][0]
     return {"clip_score": row["clip_score"], "domain_fid": row["domain_fid"],
-            "attribute_accuracy": row["attributes"].get("all"), "images": report["num_images"],
+            "fid_vs_renders": row.get("fid_vs_renders"), "attribute_accuracy": row["attributes"].get("all"),
+            "images": report["num_images"],
             "steps": report["steps"], "guidance": row["guidance"]}
 
 

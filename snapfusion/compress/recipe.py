@@ -131,9 +131,9 @@ def check(config: RecipeConfig) -> list[Stage]:
     for stage in chosen:
         for name, path in stage.inputs(config, run_dir).items():
             if not path.exists() and path not in made:
-                producer = next(s.name for s in STAGES if path in _outputs_of(s, config, run_dir))
-                raise InputError(f"stage {stage.name} needs {path} ({name}), which stage {producer} makes: "
-                                 f"include {producer} in --stages")
+                producer = next((s.name for s in STAGES if path in _outputs_of(s, config, run_dir)), None)
+                raise InputError(f"stage {stage.name} needs {path} ({name})" + (
+                    f", which stage {producer} makes: include {producer} in --stages" if producer else ""))
         made |= _outputs_of(stage, config, run_dir)
     return chosen
 
@@ -259,10 +259,3 @@ def _stopped(left: list[str], why: str, main: bool) -> dict:
         print(f"[compress] stopped: {why}; left: {', '.join(left)}. Run the same command again to continue.",
               flush=True)
     return {"status": "partial", "left": left, "pipeline": None}
-
-
-def stage_table() -> list[tuple[str, str]]:
-    """(stage, paper section) in order."""
-    return [(s.name, s.section) for s in STAGES]
-
-
