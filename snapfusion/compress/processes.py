@@ -70,14 +70,14 @@ def run_alone(run: Callable, name: str, config, run_dir: Path, budget: Budget) -
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    while True:
+    kind, value = "error", ""
+    while not value:
+        alive = child.is_alive()  # read before the queue: an item put just before the end is still found
         try:
             kind, value = queue.get(timeout=5)
-            break
         except queue_module.Empty:
-            if not child.is_alive():
-                kind, value = "error", f"the stage's process ended with exit code {child.exitcode}"
-                break
+            if not alive:
+                value = f"the stage's process ended with exit code {child.exitcode}"
     child.join()
     if kind != "ok":
         from snapfusion.errors import SnapFusionError
