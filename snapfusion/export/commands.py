@@ -24,6 +24,9 @@ def cmd_export(a: argparse.Namespace) -> None:
     from snapfusion.cli import resolve_model
     from snapfusion.export.components import ExportConfig
 
+    from snapfusion.export.requirements import require_export_packages
+
+    require_export_packages(a.format)  # a missing onnx / onnxruntime / coremltools: one line naming the extra
     torch.set_grad_enabled(False)
     cfg = ExportConfig(format=a.format, precision=a.precision, opset=a.opset, batch=a.batch, resolution=a.size,
                        parity=not a.no_parity, parity_steps=a.parity_steps, min_psnr=a.min_psnr,
