@@ -71,6 +71,10 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
         return Pipeline.load(folder, device=device)
     path = Path(name)
     if not path.exists():
+        from snapfusion.sd15 import hub_id_error, looks_like_hub_id
+
+        if looks_like_hub_id(name):
+            raise hub_id_error(name)
         raise WeightsError(f"model not found: {path} (expected 'base', 'snapfusion' or a path)")
     if (path / INDEX).is_file() and load_json(path / INDEX).get("kind") == "pipeline":
         return Pipeline.load(path, device=device)
