@@ -58,7 +58,8 @@ def load_diffusers_sd(folder: str | Path, *, device: str | torch.device = "cpu")
     vae = load_diffusers_vae(folder / "vae", device=device)
     text = load_transformers_text_encoder(folder / "text_encoder", device=device)
     tok_dir = folder / "tokenizer"
-    tokenizer = Tokenizer(tok_dir) if (tok_dir / "vocab.json").is_file() else Tokenizer()
+    has_tokenizer = (tok_dir / "vocab.json").is_file() or (tok_dir / "tokenizer.json").is_file()
+    tokenizer = Tokenizer(tok_dir) if has_tokenizer else Tokenizer()
     if tokenizer.vocab_size > text.config.vocab_size:
         raise WeightsError(f"{tok_dir}: {tokenizer.vocab_size} tokens, but the text encoder embeds only "
                            f"{text.config.vocab_size}")

@@ -135,7 +135,8 @@ def _write_part(folder: Path, config: dict, state: dict, dtype, code: bool) -> N
 def _write_tokenizer(pipe, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     source = Path(pipe.tokenizer.folder)
-    for name in ("vocab.json", "merges.txt"):
+    names = ("vocab.json", "merges.txt") if (source / "vocab.json").is_file() else ("tokenizer.json",)
+    for name in names:
         shutil.copyfile(source / name, folder / name)
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                "unk_token": "<|endoftext|>"}
