@@ -50,7 +50,8 @@ def main() -> None:
         else:
             plain = StableDiffusionPipeline.from_pretrained(folder)
             image = plain(a.prompt, generator=gen(), **kw).images
-            print(f"{a.model}: StableDiffusionPipeline vs ours without the prior: PSNR {psnr(image, ours_plain):.1f} dB")
+            print(f"{a.model}: StableDiffusionPipeline vs ours without the prior: "
+                  f"PSNR {psnr(image, ours_plain):.1f} dB")
             theirs = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder / "snapfusion_diffusers.py"),
                                                        trust_remote_code=True)
         image = theirs(a.prompt, generator=gen(), **kw).images

@@ -203,3 +203,14 @@ def test_added_tokens_of_a_vocab_json_folder(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"49410": token}}))
     with pytest.raises(WeightsError, match="should have id 49410"):
         Tokenizer(tmp_path)
+
+
+def test_sharded_fp16_variant_loads(folder, tmp_path):
+    from snapfusion.convert.unet_keys import diffusers_to_ours, unet_from_diffusers_folder
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    unet.to(torch.float16).save_pretrained(tmp_path / "unet", variant="fp16", max_shard_size="200KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    ours = unet_from_diffusers_folder(tmp_path / "unet")
+    want = diffusers_to_ours(unet.state_dict(), ours.config)
+    assert all(torch.equal(v, want[k].float()) for k, v in ours.state_dict().items())

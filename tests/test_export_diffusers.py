@@ -86,8 +86,8 @@ def test_sd_shaped_export_is_a_plain_stable_diffusion_folder(exported):
     ours = pipe.generate([PROMPT], [SEED], steps=STEPS, guidance=GUIDANCE, use_prior=False)
     assert _psnr(_theirs(theirs), ours) >= 35
     # the layout prior through the custom pipeline over the same folder
-    custom = diffusers.DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder / "snapfusion_diffusers.py"),
-                                                         trust_remote_code=True)
+    code = str(folder / "snapfusion_diffusers.py")
+    custom = diffusers.DiffusionPipeline.from_pretrained(folder, custom_pipeline=code, trust_remote_code=True)
     custom.set_progress_bar_config(disable=True)
     with_prior = pipe.generate([PROMPT], [SEED], steps=STEPS, guidance=GUIDANCE)
     assert _psnr(with_prior, ours) < 35  # the prior matters in this test
