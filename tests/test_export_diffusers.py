@@ -192,3 +192,21 @@ def test_cli_export_diffusers(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "d" / "model_index.json").is_file()
     assert cli.main(["export", "--model", "x", "--format", "single-file", "--out", str(tmp_path / "s")]) == 2
     assert "LDM layout" in capsys.readouterr().err
+
+
+def test_prior_latents_helper_with_plain_pipeline(exported):
+    """The documented route for the plain StableDiffusionPipeline: starting latents with the prior's shift."""
+    import importlib.util
+
+    pipe, folder, _ = exported["sd"]
+    spec = importlib.util.spec_from_file_location("snapfusion_diffusers_test", folder / "snapfusion_diffusers.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    plain = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    plain.set_progress_bar_config(disable=True)
+    prior = code.LayoutPrior.from_pretrained(folder / "layout_prior")
+    latents = code.prior_latents(plain, prior, PROMPT, STEPS, height=64, width=64,
+                                 generator=torch.Generator("cpu").manual_seed(SEED))
+    image = plain(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents, output_type="pt").images
+    ours = pipe.generate([PROMPT], [SEED], steps=STEPS, guidance=GUIDANCE)
+    assert _psnr(image, ours) >= 35
