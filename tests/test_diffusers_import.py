@@ -73,17 +73,26 @@ def test_scheduler_and_tokenizer_give_diffusers_image(folder):
     assert _psnr(image, theirs) >= 35
 
 
-def test_other_scheduler_fields_give_diffusers_image(folder, tmp_path):
-    """scaled_linear, leading spacing, steps_offset 1, set_alpha_to_one, v-prediction: the same weights."""
+@pytest.mark.parametrize("change", [
+    # scaled_linear, leading spacing, steps_offset 1, set_alpha_to_one, v-prediction: the same weights
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+         steps_offset=1, set_alpha_to_one=True, prediction_type="v_prediction"),
+    # the DPM-Solver++(2M) class: our dpmpp_2m sampler
+    dict(_class_name="DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2,
+         final_sigmas_type="zero", timestep_spacing="linspace"),
+])
+def test_other_scheduler_fields_give_diffusers_image(folder, tmp_path, change):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     path = copy / "scheduler" / "scheduler_config.json"
     data = json.loads(path.read_text())
-    data.update(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
-                steps_offset=1, set_alpha_to_one=True, prediction_type="v_prediction")
+    data.update(change)
     path.write_text(json.dumps(data))
     ours = load_sd(copy)
-    assert ours.unet.config.prediction_type == "v_prediction" and ours.config.set_alpha_to_one
+    if "prediction_type" in change:
+        assert ours.unet.config.prediction_type == "v_prediction" and ours.config.set_alpha_to_one
+    else:
+        assert ours.config.sampler == "dpmpp_2m"
     image = ours.generate([PROMPT], [SEED], steps=STEPS, guidance=4.0, height=64, width=64)
     assert _psnr(image, _theirs(copy)) >= 35
 

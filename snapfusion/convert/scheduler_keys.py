@@ -23,7 +23,8 @@ SUPPORTED = {"beta_schedule": ("linear", "scaled_linear"), "timestep_spacing": (
 FIXED = {"trained_betas": None, "clip_sample": False, "thresholding": False, "rescale_betas_zero_snr": False,
          "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
          "use_lu_lambdas": False}
-DPM_FIXED = {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero", "euler_at_final": False}
+DPM_FIXED = {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True,
+             "final_sigmas_type": "zero", "euler_at_final": False, "variance_type": None}
 # diffusers 0.42's defaults for a key the file leaves out (a config without "_class_name": SD-v1.5's values)
 _COMMON = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
            "steps_offset": 0, "prediction_type": "epsilon", "timestep_spacing": "leading", "set_alpha_to_one": False,
