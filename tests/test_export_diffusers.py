@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from snapfusion.convert.text_keys import text_from_ldm, text_to_ldm
-from snapfusion.convert.unet_keys import custom_to_ours, ours_to_custom
-from snapfusion.convert.vae_keys import vae_from_ldm, vae_to_ldm
+from snapfusion.convert.unet_keys import (custom_to_ours, diffusers_to_ours, ldm_to_ours, ours_to_custom,
+                                         ours_to_diffusers, ours_to_ldm)
+from snapfusion.convert.vae_keys import vae_from_diffusers, vae_from_ldm, vae_to_diffusers, vae_to_ldm
 from snapfusion.errors import ConfigError
 from snapfusion.export.diffusers_export import export_diffusers, full_vocabulary
 from snapfusion.export.single_file import export_single_file
@@ -149,8 +150,15 @@ def test_key_maps_are_exact_inverses():
     vae = AutoencoderKL(AutoencoderConfig.tiny()).state_dict()
     back = vae_from_ldm(vae_to_ldm(vae))
     assert back.keys() == vae.keys() and all(torch.equal(back[k], v) for k, v in vae.items())
+    back = vae_from_diffusers(vae_to_diffusers(vae))
+    assert back.keys() == vae.keys() and all(torch.equal(back[k], v) for k, v in vae.items())
     text = TextEncoder(TINY_TEXT).state_dict()
     assert text_from_ldm(text_to_ldm(text)).keys() == text.keys()
+    sd_cfg = tiny_sd15()
+    sd = UNet(sd_cfg).state_dict()
+    for there, back_again in ((ours_to_diffusers, diffusers_to_ours), (ours_to_ldm, ldm_to_ours)):
+        back = back_again(there(sd, sd_cfg), sd_cfg)
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
 
 
 def test_single_file_loads_in_ours_and_in_diffusers(exported, tmp_path):
