@@ -19,9 +19,13 @@ def _value(value) -> str:
 
 def a1111_parameters(prompt: str, *, negative_prompt: str = "", steps: int, sampler: str, guidance: float,
                      seed: int, width: int, height: int, model: str, extra: dict | None = None) -> str:
-    """The AUTOMATIC1111 ``parameters`` text of one generation (``extra``: more ``Key: value`` pairs, in order)."""
+    """The AUTOMATIC1111 ``parameters`` text of one generation (``extra``: more ``Key: value`` pairs, in order;
+    None values are left out)."""
+    from snapfusion import __version__
+
     pairs = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": float(guidance),
-             "Seed": seed, "Size": f"{width}x{height}", "Model": model, **(extra or {})}
+             "Seed": seed, "Size": f"{width}x{height}", "Model": model, **(extra or {}),
+             "Version": f"snapfusion {__version__}"}
     lines = [prompt.strip()]
     if negative_prompt.strip():
         lines.append(f"Negative prompt: {negative_prompt.strip()}")

@@ -36,7 +36,7 @@ def test_generate_writes_parameters_and_our_keys(tmp_path, monkeypatch, tiny_pip
     p = parse_a1111_parameters(info["parameters"])
     assert (p["prompt"], p["negative_prompt"], p["Steps"], p["Seed"], p["Size"]) == ("a blue circle", "red", "2", "7",
                                                                                      "64x64")
-    assert p["Sampler"] == "DDIM" and p["CFG scale"] == "3"
+    assert p["Sampler"] == "DDIM" and p["CFG scale"] == "3" and p["Version"].startswith("snapfusion ")
 
 
 def test_device_mps_is_checked(monkeypatch):
