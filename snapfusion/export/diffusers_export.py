@@ -24,7 +24,7 @@ from snapfusion.convert.unet_keys import diffusers_config_from_ours, ours_to_cus
 from snapfusion.convert.vae_keys import config_to_diffusers, vae_to_diffusers
 from snapfusion.errors import ConfigError
 from snapfusion.models.autoencoder import Decoder, Encoder
-from snapfusion.models.text import EMBEDDING_KEY, TextEncoder
+from snapfusion.models.text import EMBEDDING_KEY, TextEncoder, clip_text_config
 from snapfusion.models.unet_config import UNetConfig, plan_blocks
 from snapfusion.weights import save_safetensors
 
@@ -202,8 +202,10 @@ def export_diffusers(pipe, out: str | Path, *, dtype: torch.dtype | None = None)
     vae_entry, vae_cfg, vae_state, vae_custom = _vae(pipe, pipe.config.resolution)
     _write_part(out / "unet", unet_cfg, unet_state, dtype, unet_custom)
     _write_part(out / "vae", vae_cfg, vae_state, dtype, vae_custom)
-    text = full_vocabulary(pipe.text_encoder)
-    text.text_model.to(dtype or next(text.parameters()).dtype).save_pretrained(out / "text_encoder")
+    text = full_vocabulary(pipe.text_encoder)  # transformers' CLIPTextModel layout: config.json, model.safetensors
+    clip_text_config(text.config).save_pretrained(out / "text_encoder")
+    save_safetensors(text.text_model.state_dict(), out / "text_encoder" / "model.safetensors", dtype=dtype,
+                     max_shard_bytes=None, metadata={"format": "pt"})
     _write_tokenizer(pipe, out / "tokenizer")
     scheduler = _scheduler(pipe)
     _write_json(scheduler, out / "scheduler" / "scheduler_config.json")
@@ -246,8 +248,10 @@ def _readme(pipe, cls: str, custom: tuple[str, ...]) -> str:
                 "pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)\n"
                 "image = pipe(prompt).images[0]\n")
         prior = ""
+    parts = list(custom) + (["layout_prior"] if pipe.prior is not None else [])
+    code = ("The custom code (" + ", ".join(parts) + ", and the pipeline `SnapFusionPipeline`) is "
+            "`snapfusion_diffusers.py`; it" if parts else "`snapfusion_diffusers.py` (the pipeline `SnapFusionPipeline`)")
     return (f"# {name} (diffusers)\n\nWritten by `snapfusion export --format diffusers`: a diffusers `{cls}` "
             f"folder (defaults: {steps} steps, guidance {guidance}).\n\n```python\n{load}```\n{prior}\n"
-            "Custom parts (" + (", ".join(custom) or "none") + ") are defined in `snapfusion_diffusers.py`, which "
-            "needs torch, diffusers and transformers (not snapfusion). Given the same starting latents the images "
-            "match `snapfusion generate`.\n")
+            f"{code} needs torch, diffusers and transformers, not snapfusion. Given the same seed (or starting "
+            "latents) the images match `snapfusion generate`.\n")
