@@ -40,7 +40,7 @@ def scheduler_pipeline_config(folder: Path) -> tuple[PipelineConfig, str]:
     if not sched.is_file():
         return SD15_PIPELINE, "epsilon"
     s = scheduler_settings(load_json(sched), where=str(sched))
-    config = dataclasses.replace(SD15_PIPELINE, name=folder.name, sampler=s["sampler"], schedule=s["schedule"],
+    config = dataclasses.replace(SD15_PIPELINE, sampler=s["sampler"], schedule=s["schedule"],
                                  timestep_spacing=s["timestep_spacing"], steps_offset=s["steps_offset"],
                                  set_alpha_to_one=s["set_alpha_to_one"])
     return config, s["prediction_type"]
