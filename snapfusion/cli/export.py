@@ -14,8 +14,15 @@ def cmd_export(a: argparse.Namespace) -> None:
     import torch
 
     from snapfusion.export.components import ExportConfig
+    from snapfusion.export.requirements import require_export_packages
 
+    require_export_packages(a.format)  # a missing onnx / onnxruntime / coremltools: one line naming the extra
     torch.set_grad_enabled(False)
+    if a.format in ("diffusers", "single-file"):
+        from snapfusion.export.interop import export_interop
+
+        print(export_interop(a.model, a.out, a.format, a.precision))
+        return
     cfg = ExportConfig(format=a.format, precision=a.precision, opset=a.opset, batch=a.batch, resolution=a.size,
                        parity=not a.no_parity, parity_steps=a.parity_steps, min_psnr=a.min_psnr,
                        max_rel_diff=a.max_rel_diff)
@@ -72,7 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="export text encoder, UNet and decoder to ONNX or Core ML, with parity check",
                        epilog="example: snapfusion export --model base --format onnx --precision fp16 --out base-onnx")
     e.add_argument("--model", default=None, help="'base', a pipeline folder or an SD-v1.5 path (default: embedded)")
-    e.add_argument("--format", choices=["onnx", "coreml"], default="onnx", help="target runtime (default %(default)s)")
+    e.add_argument("--format", choices=["onnx", "coreml", "diffusers", "single-file"], default="onnx",
+                   help="diffusers: a diffusers pipeline folder; single-file: one LDM-layout .safetensors (SD-shaped "
+                   "models)")
     e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="weights: fp32, fp16, or int8 (dynamic/linear weight quantization) (default %(default)s)")
     e.add_argument("--out", required=True, help="output folder")

@@ -76,6 +76,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
                        ("model", a.model or pipe.config.name), ("decoder", a.decoder or "model's"),
                        ("software", "snapfusion")):
         meta.add_text(key, json.dumps(value) if not isinstance(value, str) else value)
+    from snapfusion.metadata import a1111_parameters  # the text AUTOMATIC1111-style tools read
+
+    meta.add_text("parameters", a1111_parameters(
+        a.prompt, negative_prompt=a.negative_prompt, steps=steps, sampler=a.sampler or pipe.config.sampler,
+        guidance=guidance, seed=seeds[0], width=pics[0].width, height=pics[0].height,
+        model=a.model or pipe.config.name, extra={"Decoder": a.decoder, "Layout prior": "off" if a.no_prior else None}))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (pics[0] if len(pics) == 1 else image_grid(pics)).save(out, pnginfo=meta)

@@ -29,7 +29,7 @@ def first(*values):
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, help=f"auto, cpu or cuda[:N] (default {default}; auto: CUDA when "
+    p.add_argument("--device", default=default, help=f"auto, cpu, cuda[:N] or mps (default {default}; auto: CUDA when "
                    "there is one)")
 
 
