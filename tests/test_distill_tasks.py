@@ -147,7 +147,7 @@ def _draw(task, batch, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x0, context = _encode(task.data, batch, gen)
     t = torch.randint(0, task.schedule.num_train_timesteps, (x0.shape[0],), generator=gen)
-    eps = task.data.noise(x0, gen)
+    eps = task.noising.noise(x0, gen)
     return x0, context, t, eps, task.schedule.add_noise(x0, eps, t)
 
 
@@ -158,9 +158,9 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     implied eps."""
     import dataclasses
 
-    from snapfusion.distill.losses import v_loss
+    from snapfusion.losses import v_loss
     from snapfusion.sampling import Denoiser
-    from snapfusion.train.tasks import eps_mse_min_snr, feature_mse
+    from snapfusion.losses import eps_mse_min_snr, feature_mse
 
     teacher_folder = source.unet_folder()
     plain = VFinetuneTask(VFinetuneConfig(source=source, image_size=64))
@@ -179,14 +179,14 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     with torch.no_grad():
         fs, ft = [], []
         pred = Denoiser(lambda *a: model(*a, features=fs), kd.schedule, "v_prediction")(z, t, context)
-        target = kd.data.kd(z, t, context, features=ft)
+        target = kd.kd.teacher(z, t, context, features=ft)
         alpha, sigma = kd.schedule.alpha_sigma(t)
         torch.testing.assert_close(logs["kd"], eps_mse_min_snr(pred.eps, target, (alpha / sigma) ** 2, 5.0).mean())
         torch.testing.assert_close(logs["kd_feat"], feature_mse(fs, ft).mean())
         torch.testing.assert_close(base, v_loss(pred, x0, eps, t, kd.schedule))
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert all(p.grad is None for p in kd.data.kd.parameters())
+    assert all(p.grad is None for p in kd.kd.teacher.parameters())
     # a v teacher (session 8): T's own weights read as v. Its target is its implied eps, sigma z + alpha v_hat, so
     # the student started from T's weights (also read as v) has nothing left to distill
     as_v = UNet.load(teacher_folder)
@@ -198,7 +198,7 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     assert float(logs["kd"]) < 1e-10
     _, logs = kd_v.loss(model, batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        v_target = Denoiser(kd_v.data.kd, kd.schedule, "v_prediction")(z, t, context).eps
+        v_target = Denoiser(kd_v.kd.teacher, kd.schedule, "v_prediction")(z, t, context).eps
         torch.testing.assert_close(logs["kd"], eps_mse_min_snr(pred.eps, v_target, (alpha / sigma) ** 2, 5.0).mean())
 
 
@@ -207,8 +207,8 @@ def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_res
     of a guided 2B pass) to the teacher's at (z_t, t, c), so it is 0 for a student equal to its teacher even under
     guidance; the term adds f x r x L_feat, r = mean L_dstl / mean L_feat, so its batch mean is f x mean L_dstl;
     its gradient reaches the student on its own; unequal stage widths and bad weights are refused."""
-    from snapfusion.distill.losses import rescaled
-    from snapfusion.train.tasks import feature_mse
+    from snapfusion.losses import rescaled
+    from snapfusion.losses import feature_mse
 
     for cfg_prob in (0.0, 1.0):
         plain = DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=cfg_prob, image_size=64))
@@ -228,7 +228,7 @@ def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_res
     gen = torch.Generator().manual_seed(0)
     x0, cond = _encode(feat.data, batch, gen)
     t, _, _ = feat.grid.sample(2, gen)
-    z = feat.schedule.add_noise(x0, feat.data.noise(x0, gen), t)
+    z = feat.schedule.add_noise(x0, feat.noising.noise(x0, gen), t)
     fs, ft = [], []
     model(z, t, cond, features=fs)
     with torch.no_grad():

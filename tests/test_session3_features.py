@@ -92,7 +92,7 @@ def test_offset_noise_and_latent_pool_reach_v_finetuning_and_distillation(source
     assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
     # offset noise: the per-sample channel means of eps spread far more than N(0, 1) noise allows
     x0 = torch.zeros(256, 4, 8, 8)
-    spread = {k: float(t.data.noise(x0, torch.Generator().manual_seed(1)).mean((2, 3)).std())
+    spread = {k: float(t.noising.noise(x0, torch.Generator().manual_seed(1)).mean((2, 3)).std())
               for k, t in (("plain", plain), ("offset", pooled))}
     assert spread["plain"] == pytest.approx(1 / 8, rel=0.2) and spread["offset"] == pytest.approx(0.5, rel=0.2)
 
