@@ -22,15 +22,19 @@ def cmd_train_autoencoder(a: argparse.Namespace) -> None:
             raise SnapFusionError(f"--init {a.init}: no such model or folder")
     if a.decoder_only and init is None:
         raise SnapFusionError("--decoder-only needs --init (the trained autoencoder whose decoder is fine-tuned)")
+    folder = options.data_folder(a, AutoencoderTaskConfig.image_size)
     train_autoencoder(options.loop_config(a), AutoencoderTaskConfig(
-        data=options.scene_config(a), init=str(init) if init else None, decoder_only=a.decoder_only), resume=a.resume)
+        data=options.scene_config(a), init=str(init) if init else None, decoder_only=a.decoder_only,
+        data_folder=folder), resume=a.resume)
 
 
 def cmd_train_text(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import train_text
     from snapfusion.train.tasks import TextTaskConfig
 
-    train_text(options.loop_config(a), TextTaskConfig(data=options.scene_config(a)), resume=a.resume)
+    folder = options.data_folder(a, TextTaskConfig.image_size)
+    train_text(options.loop_config(a), TextTaskConfig(data=options.scene_config(a), data_folder=folder),
+               resume=a.resume)
 
 
 def cmd_train_unet(a: argparse.Namespace) -> None:
@@ -52,6 +56,7 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     if not vae or not text:
         raise SnapFusionError("train-unet needs --vae and --text-encoder, or --from-pipeline")
     options.check_noise_data_options(a)
+    data_folder = options.data_folder(a, a.image_size)
     for flag, folder in (("--vae", vae), ("--text-encoder", text), ("--init-unet", init), ("--vae-decoder", decoder)):
         if folder and not Path(folder, "config.json").is_file():
             raise SnapFusionError(f"{flag} {folder}: no config.json there")
@@ -66,7 +71,8 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
                          data=options.scene_config(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
                          clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid,
-                         loss_weighting=a.loss_weighting, **_timestep_bias_options(a), **_mix_options(a))
+                         loss_weighting=a.loss_weighting, data_folder=data_folder, **_timestep_bias_options(a),
+                         **_mix_options(a))
     train_unet(options.loop_config(a), cfg, resume=a.resume)
 
 
@@ -196,7 +202,7 @@ def _add_prior_options(t: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training commands of the base model's parts."""
-    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes",
+    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes (or --data)",
                        epilog="example: snapfusion train-autoencoder --run-dir runs/ae --max-minutes 60")
     options.add_train_options(t, steps=6000, batch=32, lr=2e-4)
     t.add_argument("--init", default=None, metavar="MODEL",

@@ -16,8 +16,8 @@ from snapfusion.errors import ConfigError
 from snapfusion.losses import kl_per_sample, sobel_l1
 from snapfusion.models.autoencoder import (AutoencoderConfig, AutoencoderKL, Decoder, Encoder, load_autoencoder,
                                            save_autoencoder)
-from snapfusion.train.data import (STREAM_LENGTH, FolderStream, collate_images, crop_items, images_to_unit,
-                                   training_images)
+from snapfusion.train.data import (STREAM_LENGTH, FolderStream, check_data_folder, collate_images, crop_items,
+                                   images_to_unit, training_images)
 from snapfusion.train.state import load_weights_into, unwrap
 
 
@@ -76,6 +76,7 @@ class AutoencoderTask:
     name = "autoencoder"
 
     def __init__(self, cfg: AutoencoderTaskConfig):
+        check_data_folder(cfg.data_folder, cfg.image_size)
         self.cfg = cfg
 
     def describe(self) -> dict:

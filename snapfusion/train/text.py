@@ -15,7 +15,7 @@ from snapfusion.config import to_dict
 from snapfusion.data import SceneConfig
 from snapfusion.losses import contrastive_loss
 from snapfusion.models.text import TextEncoder, TextEncoderConfig, Tokenizer, save_text_encoder
-from snapfusion.train.data import STREAM_LENGTH, collate_images, images_to_unit, training_images
+from snapfusion.train.data import STREAM_LENGTH, check_data_folder, collate_images, images_to_unit, training_images
 from snapfusion.train.state import load_weights_into, unwrap
 
 
@@ -68,6 +68,7 @@ class TextTask:
     name = "text"
 
     def __init__(self, cfg: TextTaskConfig):
+        check_data_folder(cfg.data_folder, cfg.image_size)
         self.cfg = cfg
         self.tokenizer = Tokenizer()
 
