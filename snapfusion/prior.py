@@ -2,10 +2,10 @@
 
 SD's schedule ends at alphabar_T = 0.0047, so the forward process's last latent z_T = sqrt(abar_T) x0 +
 sqrt(1 - abar_T) eps still holds 0.068 of the clean latent's coarse layout: each channel's mean and the contrast
-between image halves (docs/base_model.md, sessions 2 and 12). A UNet trained on it reads that layout from z_T, a
+between image halves (docs/base_model.md). A UNet trained on it reads that layout from z_T, a
 gradient background's direction included; sampling from N(0, I) hands it a random one, and the shipped base draws
 gradients the prompt's way about half the time. Given the true 2 x 2 block means, added to the starting noise as the
-forward process would hold them, it drew 24 of 24 the right way (the oracle test, session 12).
+forward process would hold them, it drew 24 of 24 the right way (the oracle test).
 
 ``LayoutPrior`` predicts those block means from the prompt's text states, so the sampler starts from an estimate of
 the forward process's p(z_T | prompt) at the coarse scale instead of N(0, I): z + sqrt(abar_t / (1 - abar_t)) x

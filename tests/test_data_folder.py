@@ -212,7 +212,8 @@ def test_a_bad_folder_is_one_line_and_exit_2_before_any_model_loads(tmp_path, un
     bad.mkdir()
     (bad / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
     extra = {"train-unet": ["--vae", unet_parts["vae"], "--text-encoder", unet_parts["text"]],
-             "robust-train": ["--init", str(tmp_path), "--vae", unet_parts["vae"], "--text-encoder", unet_parts["text"]]}
+             "robust-train": ["--init", str(tmp_path), "--vae", unet_parts["vae"], "--text-encoder",
+                              unet_parts["text"]]}
     code = cli.main([command, "--run-dir", str(tmp_path / "r"), "--data", str(bad), *extra.get(command, [])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "missing.png" in err and "\n" not in err

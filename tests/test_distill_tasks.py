@@ -187,7 +187,7 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad is None for p in kd.kd.teacher.parameters())
-    # a v teacher (session 8): T's own weights read as v. Its target is its implied eps, sigma z + alpha v_hat, so
+    # a v teacher: T's own weights read as v. Its target is its implied eps, sigma z + alpha v_hat, so
     # the student started from T's weights (also read as v) has nothing left to distill
     as_v = UNet.load(teacher_folder)
     v_teacher = UNet(dataclasses.replace(as_v.config, prediction_type="v_prediction"))
@@ -263,3 +263,32 @@ def test_kd_options_of_finetune_v_and_distill_reach_their_tasks(source, tmp_path
     assert main(["finetune-v", *base, "--kd-feature-weight", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--kd-feature-weight needs --kd-unet" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("task_cls", ["v", "distill"])
+def test_offset_noise_and_latent_pool_reach_v_finetuning_and_distillation(source, task_cls):
+    def make(**kw):
+        if task_cls == "v":
+            return VFinetuneTask(VFinetuneConfig(source=source, image_size=64, **kw))
+        return DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=0.0, image_size=64, **kw))
+
+    plain, pooled = make(), make(latent_pool=4, offset_noise=0.5)
+    assert pooled.data.cfg.latent_pool == 4 and pooled.data.cfg.offset_noise == 0.5
+    items = [pooled.dataset()[i] for i in range(6)]
+    assert {it["index"] for it in items} == {0, 1, 2, 3}  # the pool's scenes, cycled
+    batch = pooled.collate(items[:2])
+    loss, _ = pooled.loss(pooled.build(), batch, torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
+    # offset noise: the per-sample channel means of eps spread far more than N(0, 1) noise allows
+    x0 = torch.zeros(256, 4, 8, 8)
+    spread = {k: float(t.noising.noise(x0, torch.Generator().manual_seed(1)).mean((2, 3)).std())
+              for k, t in (("plain", plain), ("offset", pooled))}
+    assert spread["plain"] == pytest.approx(1 / 8, rel=0.2) and spread["offset"] == pytest.approx(0.5, rel=0.2)
+
+
+def test_negative_offset_or_pool_is_a_one_line_error(source, tmp_path, capsys):
+    for flag in (["--offset-noise", "-0.1"], ["--latent-pool", "-1"]):
+        assert main(["distill", "--run-dir", str(tmp_path / "d"), "--model", source.pipeline, *flag]) == 2
+        err = capsys.readouterr().err
+        assert "must be >= 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()  # refused before any run folder is made

@@ -392,3 +392,15 @@ def test_train_unet_timestep_bias_flags_reach_the_task(tmp_path, monkeypatch, ca
         err = capsys.readouterr().err.strip()
         assert "--timestep-bias-range" in err and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_unet_stages_train_eps_and_v_unets_and_refuse_other_types(tiny_pipeline):
+    import dataclasses
+
+    from snapfusion.errors import ConfigError
+    from snapfusion.train.tasks import require_known_prediction
+
+    require_known_prediction(tiny_pipeline.unet.config, "train-unet")
+    require_known_prediction(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="v_prediction"), "x")
+    with pytest.raises(ConfigError, match="epsilon or v_prediction"):
+        require_known_prediction(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="sample"), "x")

@@ -1,4 +1,4 @@
-"""The UNet stage trains v-prediction UNets too (the v-tuned base of session 8 and its robust-trained students):
+"""The UNet stage trains v-prediction UNets too (the v-tuned base and its robust-trained students):
 the Min-SNR loss in v-space, eps-space distillation from an eps or a v teacher, and the loop's --compile."""
 
 import dataclasses
@@ -87,8 +87,8 @@ def test_kd_compares_implied_eps_of_any_student_and_teacher(parts, tmp_path, mon
         return raw if prediction_type == "epsilon" else s * z + a * raw
 
     with torch.no_grad():
-        target = implied_eps(task.kd.teacher(z, t, task.data.text(task.collate([task.dataset()[i] for i in range(6)])["ids"])),
-                             teacher.prediction_type)
+        ids = task.collate([task.dataset()[i] for i in range(6)])["ids"]
+        target = implied_eps(task.kd.teacher(z, t, task.data.text(ids)), teacher.prediction_type)
     mine = implied_eps(out, student.prediction_type)
     snr = (alpha / sigma) ** 2
     want = ((mine - target).pow(2).flatten(1).mean(1) * torch.clamp(snr, max=5.0) / snr).mean()

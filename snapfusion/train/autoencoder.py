@@ -33,7 +33,8 @@ class AutoencoderTaskConfig:
     kl_weight: float = 1e-6       # SD's KL-f8 uses a tiny KL term: latents stay close to a unit Gaussian
     data: SceneConfig = field(default_factory=SceneConfig)
     seed: int = 0
-    init: str | None = None       # start from this autoencoder: a "vae" folder or a pipeline (vae_encoder/ + vae_decoder/)
+    init: str | None = None       # start from this autoencoder: a "vae" folder or a pipeline (vae_encoder/ +
+                                  # vae_decoder/)
     decoder_only: bool = False    # freeze the encoder (needs init): the latent space, and every UNet trained on it,
                                   # stay valid; SD's ft-MSE decoder was trained the same way
     data_folder: str | None = None  # your own images (images + metadata.jsonl) instead of the scenes; None: scenes
