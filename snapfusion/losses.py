@@ -106,6 +106,7 @@ TARGETS = {
     "epsilon": (_eps_target, eps_mse_min_snr, _same_scale),
     "v_prediction": (lambda schedule, x0, eps, t: schedule.velocity(x0, eps, t), v_mse_min_snr, _v_to_eps_scale),
 }
+PREDICTION_TYPES = tuple(TARGETS)  # what the UNet stages train (and sampling.Denoiser converts)
 
 
 class DiffusionLoss:
@@ -117,7 +118,8 @@ class DiffusionLoss:
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"--loss-weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
         if prediction_type not in TARGETS:
-            raise ConfigError(f"the diffusion loss trains {' or '.join(TARGETS)} UNets, not {prediction_type}")
+            raise ConfigError(f"the UNet stages train {' or '.join(PREDICTION_TYPES)} UNets; this one predicts "
+                              f"{prediction_type}")
         self.schedule = schedule
         self.weighting = WEIGHTINGS[weighting](schedule, min_snr_gamma)
         self.target, self.mse, self.to_eps_scale = TARGETS[prediction_type]

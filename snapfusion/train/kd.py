@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import get_args
 
 import torch
 
 from snapfusion.errors import ConfigError
-from snapfusion.losses import eps_mse_min_snr, feature_mse
+from snapfusion.losses import PREDICTION_TYPES, eps_mse_min_snr, feature_mse
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import stage_widths
-from snapfusion.sampling import Denoiser, PredictionType
+from snapfusion.sampling import Denoiser
 from snapfusion.schedule import NoiseSchedule
-
-PREDICTION_TYPES = get_args(PredictionType)  # what sampling.Denoiser converts: the one list of them
-
 
 def load_kd_teacher(cfg, context_dim: int) -> UNet:
     """The frozen teacher (eps or v) of output-level distillation; it must read the run's latents and text context."""

@@ -13,13 +13,13 @@ from torch import nn
 from snapfusion.config import to_dict
 from snapfusion.data import SceneConfig, load_prompt_set
 from snapfusion.errors import ConfigError
-from snapfusion.losses import DiffusionLoss
+from snapfusion.losses import PREDICTION_TYPES, DiffusionLoss
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import UNetConfig
 from snapfusion.sampling import Denoiser
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig
 from snapfusion.train.data import LatentData
-from snapfusion.train.kd import PREDICTION_TYPES, Distillation
+from snapfusion.train.kd import Distillation
 from snapfusion.train.noise import NoiseSampler
 from snapfusion.train.state import load_weights_into, unwrap
 
@@ -94,9 +94,8 @@ class UNetTask:
         self.cfg = cfg
         self.schedule = NoiseSchedule(cfg.schedule)
         self.noising = NoiseSampler(cfg, self.schedule)  # checks the offset, bias and mix options first
-        known = cfg.model.prediction_type in PREDICTION_TYPES  # else build() refuses the UNet in one line
-        self.diffusion_loss = DiffusionLoss(self.schedule, cfg.model.prediction_type if known else "epsilon",
-                                            cfg.loss_weighting, cfg.min_snr_gamma)
+        self.diffusion_loss = DiffusionLoss(self.schedule, cfg.model.prediction_type, cfg.loss_weighting,
+                                            cfg.min_snr_gamma)
         self.data = LatentData(cfg)
         self._decoder_folder = Path(cfg.vae_decoder or cfg.vae)
         self._mix_counts = [0, 0]  # this process's plain and mixed steps since it started (logged as a share)
