@@ -237,3 +237,22 @@ def test_decoder_stages_take_a_prompt_file(tmp_path, capsys):
         code = main([*args, "--teacher", str(tmp_path / "never_loaded")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in err and message in err
+
+
+def test_layout_prior_targets_from_an_image_folder(tmp_path, capsys):
+    from snapfusion.cli import main
+    from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from snapfusion.prior import block_means, build_targets
+
+    torch.manual_seed(0)
+    encoder = AutoencoderKL(AutoencoderConfig.tiny()).encoder.eval()
+    folder = _scenes_folder(tmp_path / "images", count=3)
+    with torch.no_grad():
+        caps, means = build_targets(encoder, 100, tmp_path / "cache", size=32, calibrate=0, full_size=64,
+                                    data_folder=str(folder), progress=lambda s: None)
+        want = block_means(encoder, torch.stack([ImageCaptionFolder(folder, 64)[i]["image"] for i in range(3)]), 2, 32)
+    assert caps == ImageCaptionFolder(folder, 64).captions()  # each image once, with its own caption
+    torch.testing.assert_close(means, want)
+    code = main(["train-prior", "--out", str(tmp_path / "p"), "--data", str(folder), "--model", str(tmp_path / "no")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "at least 10 images" in err and "\n" not in err

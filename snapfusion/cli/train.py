@@ -98,6 +98,7 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
     import dataclasses
 
     from snapfusion.config import save_json
+    from snapfusion.data.folder import read_metadata
     from snapfusion.models.autoencoder import Encoder, load_autoencoder
     from snapfusion.pipeline import part_folder
     from snapfusion.prior import LayoutPriorConfig, PriorTrainConfig, build_targets, train_prior
@@ -105,6 +106,9 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
     if a.scenes < 10 or a.steps < 1 or a.eval_every < 1 or not 0 <= a.calibrate <= a.scenes:
         raise SnapFusionError("--scenes must be >= 10, --steps and --eval-every >= 1 and --calibrate between 0 and "
                               "--scenes")
+    folder = options.data_folder(a, a.encode_size)  # checked before any model loads
+    if folder and len(read_metadata(folder)) < 10:
+        raise SnapFusionError(f"--data {folder}: train-prior needs at least 10 images (the last 10% are held out)")
     device = options.device(a.device)
     pipe = resolve_model(a.model, device=device)
     encoder_dir = Path(a.encoder) if a.encoder else part_folder(model_folder(a.model), "vae_encoder")
@@ -114,7 +118,8 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
     encoder = load_autoencoder(encoder_dir, Encoder, device=device).eval()
     captions, targets = build_targets(encoder, a.scenes, Path(a.cache), grid=a.grid, size=a.encode_size,
                                       calibrate=a.calibrate, full_size=pipe.config.resolution,
-                                      num_emoji=a.num_emoji, seed=a.seed, source=str(encoder_dir.resolve()))
+                                      num_emoji=a.num_emoji, seed=a.seed, source=str(encoder_dir.resolve()),
+                                      data_folder=folder)
     config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
                                latent_channels=pipe.unet.config.in_channels, grid=a.grid)
     train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
@@ -183,7 +188,9 @@ def _add_prior_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="the prior's folder (copy it to <pipeline>/prior to use it)")
     t.add_argument("--encoder", default=None, help="the VAE encoder folder of the model's latent space (default: "
                    "the pipeline's vae_encoder/; the SnapFusion student has none, it shares base's)")
-    t.add_argument("--scenes", type=int, default=10000, help="training renders (the last 10%% are held out)")
+    t.add_argument("--scenes", type=int, default=10000, help="training renders (the last 10%% are held out); with "
+                   "--data the folder's first N images")
+    options.add_data(t)
     t.add_argument("--encode-size", type=int, default=128, help="renders are encoded at this size (cheap)")
     t.add_argument("--calibrate", type=int, default=64, help="renders also encoded at full size, for a per-channel "
                    "affine map of the reduced-size block means (0: none)")
