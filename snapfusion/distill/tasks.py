@@ -189,30 +189,15 @@ class _Sampler:
         return metrics
 
 
-class _UNetStage:
-    """The pieces both tasks combine, from their UNet-stage config: data, noise sampling and checkpoint I/O."""
-
-    def _compose(self, dcfg: UNetTaskConfig) -> None:
-        self.schedule = NoiseSchedule(dcfg.schedule)
-        self.noising = NoiseSampler(dcfg, self.schedule)
-        self.data = LatentData(dcfg)
-
-    def dataset(self):
-        return self.data.dataset()
-
-    def collate(self, items):
-        return self.data.collate(items)
-
-    def save(self, model, folder: Path) -> None:
-        unwrap(model).save(folder)
-
-    def load(self, model, folder: Path) -> None:
-        load_weights_into(model, folder)
+def _pieces(dcfg: UNetTaskConfig) -> tuple[NoiseSchedule, NoiseSampler, LatentData]:
+    """The schedule, noise sampling and data of a UNet-stage config: what both tasks combine."""
+    schedule = NoiseSchedule(dcfg.schedule)
+    return schedule, NoiseSampler(dcfg, schedule), LatentData(dcfg)
 
 
 # ---- v-prediction fine-tuning ------------------------------------------------------------------------------
 
-class VFinetuneTask(_UNetStage):
+class VFinetuneTask:
     """eps -> v: the same network trained with L_ori = ||v_hat - v||^2 from the source UNet's weights."""
 
     name = "finetune-v"
@@ -226,7 +211,7 @@ class VFinetuneTask(_UNetStage):
         if cfg.kd_unet:
             kd = dict(kd_unet=cfg.kd_unet, kd_weight=cfg.kd_weight, kd_feature_weight=cfg.kd_feature_weight)
         dcfg = _data_config(cfg.source, self.model_config, cfg, **kd)
-        self._compose(dcfg)
+        self.schedule, self.noising, self.data = _pieces(dcfg)
         self.kd = Distillation(dcfg, self.data.text.config.hidden_size, self.schedule) if cfg.kd_unet else None
         self.sampler = _Sampler(self.data, cfg.source, cfg)
 
@@ -237,6 +222,18 @@ class VFinetuneTask(_UNetStage):
         model = UNet(self.model_config)
         model.load_state_dict(UNet.load(self.cfg.source.unet_folder()).state_dict())
         return model
+
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    def save(self, model, folder: Path) -> None:
+        unwrap(model).save(folder)
+
+    def load(self, model, folder: Path) -> None:
+        load_weights_into(model, folder)
 
     def loss(self, model, batch, generator):
         x0, context = _encode(self.data, batch, generator)
@@ -259,7 +256,7 @@ class VFinetuneTask(_UNetStage):
 
 # ---- step distillation ---------------------------------------------------------------------------------------
 
-class DistillTask(_UNetStage):
+class DistillTask:
     """Student n steps vs teacher 2n steps; per iteration L_cfg with probability p else L_vani, plus gamma L_ori."""
 
     name = "distill"
@@ -276,7 +273,7 @@ class DistillTask(_UNetStage):
         if cfg.feature_weight > 0 and stage_widths(self.student_config) != stage_widths(self.teacher.config):
             raise ConfigError(f"--feature-weight: the teacher's stage widths {stage_widths(self.teacher.config)} "
                               f"differ from the student's {stage_widths(self.student_config)}")
-        self._compose(_data_config(cfg.source, self.student_config, cfg))
+        self.schedule, self.noising, self.data = _pieces(_data_config(cfg.source, self.student_config, cfg))
         self.grid = step_grid(cfg.student_steps, self.schedule.num_train_timesteps)
         self.sampler = _Sampler(self.data, cfg.source, cfg)
         self._uncond: torch.Tensor | None = None
@@ -287,6 +284,18 @@ class DistillTask(_UNetStage):
 
     def build(self) -> nn.Module:
         return UNet.load(self.student_folder)
+
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    def save(self, model, folder: Path) -> None:
+        unwrap(model).save(folder)
+
+    def load(self, model, folder: Path) -> None:
+        load_weights_into(model, folder)
 
     @torch.no_grad()
     def _uncond_context(self, device: torch.device) -> torch.Tensor:
