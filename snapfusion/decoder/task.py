@@ -32,9 +32,8 @@ from snapfusion.decoder.reduce import InitMethod, reduce_decoder, reduced_config
 from snapfusion.decoder.tiny import TinyDecoder, TinyDecoderConfig
 from snapfusion.pipeline import Pipeline
 from snapfusion.sampling import guided, initial_noise, sample_ddim, sample_dpmpp_2m
+from snapfusion.train.data import STREAM_LENGTH
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, save_safetensors, WEIGHTS_STEM
-
-STREAM_LENGTH = 2**40
 
 
 @dataclass(frozen=True)

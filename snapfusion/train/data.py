@@ -119,7 +119,7 @@ class LatentPool:
         # (the same pool in every process, in the time of its share: rendering bounds the build)
         rank, world = _rank_and_world()
         share = -(-count // world)
-        folder = getattr(cfg, "data_folder", None)
+        folder = cfg.data_folder
         ds = Subset(training_images(folder, size, cfg.seed, count, cfg.data),
                     range(min(count, rank * share), min(count, (rank + 1) * share)))
         loader = DataLoader(ds, batch_size=64, num_workers=cfg.pool_workers, collate_fn=collate_images(folder))
