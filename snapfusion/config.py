@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from snapfusion.errors import ConfigError
+from snapfusion.fileio import atomic_write_text
 
 T = TypeVar("T")
 
@@ -121,10 +122,7 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
 def save_json(cfg: Any, path: str | os.PathLike) -> None:
     """Write a config (or a plain dict) as indented JSON, atomically."""
     data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def load_json(path: str | os.PathLike) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 from snapfusion.config import from_dict, load_json, save_json, to_dict
-from snapfusion import validation
+from snapfusion import fileio, validation
 from snapfusion.errors import ConfigError, SnapFusionError, WeightsError
 from snapfusion.folders import INDEX, part_folder  # noqa: F401  (re-exported)
 from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, save_autoencoder
@@ -159,10 +158,11 @@ class Pipeline:
         if self.prior is not None:
             writers["prior"] = lambda d: self.prior.save(d, dtype=dtype)
         for name, write in writers.items():
-            if name not in shared:
-                write(folder / name)
+            if name not in shared:  # written beside, fsync'd and renamed into place: a kill leaves old or new
+                fileio.recover_dir(folder / name)
+                fileio.write_dir(folder / name, write)
         for name in shared:  # a copy left from an earlier save would be ignored on load but still take space
-            shutil.rmtree(folder / name, ignore_errors=True)
+            fileio.trash(folder / name)
         index = {"kind": "pipeline", "config": to_dict(self.config)}
         if shared:
             index["parts"] = shared

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapfusion.errors import ConfigError, SnapFusionError
+from snapfusion.fileio import atomic_write_text, clean_trash
 from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained, \
     save_safetensors, WEIGHTS_STEM
 
@@ -158,6 +159,7 @@ def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int 
         folder = ImageCaptionFolder(data_folder, full_size)
         count, calibrate, item = min(count, len(folder)), min(calibrate, len(folder)), folder.__getitem__
     cache.mkdir(parents=True, exist_ok=True)
+    clean_trash(cache, tmp_of="*")  # temporary files of a killed build
     manifest = {"encoder": source, "num_emoji": num_emoji, "seed": seed, "full_size": full_size, "chunk": chunk}
     if data_folder:
         manifest["data_folder"] = str(Path(data_folder).resolve())
@@ -165,7 +167,7 @@ def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int 
     if path.is_file() and json.loads(path.read_text()) != manifest:
         raise SnapFusionError(f"{cache} holds block means of another build ({path.read_text().strip()}); "
                               "use another --cache")
-    path.write_text(json.dumps(manifest))
+    atomic_write_text(path, json.dumps(manifest))
     captions, means = [], []
     t0 = time.time()
     for start in range(0, count, chunk):
@@ -174,7 +176,7 @@ def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int 
             items = [item(i) for i in range(start, min(start + chunk, count))]
             m = block_means(encoder, torch.stack([it["image"] for it in items]), grid, size)
             save_safetensors({"means": m}, stem.with_suffix(".safetensors"), dtype=torch.float32)
-            stem.with_suffix(".json").write_text(json.dumps([it["caption"] for it in items]))
+            atomic_write_text(stem.with_suffix(".json"), json.dumps([it["caption"] for it in items]))
             progress(f"prior data: {start + len(items)}/{count} scenes ({time.time() - t0:.0f} s)")
         captions += json.loads(stem.with_suffix(".json").read_text())
         means.append(load_safetensors(stem.with_suffix(".safetensors"))["means"])

@@ -7,7 +7,9 @@ None means "the model's default" wherever a setting has one, and passes through 
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Sequence
 
 from snapfusion.errors import InputError
@@ -47,7 +49,7 @@ def check_prompt(text, *, name: str = "prompt", allow_empty: bool = True) -> str
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{name} is not valid UTF-8 text") from None
+        raise _not_utf8(text, name) from None
     if not allow_empty and not text.strip():
         raise InputError(f"{name} is empty")
     return text
@@ -130,3 +132,202 @@ def check_sampler(sampler, *, name: str = "sampler") -> str | None:
     if sampler not in SAMPLERS:
         raise InputError(f"{name} must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     return sampler
+
+
+# ---- prompts: argv bytes and CLIP's length -------------------------------------------------------------------
+
+def _not_utf8(text: str, name: str) -> InputError:
+    """The error for text holding lone surrogates: argv bytes that are not UTF-8 arrive as U+DC80..U+DCFF."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return InputError(f"{name} is not valid UTF-8: byte 0x{ord(ch) - 0xDC00:02x} at character {i} "
+                              "(pass the text in UTF-8)")
+        if "\ud800" <= ch <= "\udfff":
+            return InputError(f"{name} is not valid UTF-8 text: unpaired surrogate U+{ord(ch):04X} at character {i}")
+    return InputError(f"{name} is not valid UTF-8 text")
+
+
+def truncation_warning(tokenizer, text: str, *, name: str = "prompt") -> str | None:
+    """The warning for ``text`` longer than the tokenizer's window (CLIP: 75 tokens), or None when it fits.
+
+    ``tokenizer`` needs ``is_truncated(text)`` and ``max_length`` (snapfusion.models.text.Tokenizer)."""
+    if not text or not tokenizer.is_truncated(text):
+        return None
+    return f"the {name.replace('_', ' ')} is longer than CLIP's {tokenizer.max_length - 2} tokens; the rest is dropped"
+
+
+def used_negative_prompt(negative_prompt: str | None, guidance: float) -> str:
+    """The negative prompt as the sampler uses it: blank at guidance 1 (no unconditional pass), for metadata."""
+    return "" if negative_prompt is None or guidance == 1.0 else negative_prompt
+
+
+# ---- numbers ------------------------------------------------------------------------------------------------
+
+MAX_COUNT = 2**63 - 1      # the largest count a torch int64 (and a DataLoader index) holds
+MAX_BATCH = 4096           # per-process training batch; far past what fits one GPU at our sizes
+MAX_EVAL_BATCH = 256       # images per generate call in eval
+MAX_SWEEP = 32             # guidance scales in one sweep
+MIN_OPSET, MAX_OPSET = 14, 23  # 14: scaled_dot_product_attention's first; torch 2.13's exporter refuses 24; 14..23
+#                                export the tiny pipeline (fp32, fp16, int8) and pass onnxruntime parity
+BENCH_MULTIPLE = 64        # KL-f8 latents x 3 UNet downsamplings: every shipped preset's size step
+
+
+def check_int(value, *, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer in [minimum, maximum] (either bound optional)."""
+    value = _int(value, name)
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        if maximum is None:
+            raise InputError(f"{name} must be at least {minimum}, got {value}")
+        if minimum is None:
+            raise InputError(f"{name} must be at most {maximum}, got {value}")
+        raise InputError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def check_positive_int(value, *, name: str, maximum: int = MAX_COUNT) -> int:
+    """An integer in [1, maximum]: batch sizes, step counts, --checkpoint-every, --log-every."""
+    return check_int(value, name=name, minimum=1, maximum=maximum)
+
+
+def check_non_negative_int(value, *, name: str, maximum: int = MAX_COUNT) -> int:
+    """An integer in [0, maximum]: --num-workers, --warmup-steps, --sample-every (0: never)."""
+    return check_int(value, name=name, minimum=0, maximum=maximum)
+
+
+def check_float(value, *, name: str, minimum: float | None = None, maximum: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number in [minimum, maximum]; ``low_open`` / ``high_open`` exclude the bound itself."""
+    value = _real(value, name)
+    low_bad = minimum is not None and (value <= minimum if low_open else value < minimum)
+    high_bad = maximum is not None and (value >= maximum if high_open else value > maximum)
+    if low_bad or high_bad:
+        lo = "(-inf" if minimum is None else f"{'(' if low_open else '['}{minimum:g}"
+        hi = "inf)" if maximum is None else f"{maximum:g}{')' if high_open else ']'}"
+        raise InputError(f"{name} must be in {lo}, {hi}, got {value:g}")
+    return value
+
+
+def check_lr(value, *, name: str = "--lr") -> float:
+    """A learning rate: finite, > 0 and <= 1."""
+    return check_float(value, name=name, minimum=0.0, maximum=1.0, low_open=True)
+
+
+def check_ema_decay(value, *, name: str = "--ema-decay") -> float:
+    """An EMA decay in [0, 1) (0 disables the EMA; 1 would never move it)."""
+    return check_float(value, name=name, minimum=0.0, maximum=1.0, high_open=True)
+
+
+def parse_float(text, *, name: str) -> float:
+    """A finite number written as text ('7.5', '1e-4'); nan and inf refused."""
+    if isinstance(text, str):
+        try:
+            text = float(text.strip())
+        except ValueError:
+            raise InputError(f"{name} must be a number, got {text!r}") from None
+    return _real(text, name)
+
+
+def parse_guidance_sweep(text, *, name: str = "--guidance-sweep") -> list[float]:
+    """'1,2,4,7.5' -> [1.0, 2.0, 4.0, 7.5]: each a finite scale in [0, MAX_GUIDANCE], at most MAX_SWEEP of them.
+
+    On the command line pass a list that starts with '-' as ``--guidance-sweep=-1,2`` (else argparse reads it as an
+    option); its negative scale is then refused here."""
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be text like '1,2,4,7.5', got {text!r}")
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise InputError(f"{name} must be comma-separated numbers like '1,2,4,7.5', got {text!r}")
+    if len(parts) > MAX_SWEEP:
+        raise InputError(f"{name} has {len(parts)} scales; the limit is {MAX_SWEEP}")
+    return [check_guidance(parse_float(p, name=f"{name} value"), name=f"{name} value") for p in parts]
+
+
+def check_opset(value, *, name: str = "--opset") -> int:
+    """An ONNX opset torch.onnx can export our graphs with: MIN_OPSET..MAX_OPSET."""
+    return check_int(value, name=name, minimum=MIN_OPSET, maximum=MAX_OPSET)
+
+
+def check_bench_size(value, *, name: str = "--size") -> int:
+    """A benchmark image side: a positive multiple of BENCH_MULTIPLE up to MAX_SIDE (no default: None is refused)."""
+    if value is None:
+        raise InputError(f"{name} must be a positive multiple of {BENCH_MULTIPLE} up to {MAX_SIDE}, got None")
+    return check_side(value, name=name, multiple=BENCH_MULTIPLE)
+
+
+def check_training(*, max_steps, batch_size, lr, warmup_steps=0, ema_decay=0.0, log_every=1, sample_every=0,
+                   checkpoint_every=1, num_workers=0, max_minutes=0.0, seed=0) -> dict:
+    """The training loop's options (CLI spelling in the messages), checked together; returns them normalised."""
+    return {"max_steps": check_positive_int(max_steps, name="--max-steps"),
+            "batch_size": check_positive_int(batch_size, name="--batch-size", maximum=MAX_BATCH),
+            "lr": check_lr(lr),
+            "warmup_steps": check_non_negative_int(warmup_steps, name="--warmup-steps"),
+            "ema_decay": check_ema_decay(ema_decay),
+            "log_every": check_positive_int(log_every, name="--log-every"),
+            "sample_every": check_non_negative_int(sample_every, name="--sample-every"),
+            "checkpoint_every": check_positive_int(checkpoint_every, name="--checkpoint-every"),
+            "num_workers": check_non_negative_int(num_workers, name="--num-workers", maximum=256),
+            "max_minutes": check_float(max_minutes, name="--max-minutes", minimum=0.0),
+            "seed": check_seed(seed, name="--seed")}
+
+
+# ---- output paths: checked before any model loads ----------------------------------------------------------
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _path(value, name: str) -> Path:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be a path, got {value!r}")
+    if not value.strip():
+        raise InputError(f"{name} is empty; give a file or folder name")
+    if "\x00" in value:
+        raise InputError(f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        if not all("\udc80" <= ch <= "\udcff" for ch in value if "\ud800" <= ch <= "\udfff"):
+            raise _not_utf8(value, name) from None  # lone surrogates that are no argv byte
+    return Path(value)
+
+
+def _check_writable_parent(path: Path, name: str) -> None:
+    """The nearest existing ancestor of ``path`` is a folder we may write in (the rest is created later)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    while not parent.exists():
+        if parent.is_symlink():
+            raise InputError(f"{name} {path}: {parent} is a broken link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{name} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{name} {path}: no permission to write in {parent}")
+
+
+def check_output_image(value, *, name: str = "--out") -> Path:
+    """An image path to write: a known extension (.png, .jpg, .jpeg, .webp), not a folder, in a writable place."""
+    path = _path(value, name)
+    if path.is_dir():
+        raise InputError(f"{name} {path} is a folder; give an image file name such as {path / 'image.png'}")
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        known = ", ".join(IMAGE_FORMATS)
+        got = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise InputError(f"{name} {path}: {got}; use one of {known}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{name} {path}: the file exists and is not writable")
+    _check_writable_parent(path, name)
+    return path
+
+
+def check_output_dir(value, *, name: str = "--out") -> Path:
+    """A folder to write into: not an existing file, and creatable or writable."""
+    path = _path(value, name)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{name} {path} is a file, not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{name} {path}: no permission to write in it")
+        return path
+    _check_writable_parent(path, name)
+    return path

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-
 from snapfusion.errors import WeightsError
+from snapfusion.fileio import atomic_save_safetensors, atomic_write_text
 
 INDEX_SUFFIX = ".index.json"
 DEFAULT_MAX_SHARD_BYTES = 15 * 1024 * 1024  # shipped files stay under 16 MiB
@@ -134,10 +133,10 @@ def save_safetensors(
             v = v.to(dtype)
         tensors[k] = v.contiguous()
     shards = _plan_shards(tensors, max_shard_bytes)
-    for old in _existing_outputs(path):  # never leave a stale shard set behind
-        old.unlink()
+    stale = _existing_outputs(path)  # removed once the new files are in place: never a stale shard set behind
     if len(shards) == 1:
         _atomic_save(tensors, path, metadata)
+        _remove(stale, keep=[path])
         return [path]
     stem = path.name[: -len(".safetensors")]
     written, weight_map = [], {}
@@ -149,7 +148,14 @@ def save_safetensors(
     index = path.with_name(path.name + INDEX_SUFFIX)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    _remove(stale, keep=[*written, index])
     return [*written, index]
+
+
+def _remove(paths: list[Path], keep: list[Path]) -> None:
+    for p in paths:
+        if p not in keep:
+            p.unlink(missing_ok=True)
 
 
 def _plan_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
@@ -175,15 +181,11 @@ def _existing_outputs(path: Path) -> list[Path]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def resolve_weights(folder: str | os.PathLike, stem: str) -> Path:

@@ -134,7 +134,7 @@ def test_top_level_help_lists_the_commands_by_group():
     from snapfusion.cli import build_parser
 
     text = build_parser().format_help()
-    groups = [text.index(g) for g in ("use:", "train:", "compress:", "export:")]
+    groups = [text.index(g) for g in ("use:", "serve:", "train:", "compress:", "export:")]
     assert groups == sorted(groups)
     for name in _commands():
         assert f" {name} " in text or f" {name}\n" in text, name

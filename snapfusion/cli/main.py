@@ -10,10 +10,10 @@ import os
 import sys
 import textwrap
 
-from snapfusion.cli import compress, export, generate, train
+from snapfusion.cli import compress, export, generate, serve, train
 
-GROUPS = (("use", generate.register), ("train", train.register), ("compress", compress.register),
-          ("export", export.register))
+GROUPS = (("use", generate.register), ("serve", serve.register), ("train", train.register),
+          ("compress", compress.register), ("export", export.register))
 
 
 class _Listed:

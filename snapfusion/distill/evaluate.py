@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from snapfusion.fileio import atomic_write_text
 from snapfusion.pipeline import Pipeline, image_grid, to_pil
 
 
@@ -46,4 +47,4 @@ def write_comparison(images: dict[str, torch.Tensor], metrics: dict, prompts: Se
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(pics, cols=len(prompts)).save(path)
     record = {"rows": list(images), "prompts": list(prompts), **metrics}
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")

@@ -21,6 +21,7 @@ from snapfusion.eval.attributes import attribute_accuracy
 from snapfusion.eval.frechet import GaussianStats, fid_from_features, load_stats, save_stats
 from snapfusion.eval.probe import AttributeProbe, ProbeConfig
 from snapfusion.eval.scene_clip import SceneClip, SceneClipConfig, clip_score_from_embeddings
+from snapfusion.fileio import atomic_write_text
 from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "evaluators"
@@ -47,7 +48,7 @@ def save_evaluators(folder: str | os.PathLike, clip: SceneClip, probe: Attribute
     save_pretrained(folder / CLIP_KIND, clip, clip.cfg, kind=CLIP_KIND, dtype=torch.float16)
     save_pretrained(folder / PROBE_KIND, probe, probe.cfg, kind=PROBE_KIND, dtype=torch.float16)
     save_stats(stats, folder / REFERENCE_FILE, metadata={"features": "scene_clip.image_features"})
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def _load_model(folder: Path, cls, cfg_cls, kind: str, device) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from snapfusion.errors import SnapFusionError
 from snapfusion.eval.evaluators import Evaluators, clip_features, domain_fid, evaluate_images, load_evaluators
 from snapfusion.eval.frechet import GaussianStats, gaussian_stats
+from snapfusion.fileio import atomic_write_text
 
 GenerateFn = Callable[[list[str], list[int], float], list[Image.Image]]
 RESULT_FILE = "eval.json"
@@ -187,7 +188,7 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "results": results,
     }
-    (out / RESULT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / RESULT_FILE, json.dumps(report, indent=2) + "\n")
     if len(results) > 1:
         save_curve(results, out / "fid_clip_curve.png", f"{model or 'model'}: {sampler}, {steps} steps")
     return report

@@ -11,7 +11,6 @@ entry (the training chunk itself resumes from its checkpoint; scoring is determi
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from snapfusion import fileio
 from snapfusion.config import from_dict, save_json, to_dict
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.evolve.actions import Action, EvalConfig, Scorer, candidates, edited_unet, score
@@ -59,11 +59,8 @@ def _log(run_dir: Path, record: dict) -> None:
 
 
 def _save_unet(unet: UNet, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    fileio.recover_dir(folder)
+    fileio.write_dir(folder, unet.save)  # written beside, then renamed into place: never deleted first
 
 
 def score_candidates(pipe, unet: UNet, records: list[dict], scorer: Scorer, ev: EvalConfig, table: dict | None,

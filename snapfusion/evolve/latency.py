@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snapfusion.errors import ConfigError, SnapFusionError
+from snapfusion.fileio import atomic_write_text
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import UNetConfig, plan_blocks
 
@@ -276,9 +277,7 @@ def save_table(table: dict, path: str | os.PathLike) -> None:
     """Write the table as JSON (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(table, indent=1) + "\n")
 
 
 def load_table(path: str | os.PathLike) -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from snapfusion import fileio
 from snapfusion.models.autoencoder import AutoencoderKL, load_autoencoder, save_autoencoder
 from snapfusion.models.text import load_text_encoder, save_text_encoder, skip_layers
 from snapfusion.models.unet import UNet
@@ -37,13 +37,16 @@ def _final_source(cfg: LoopConfig, result: dict) -> Path | None:
 
 
 def _replace_dir(src_writer, final: Path, step: int | None = None) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    src_writer(tmp)
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+    """Write ``final/`` (the export and its ``step.json``) beside it and rename it into place: the old ``final/`` is
+    moved aside only once the new one is complete and fsync'd, and deleted after the rename."""
+    fileio.recover_dir(final)  # a run killed between publish_dir's two renames left the old one aside
+
+    def write(tmp: Path) -> None:
+        src_writer(tmp)
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        ckpt_io._slow_save_hook()
+
+    return fileio.write_dir(final, write)
 
 
 def train_autoencoder(cfg: LoopConfig, task_cfg: AutoencoderTaskConfig, *, resume: bool = False) -> Path | None:

@@ -1,25 +1,33 @@
 """Training state <-> safetensors + JSON, with no pickle: optimizer state, RNG state, checkpoint folders.
 
 A checkpoint is a folder ``step_0001234/`` holding one sub-folder per saved model (``save_pretrained``
-layout), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors`` and ``state.json``. It is written
-to ``step_0001234.tmp/`` and renamed into place, then ``latest.json`` is replaced atomically: a run killed at
-any moment leaves the previous checkpoint intact.
+layout), ``optimizer.safetensors`` + ``optimizer.json``, ``rng.safetensors``, ``state.json`` and, written last,
+the completion marker ``complete.json`` (the step and every file's size). It is written to ``step_0001234.tmp-*/``,
+fsync'd and renamed into place, then ``latest.json`` is replaced atomically; old checkpoints are renamed to
+``.trash-*`` before they are deleted. A run killed at any moment leaves the previous checkpoints intact, and a folder
+without its marker is never taken for a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from snapfusion import fileio
 from snapfusion.errors import SnapFusionError
 from snapfusion.weights import load_safetensors, save_safetensors
 
 LATEST = "latest.json"
+COMPLETE = "complete.json"                    # the completion marker, written last
+NAME = re.compile(r"step_(\d{7,})")            # a checkpoint folder's name; step_N.tmp-* and .trash-* are not
+SLOW_SAVE_ENV = "SNAPFUSION_TEST_SLOW_SAVE"   # seconds to sleep inside a checkpoint write (the kill test's window)
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -71,44 +79,81 @@ def write_checkpoint(run_dir: Path, step: int, save_models, optimizer: torch.opt
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f"step_{step:07d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_models(tmp)
-    if optimizer is not None:
-        tensors, meta = optimizer_to_tensors(optimizer)
-        save_safetensors(tensors, tmp / "optimizer.safetensors", max_shard_bytes=None)
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-    save_safetensors(rng_tensors(), tmp / "rng.safetensors", max_shard_bytes=None)
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = run_dir / (LATEST + ".tmp")
-    latest_tmp.write_text(json.dumps({"step": step, "path": str(final.relative_to(run_dir))}))
-    os.replace(latest_tmp, run_dir / LATEST)
+    fileio.clean_trash(ckpt_root, tmp_of="step_*")  # leftovers of killed writes and prunes (one writer per run)
+    tmp = fileio.new_tmp_dir(final)
+    try:
+        save_models(tmp)
+        if optimizer is not None:
+            tensors, meta = optimizer_to_tensors(optimizer)
+            save_safetensors(tensors, tmp / "optimizer.safetensors", max_shard_bytes=None)
+            (tmp / "optimizer.json").write_text(json.dumps(meta))
+        save_safetensors(rng_tensors(), tmp / "rng.safetensors", max_shard_bytes=None)
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        _slow_save_hook()
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fileio.publish_dir(tmp, final)  # fsync'd before it is published; an old step_N is moved aside, never deleted first
+    fileio.atomic_write_text(run_dir / LATEST, json.dumps({"step": step, "path": str(final.relative_to(run_dir))}))
     _prune(ckpt_root, keep)
     return final
 
 
+def _slow_save_hook() -> None:
+    """Tests only: sleep SNAPFUSION_TEST_SLOW_SAVE seconds between writing a checkpoint's (or final/'s) files and
+    publishing them, and between moving a pruned checkpoint aside and deleting it."""
+    delay = os.environ.get(SLOW_SAVE_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
 def _prune(ckpt_root: Path, keep: int) -> None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if not p.name.endswith(".tmp"))
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    done = checkpoints(ckpt_root.parent)
+    broken = [p for p in ckpt_root.iterdir() if NAME.fullmatch(p.name) and p.is_dir() and p not in done]
+    for old in (done[:-keep] if keep > 0 else []) + broken:
+        fileio.trash(old, pause=_slow_save_hook)  # renamed out of the checkpoint names first: a kill leaves .trash-*
+    fileio.clean_trash(ckpt_root)
+
+
+def is_complete(folder: Path) -> bool:
+    """True when ``folder`` holds a checkpoint's completion marker and every file the marker lists, at its size."""
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+        files = marker["files"]
+        return all((folder / rel).stat().st_size == size for rel, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first (leftovers of killed writes and deletes are not listed)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder named by ``run_dir/latest.json``, or None when the run has no checkpoint yet."""
+    """The newest complete checkpoint of ``run_dir``, or None when the run has none yet.
+
+    Folders without the completion marker are skipped. A run from before the marker existed is found through
+    ``latest.json`` (its folders were renamed into place whole)."""
+    run_dir = Path(run_dir)
+    done = checkpoints(run_dir)
+    if done:
+        return done[-1]
     pointer = run_dir / LATEST
     if not pointer.is_file():
         return None
     try:
         rel = json.loads(pointer.read_text())["path"]
-    except (json.JSONDecodeError, KeyError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SnapFusionError(f"corrupt checkpoint pointer {pointer}: {err}") from None
     path = run_dir / rel
-    if not (path / "state.json").is_file():
+    if not (path / "state.json").is_file() or (path / COMPLETE).exists():
         raise SnapFusionError(f"checkpoint named by {pointer} is incomplete: {path}")
     return path
 

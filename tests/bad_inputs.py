@@ -1,0 +1,283 @@
+"""The bad-input corpus: command lines a user may type wrong, each with a piece of the one-line error it must give.
+
+Every case must end with exit status 2 and one line on stderr starting "snapfusion: error:" (no traceback), leave no
+file behind, and (unless ``loads``) fail before any model loads or any work starts. ``{tmp}`` is the test's scratch
+folder, holding the fixtures made by ``tests/test_bad_inputs.py``: ``dir/`` (an existing folder), ``file.txt``,
+``bad.safetensors`` (garbage), ``trunc.safetensors`` (a header cut short), ``bad.json`` (malformed),
+``badmodel/`` (a folder with a malformed model_index.json), ``empty/`` (an empty folder) and ``bad.jsonl``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Case(NamedTuple):
+    id: str
+    argv: list[str]
+    expect: str            # a piece of the one-line message (case-insensitive)
+    loads: bool = False    # True: the error comes from reading the named file, so loading it is allowed
+
+
+NOT_UTF8 = b"a red \xff\xfe apple".decode("utf-8", "surrogateescape")  # argv bytes that are not UTF-8
+P = "a red apple left of a cat"
+
+
+def _generate() -> list[Case]:
+    g = ["generate", P, "--out", "{tmp}/out.png"]
+    rows = [
+        # from the report: tracebacks
+        ("not-utf8-prompt", ["generate", NOT_UTF8, "--out", "{tmp}/out.png"], "UTF-8"),
+        ("seed-2**64", g + ["--seed", "18446744073709551616"], "--seed"),
+        ("batch-10000", g + ["--batch", "10000"], "--num-images"),
+        ("out-xyz", ["generate", P, "--out", "{tmp}/x.xyz"], "--out"),
+        ("out-noextension", ["generate", P, "--out", "{tmp}/noextension"], "--out"),
+        ("out-empty", ["generate", P, "--out", ""], "--out"),
+        ("out-existing-dir", ["generate", P, "--out", "{tmp}/dir"], "--out"),
+        # surprises
+        ("guidance-1e30", g + ["--guidance", "1e30"], "--guidance"),
+        ("negative-32000", g + ["--negative-prompt", "x" * 32_000], "negative"),
+        # late messages and more
+        ("steps-0", g + ["--steps", "0"], "--steps"),
+        ("steps-negative", g + ["--steps=-3"], "--steps"),
+        ("steps-huge", g + ["--steps", "100000"], "--steps"),
+        ("steps-text", g + ["--steps", "many"], "--steps"),
+        ("guidance-nan", g + ["--guidance", "nan"], "--guidance"),
+        ("guidance-inf", g + ["--guidance", "inf"], "--guidance"),
+        ("guidance-negative", g + ["--guidance=-2"], "--guidance"),
+        ("guidance-text", g + ["--guidance", "high"], "--guidance"),
+        ("size-0", g + ["--size", "0"], "--size"),
+        ("size-100", g + ["--size", "100"], "--size"),
+        ("size-huge", g + ["--size", "100000"], "--size"),
+        ("size-negative", g + ["--size=-512"], "--size"),
+        ("height-7", g + ["--height", "7"], "--height"),
+        ("width-1000", g + ["--width", "1000"], "--width"),
+        ("width-text", g + ["--width", "wide"], "--width"),
+        ("seed-negative", g + ["--seed=-1"], "--seed"),
+        ("seed-text", g + ["--seed", "abc"], "--seed"),
+        ("seed-float", g + ["--seed", "1.5"], "--seed"),
+        ("num-images-0", g + ["--num-images", "0"], "--num-images"),
+        ("num-images-negative", g + ["--num-images=-1"], "--num-images"),
+        ("empty-prompt", ["generate", "", "--out", "{tmp}/out.png"], "prompt"),
+        ("blank-prompt", ["generate", "   ", "--out", "{tmp}/out.png"], "prompt"),
+        ("nul-prompt", ["generate", "a\x00b", "--out", "{tmp}/out.png"], "prompt"),
+        ("huge-prompt", ["generate", "y" * 30_000, "--out", "{tmp}/out.png"], "prompt"),
+        ("not-utf8-negative", g + ["--negative-prompt", NOT_UTF8], "UTF-8"),
+        ("sampler-unknown", g + ["--sampler", "euler"], "--sampler"),
+        ("dtype-unknown", g + ["--dtype", "int4"], "--dtype"),
+        ("device-unknown", g + ["--device", "tpu"], "--device"),
+        ("backend-unknown", g + ["--backend", "tensorrt"], "--backend"),
+        ("out-in-file", ["generate", P, "--out", "{tmp}/file.txt/x.png"], "--out"),
+        ("out-nul", ["generate", P, "--out", "{tmp}/a\x00.png"], "--out"),
+        ("out-trailing-slash", ["generate", P, "--out", "{tmp}/newdir/"], "--out"),
+        ("model-missing", g + ["--model", "{tmp}/nomodel"], "nomodel"),
+        ("decoder-missing", g + ["--decoder", "{tmp}/nodecoder"], "nodecoder"),
+        ("onnx-with-decoder", g + ["--backend", "onnxruntime", "--decoder", "half"], "--decoder"),
+        ("unknown-option", g + ["--guidence", "3"], "--guidence"),
+        ("missing-prompt", ["generate"], "prompt"),
+    ]
+    loads = [
+        ("model-garbage-weights", g + ["--model", "{tmp}/bad.safetensors"], "bad.safetensors"),
+        ("model-truncated-weights", g + ["--model", "{tmp}/trunc.safetensors"], "trunc.safetensors"),
+        ("model-bad-index", g + ["--model", "{tmp}/badmodel"], "badmodel"),
+        ("model-empty-folder", g + ["--model", "{tmp}/empty"], "empty"),
+    ]
+    return ([Case(f"generate/{i}", a, e) for i, a, e in rows]
+            + [Case(f"generate/{i}", a, e, loads=True) for i, a, e in loads])
+
+
+def _eval() -> list[Case]:
+    e = ["eval", "--out", "{tmp}/ev"]
+    rows = [
+        ("steps-0", e + ["--steps", "0"], "--steps"),
+        ("steps-negative", e + ["--steps=-1"], "--steps"),
+        ("guidance-1e30", e + ["--guidance", "1e30"], "--guidance"),
+        ("guidance-nan", e + ["--guidance", "nan"], "--guidance"),
+        ("sweep-inf", e + ["--guidance-sweep", "1,inf"], "--guidance-sweep"),
+        ("sweep-nan", e + ["--guidance-sweep", "nan,2"], "--guidance-sweep"),
+        ("sweep-negative", e + ["--guidance-sweep=-1,2"], "--guidance-sweep"),
+        ("sweep-empty-item", e + ["--guidance-sweep", "1,,2"], "--guidance-sweep"),
+        ("sweep-text", e + ["--guidance-sweep", "low,high"], "--guidance-sweep"),
+        ("sweep-huge", e + ["--guidance-sweep", "1,1000"], "--guidance-sweep"),
+        ("sweep-empty", e + ["--guidance-sweep", ""], "--guidance-sweep"),
+        ("size-100", e + ["--size", "100"], "--size"),
+        ("size-0", e + ["--size", "0"], "--size"),
+        ("num-images-1", e + ["--num-images", "1"], "--num-images"),
+        ("num-images-0", e + ["--num-images", "0"], "--num-images"),
+        ("seeds-per-prompt-0", e + ["--seeds-per-prompt", "0"], "--seeds-per-prompt"),
+        ("batch-size-0", e + ["--batch-size", "0"], "--batch-size"),
+        ("batch-size-huge", e + ["--batch-size", "100000"], "--batch-size"),
+        ("num-emoji-0", e + ["--num-emoji", "0"], "--num-emoji"),
+        ("out-is-file", ["eval", "--out", "{tmp}/file.txt"], "--out"),
+        ("out-empty", ["eval", "--out", ""], "--out"),
+        ("prompts-unknown-set", e + ["--prompts", "nosuchset"], "--prompts"),
+        ("prompts-missing-file", e + ["--prompts", "{tmp}/missing.jsonl"], "missing.jsonl"),
+        ("prompts-bad-jsonl", e + ["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl"),
+        ("sampler-unknown", e + ["--sampler", "euler"], "--sampler"),
+        ("unet-missing", e + ["--unet", "{tmp}/nounet"], "nounet"),
+        ("dtype-unknown", e + ["--dtype", "fp8"], "--dtype"),
+    ]
+    return [Case(f"eval/{i}", a, x) for i, a, x in rows]
+
+
+def _export_bench() -> list[Case]:
+    x = ["export", "--out", "{tmp}/onnx"]
+    b = ["bench", "--preset", "tiny", "--json", "{tmp}/bench.json"]
+    rows = [
+        ("export/opset-5", x + ["--opset", "5"], "--opset"),
+        ("export/opset-99", x + ["--opset", "99"], "--opset"),
+        ("export/opset-text", x + ["--opset", "latest"], "--opset"),
+        ("export/format-unknown", x + ["--format", "tflite"], "--format"),
+        ("export/precision-unknown", x + ["--precision", "int4"], "--precision"),
+        ("export/batch-0", x + ["--batch", "0"], "--batch"),
+        ("export/size-100", x + ["--size", "100"], "--size"),
+        ("export/size-negative", x + ["--size=-64"], "--size"),
+        ("export/parity-steps-negative", x + ["--parity-steps=-1"], "--parity-steps"),
+        ("export/min-psnr-nan", x + ["--min-psnr", "nan"], "--min-psnr"),
+        ("export/max-rel-diff-negative", x + ["--max-rel-diff=-1"], "--max-rel-diff"),
+        ("export/out-is-file", ["export", "--out", "{tmp}/file.txt"], "--out"),
+        ("export/out-empty", ["export", "--out", ""], "--out"),
+        ("export/out-missing", ["export"], "--out"),
+        ("export/model-missing", x + ["--model", "{tmp}/nomodel"], "nomodel"),
+        ("bench/size-100", b + ["--size", "100"], "--size"),
+        ("bench/size-0", b + ["--size", "0"], "--size"),
+        ("bench/size-huge", b + ["--size", "65536"], "--size"),
+        ("bench/steps-0", b + ["--steps", "0"], "--steps"),
+        ("bench/guidance-inf", b + ["--guidance", "inf"], "--guidance"),
+        ("bench/guidance-1e30", b + ["--guidance", "1e30"], "--guidance"),
+        ("bench/runs-0", b + ["--runs", "0"], "--runs"),
+        ("bench/warmup-negative", b + ["--warmup=-1"], "--warmup"),
+        ("bench/preset-unknown", ["bench", "--preset", "huge"], "--preset"),
+        ("bench/json-is-dir", ["bench", "--preset", "tiny", "--json", "{tmp}/dir"], "--json"),
+        ("bench/markdown-in-file", ["bench", "--preset", "tiny", "--markdown", "{tmp}/file.txt/t.md"], "--markdown"),
+        ("bench/device-unknown", b + ["--device", "tpu"], "--device"),
+        ("bench/backend-onnx-no-model", ["bench", "--backend", "onnxruntime"], "--model"),
+        ("bench-blocks/repeats-0", ["bench-blocks", "--preset", "tiny_sd15", "--out", "{tmp}/t.json", "--repeats", "0"],
+         "--repeats"),
+        ("bench-blocks/size-100", ["bench-blocks", "--preset", "tiny_sd15", "--out", "{tmp}/t.json", "--size", "100"],
+         "--size"),
+        ("bench-blocks/out-is-dir", ["bench-blocks", "--preset", "tiny_sd15", "--out", "{tmp}/dir"], "--out"),
+    ]
+    return [Case(i, a, e) for i, a, e in rows]
+
+
+def _convert_assemble_prior() -> list[Case]:
+    rows = [
+        ("convert-sd/missing", ["convert-sd", "{tmp}/nosd", "--out", "{tmp}/sd"], "nosd", True),
+        ("convert-sd/garbage", ["convert-sd", "{tmp}/bad.safetensors", "--out", "{tmp}/sd"], "bad.safetensors", True),
+        ("convert-sd/truncated", ["convert-sd", "{tmp}/trunc.safetensors", "--out", "{tmp}/sd"], "trunc.safetensors",
+         True),
+        ("convert-sd/empty-folder", ["convert-sd", "{tmp}/empty", "--out", "{tmp}/sd"], "empty", True),
+        ("convert-sd/out-is-file", ["convert-sd", "{tmp}/bad.safetensors", "--out", "{tmp}/file.txt"], "--out", False),
+        ("convert-sd/out-empty", ["convert-sd", "{tmp}/bad.safetensors", "--out", ""], "--out", False),
+        ("assemble/missing-parts", ["assemble", "--text-encoder", "{tmp}/a", "--vae", "{tmp}/b", "--unet", "{tmp}/c",
+                                    "--out", "{tmp}/pipe"], "{tmp}/", True),
+        ("assemble/clip-skip-negative", ["assemble", "--text-encoder", "{tmp}/empty", "--vae", "{tmp}/empty", "--unet",
+                                         "{tmp}/empty", "--out", "{tmp}/pipe", "--clip-skip=-1"], "--clip-skip", False),
+        ("assemble/out-is-file", ["assemble", "--text-encoder", "{tmp}/empty", "--vae", "{tmp}/empty", "--unet",
+                                  "{tmp}/empty", "--out", "{tmp}/file.txt"], "--out", False),
+        ("train-prior/scenes-0", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache", "--scenes", "0"],
+         "--scenes", False),
+        ("train-prior/steps-0", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache", "--steps", "0"],
+         "--steps", False),
+        ("train-prior/lr-nan", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache", "--lr", "nan"],
+         "--lr", False),
+        ("train-prior/grid-0", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache", "--grid", "0"],
+         "--grid", False),
+        ("train-prior/batch-size-0", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache",
+                                      "--batch-size", "0"], "--batch-size", False),
+        ("train-prior/eval-every-0", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache",
+                                      "--eval-every", "0"], "--eval-every", False),
+        ("train-prior/encode-size-100", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/cache",
+                                         "--encode-size", "100"], "--encode-size", False),
+        ("train-prior/out-is-file", ["train-prior", "--out", "{tmp}/file.txt", "--cache", "{tmp}/cache"], "--out",
+         False),
+        ("train-prior/cache-is-file", ["train-prior", "--out", "{tmp}/prior", "--cache", "{tmp}/file.txt"], "--cache",
+         False),
+    ]
+    return [Case(i, a, e, loads) for i, a, e, loads in rows]
+
+
+# (command, the options it needs besides --run-dir); each gets the training-option cases below
+TRAINERS = [
+    ("train-autoencoder", []), ("train-text", []), ("train-unet", ["--from-pipeline", "base"]),
+    ("robust-train", []), ("finetune-v", []), ("distill", []), ("distill-decoder", []),
+]
+TRAIN_CASES = [
+    ("batch-size-0", ["--batch-size", "0"], "--batch-size"),
+    ("batch-size-huge", ["--batch-size", "1000000"], "--batch-size"),
+    ("lr-nan", ["--lr", "nan"], "--lr"),
+    ("lr-0", ["--lr", "0"], "--lr"),
+    ("lr-negative", ["--lr=-1e-4"], "--lr"),
+    ("checkpoint-every-0", ["--checkpoint-every", "0"], "--checkpoint-every"),
+    ("log-every-0", ["--log-every", "0"], "--log-every"),
+    ("num-workers-negative", ["--num-workers=-1"], "--num-workers"),
+    ("max-steps-0", ["--max-steps", "0"], "--max-steps"),
+    ("max-steps-negative", ["--max-steps=-1"], "--max-steps"),
+    ("ema-decay-5", ["--ema-decay", "5"], "--ema-decay"),
+    ("ema-decay-1", ["--ema-decay", "1"], "--ema-decay"),
+    ("warmup-negative", ["--warmup-steps=-5"], "--warmup-steps"),
+    ("sample-every-negative", ["--sample-every=-1"], "--sample-every"),
+    ("max-minutes-nan", ["--max-minutes", "nan"], "--max-minutes"),
+    ("seed-2**64", ["--seed", "18446744073709551616"], "--seed"),
+    ("mixed-precision-unknown", ["--mixed-precision", "fp8"], "--mixed-precision"),
+]
+# every training option case on train-text (the smallest), the main ones on every other trainer
+TRAIN_ALL = {"train-text"}
+TRAIN_MAIN = {"batch-size-0", "lr-nan", "checkpoint-every-0", "max-steps-0", "ema-decay-5", "num-workers-negative"}
+
+
+def _training() -> list[Case]:
+    cases = []
+    for cmd, extra in TRAINERS:
+        base = [cmd, "--run-dir", "{tmp}/run", *extra]
+        for i, opts, expect in TRAIN_CASES:
+            if cmd in TRAIN_ALL or i in TRAIN_MAIN:
+                cases.append(Case(f"{cmd}/{i}", base + opts, expect))
+        cases.append(Case(f"{cmd}/run-dir-is-file", [cmd, "--run-dir", "{tmp}/file.txt", *extra], "--run-dir"))
+    unet = ["train-unet", "--run-dir", "{tmp}/run", "--from-pipeline", "base"]
+    cases += [
+        Case("train-unet/no-parts", ["train-unet", "--run-dir", "{tmp}/run"], "--vae"),
+        Case("train-unet/image-size-100", unet + ["--image-size", "100"], "--image-size"),
+        Case("train-unet/clip-skip-negative", unet + ["--clip-skip=-1"], "--clip-skip"),
+        Case("train-unet/offset-noise-nan", unet + ["--offset-noise", "nan"], "--offset-noise"),
+        Case("train-unet/mix-prob-2", unet + ["--mix-prob", "2"], "--mix-prob"),
+        Case("train-unet/timestep-bias-portion-2", unet + ["--timestep-bias", "later", "--timestep-bias-portion", "2"],
+             "--timestep-bias-portion"),
+        Case("train-unet/from-pipeline-missing", ["train-unet", "--run-dir", "{tmp}/run", "--from-pipeline",
+                                                  "{tmp}/nopipe"], "nopipe"),
+        Case("train-autoencoder/decoder-only-no-init", ["train-autoencoder", "--run-dir", "{tmp}/run",
+                                                        "--decoder-only"], "--init"),
+        Case("distill/cfg-prob-2", ["distill", "--run-dir", "{tmp}/run", "--cfg-prob", "2"], "--cfg-prob"),
+        Case("distill/guidance-range-reversed", ["distill", "--run-dir", "{tmp}/run", "--guidance-min", "9",
+                                                 "--guidance-max", "2"], "--guidance"),
+        Case("distill-decoder/ratio-0", ["distill-decoder", "--run-dir", "{tmp}/run", "--ratio", "0"], "--ratio"),
+        Case("robust-train/p-res-2", ["robust-train", "--run-dir", "{tmp}/run", "--p-res", "2"], "--p-res"),
+    ]
+    return cases
+
+
+def _compress() -> list[Case]:
+    rows = [
+        ("evolve/budget-nan", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/bad.json", "--budget", "nan"],
+         "--budget"),
+        ("evolve/iterations-0", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/bad.json", "--iterations",
+                                 "0"], "--iterations"),
+        ("evolve/table-missing", ["evolve", "--run-dir", "{tmp}/run", "--table", "{tmp}/none.json"], "none.json"),
+        ("block-importance/num-prompts-0", ["block-importance", "--out", "{tmp}/bi.json", "--num-prompts", "0"],
+         "--num-prompts"),
+        ("bk-sdm/init-missing", ["bk-sdm", "--init", "{tmp}/nounet", "--out", "{tmp}/bk"], "nounet"),
+        ("evolve-apply/log-missing", ["evolve-apply", "--log", "{tmp}/none.jsonl", "--init", "{tmp}/empty", "--out",
+                                      "{tmp}/ev"], "none.jsonl"),
+        ("reduce-decoder/ratio-0", ["reduce-decoder", "--out", "{tmp}/dec", "--ratio", "0"], "--ratio"),
+        ("reduce-decoder/ratio-2", ["reduce-decoder", "--out", "{tmp}/dec", "--ratio", "2"], "--ratio"),
+        ("decoder-latents/latent-pool-0", ["decoder-latents", "--latent-pool", "0", "--out", "{tmp}/lat"],
+         "--latent-pool"),
+        ("eval-decoder/count-0", ["eval-decoder", "{tmp}/empty", "--count", "0"], "--count"),
+        ("unknown-command", ["paint", "a cat"], "paint"),
+        ("no-command", [], "command"),
+    ]
+    return [Case(i, a, e) for i, a, e in rows]
+
+
+CASES: list[Case] = _generate() + _eval() + _export_bench() + _convert_assemble_prior() + _training() + _compress()
