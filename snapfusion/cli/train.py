@@ -22,15 +22,19 @@ def cmd_train_autoencoder(a: argparse.Namespace) -> None:
             raise SnapFusionError(f"--init {a.init}: no such model or folder")
     if a.decoder_only and init is None:
         raise SnapFusionError("--decoder-only needs --init (the trained autoencoder whose decoder is fine-tuned)")
+    folder = options.data_folder(a, AutoencoderTaskConfig.image_size)
     train_autoencoder(options.loop_config(a), AutoencoderTaskConfig(
-        data=options.scene_config(a), init=str(init) if init else None, decoder_only=a.decoder_only), resume=a.resume)
+        data=options.scene_config(a), init=str(init) if init else None, decoder_only=a.decoder_only,
+        data_folder=folder), resume=a.resume)
 
 
 def cmd_train_text(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import train_text
     from snapfusion.train.tasks import TextTaskConfig
 
-    train_text(options.loop_config(a), TextTaskConfig(data=options.scene_config(a)), resume=a.resume)
+    folder = options.data_folder(a, TextTaskConfig.image_size)
+    train_text(options.loop_config(a), TextTaskConfig(data=options.scene_config(a), data_folder=folder),
+               resume=a.resume)
 
 
 def cmd_train_unet(a: argparse.Namespace) -> None:
@@ -52,6 +56,7 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     if not vae or not text:
         raise SnapFusionError("train-unet needs --vae and --text-encoder, or --from-pipeline")
     options.check_noise_data_options(a)
+    data_folder = options.data_folder(a, a.image_size)
     for flag, folder in (("--vae", vae), ("--text-encoder", text), ("--init-unet", init), ("--vae-decoder", decoder)):
         if folder and not Path(folder, "config.json").is_file():
             raise SnapFusionError(f"{flag} {folder}: no config.json there")
@@ -66,7 +71,8 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
                          data=options.scene_config(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
                          clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid,
-                         loss_weighting=a.loss_weighting, **_timestep_bias_options(a), **_mix_options(a))
+                         loss_weighting=a.loss_weighting, data_folder=data_folder, **_timestep_bias_options(a),
+                         **_mix_options(a))
     train_unet(options.loop_config(a), cfg, resume=a.resume)
 
 
@@ -89,6 +95,7 @@ def _mix_options(a: argparse.Namespace) -> dict:
 
 
 def cmd_train_prior(a: argparse.Namespace) -> None:
+    from snapfusion.data.folder import read_metadata
     from snapfusion.models.autoencoder import Encoder, load_autoencoder
     from snapfusion.pipeline import part_folder
     from snapfusion.prior import PriorData, PriorTrainConfig, fit_pipeline_prior
@@ -96,6 +103,9 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
     if a.scenes < 10 or a.steps < 1 or a.eval_every < 1 or not 0 <= a.calibrate <= a.scenes:
         raise SnapFusionError("--scenes must be >= 10, --steps and --eval-every >= 1 and --calibrate between 0 and "
                               "--scenes")
+    folder = options.data_folder(a, a.encode_size)  # checked before any model loads
+    if folder and len(read_metadata(folder)) < 10:
+        raise SnapFusionError(f"--data {folder}: train-prior needs at least 10 images (the last 10% are held out)")
     device = options.device(a.device)
     pipe = resolve_model(a.model, device=device)
     encoder_dir = Path(a.encoder) if a.encoder else part_folder(model_folder(a.model), "vae_encoder")
@@ -104,7 +114,7 @@ def cmd_train_prior(a: argparse.Namespace) -> None:
                               f"{encoder_dir} (--encoder)")
     encoder = load_autoencoder(encoder_dir, Encoder, device=device).eval()
     data = PriorData(scenes=a.scenes, encode_size=a.encode_size, calibrate=a.calibrate, grid=a.grid,
-                     num_emoji=a.num_emoji, seed=a.seed)
+                     num_emoji=a.num_emoji, seed=a.seed, data_folder=folder)
     train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
                              keep_best=not a.keep_last)
     out = Path(a.out)
@@ -168,7 +178,9 @@ def _add_prior_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="the prior's folder (copy it to <pipeline>/prior to use it)")
     t.add_argument("--encoder", default=None, help="the VAE encoder folder of the model's latent space (default: "
                    "the pipeline's vae_encoder/; the SnapFusion student has none, it shares base's)")
-    t.add_argument("--scenes", type=int, default=10000, help="training renders (the last 10%% are held out)")
+    t.add_argument("--scenes", type=int, default=10000, help="training renders (the last 10%% are held out); with "
+                   "--data the folder's first N images")
+    options.add_data(t)
     t.add_argument("--encode-size", type=int, default=128, help="renders are encoded at this size (cheap)")
     t.add_argument("--calibrate", type=int, default=64, help="renders also encoded at full size, for a per-channel "
                    "affine map of the reduced-size block means (0: none)")
@@ -187,7 +199,7 @@ def _add_prior_options(t: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training commands of the base model's parts."""
-    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes",
+    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes (or --data)",
                        epilog="example: snapfusion train-autoencoder --run-dir runs/ae --max-minutes 60")
     options.add_train_options(t, steps=6000, batch=32, lr=2e-4)
     t.add_argument("--init", default=None, metavar="MODEL",
