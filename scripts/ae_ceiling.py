@@ -35,7 +35,7 @@ from snapfusion.eval.frechet import gaussian_stats
 from snapfusion.eval.runner import load_records, render_records
 from snapfusion.models.autoencoder import Encoder, load_autoencoder
 from snapfusion.pipeline import check_size, part_folder
-from snapfusion.train.tasks import images_to_unit
+from snapfusion.train.data import images_to_unit
 
 SAMPLE_SEED = 0  # the posterior draws of --latents sample: image i uses seed SAMPLE_SEED + i
 

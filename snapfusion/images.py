@@ -11,6 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from snapfusion.fileio import atomic_write_with
+from snapfusion.metadata import a1111_parameters
 from snapfusion.validation import IMAGE_FORMATS, check_output_image, used_negative_prompt
 
 EXIF_DESCRIPTION = 0x010E  # ImageDescription: the settings as one JSON object
@@ -18,11 +19,18 @@ EXIF_SOFTWARE = 0x0131
 
 
 def image_metadata(*, prompt: str, negative_prompt: str | None, seeds, steps: int, guidance: float, sampler: str,
-                   model: str, decoder: str = "model's", **extra: Any) -> dict[str, str]:
-    """The settings an image records, as text; the negative prompt only when it was used (guidance != 1)."""
-    items = {"prompt": prompt, "negative_prompt": used_negative_prompt(negative_prompt, guidance), "seed": seeds,
-             "steps": steps, "guidance": guidance, "sampler": sampler, "model": model, "decoder": decoder, **extra,
-             "software": "snapfusion"}
+                   model: str, decoder: str = "model's", size: tuple[int, int] | None = None,
+                   **extra: Any) -> dict[str, str]:
+    """The settings an image records, as text; the negative prompt only when it was used (guidance != 1). With
+    ``size`` (width, height), also AUTOMATIC1111's ``parameters`` text, which image tools and sites read."""
+    negative = used_negative_prompt(negative_prompt, guidance)
+    items = {"prompt": prompt, "negative_prompt": negative, "seed": seeds, "steps": steps, "guidance": guidance,
+             "sampler": sampler, "model": model, "decoder": decoder, **extra, "software": "snapfusion"}
+    if size is not None:
+        first = seeds[0] if isinstance(seeds, (list, tuple)) else seeds
+        items["parameters"] = a1111_parameters(prompt, negative_prompt=negative or "", steps=steps, sampler=sampler,
+                                               guidance=guidance, seed=first, width=size[0], height=size[1],
+                                               model=model, extra={"Decoder": None if decoder == "model's" else decoder})
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in items.items()}
 
 

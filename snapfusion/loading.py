@@ -16,15 +16,22 @@ SHIPPED_DECODERS = {"half": EMBEDDED / "parts" / "vae_decoder_half"}  # distille
 
 
 def resolve_device(name: str | None, *, option: str = "device") -> str:
-    """"auto" or None: CUDA when there is one, else the CPU; "cpu" and "cuda[:N]" as given (checked)."""
+    """"auto" or None: CUDA when there is one, else the CPU; "cpu", "cuda[:N]" and "mps" (Apple GPUs) as given
+    (checked)."""
     import torch
 
     if name is None or name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"{option} cuda was asked for, but no CUDA device is available")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(f"{option} mps was asked for, but this torch has no MPS device (Apple silicon and a "
+                             "macOS build of torch are needed)")
+        return name
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise InputError(f"{option} must be auto, cpu or cuda[:N], got {name!r}")
+        raise InputError(f"{option} must be auto, cpu, cuda[:N] or mps, got {name!r}")
     return name
 
 
@@ -60,6 +67,10 @@ def check_model(name: str | None) -> str:
             raise WeightsError(f"embedded model '{name}' is not shipped in this version ({model_folder(name)})")
         return name
     if not Path(name).exists():
+        from snapfusion.sd15 import hub_id_error, looks_like_hub_id
+
+        if looks_like_hub_id(name):
+            raise hub_id_error(name)
         raise WeightsError(f"model not found: {name} (expected 'base', 'snapfusion' or a path)")
     return name
 

@@ -49,6 +49,8 @@ class PipelineConfig:
     sampler: Sampler = "ddim"
     timestep_spacing: Spacing = "leading"   # SD-v1.5's DDIM config; step-distilled students use "trailing"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    steps_offset: int | None = None   # added to "leading" timesteps; None: 1 for leading (SD-v1.5), else 0
+    set_alpha_to_one: bool = False    # DDIM's last step ends at alphabar = 1 instead of alphabar_0 (diffusers' option)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class GenerationResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -214,11 +218,13 @@ class Pipeline:
 
     def timesteps(self, steps: int, sampler: Sampler) -> torch.Tensor:
         T = self.schedule.num_train_timesteps
-        spacing = self.config.timestep_spacing
+        spacing, offset = self.config.timestep_spacing, self.config.steps_offset
+        offset = (1 if spacing == "leading" else 0) if offset is None else offset
         if sampler == "ddim":
-            return ddim_timesteps(steps, spacing, steps_offset=1 if spacing == "leading" else 0, num_train_timesteps=T)
+            return ddim_timesteps(steps, spacing, steps_offset=offset, num_train_timesteps=T,
+                                  set_alpha_to_one=self.config.set_alpha_to_one)
         if sampler == "dpmpp_2m":
-            return dpm_timesteps(steps, spacing, steps_offset=1 if spacing == "leading" else 0, num_train_timesteps=T)
+            return dpm_timesteps(steps, spacing, steps_offset=offset, num_train_timesteps=T)
         raise ConfigError(f"sampler {sampler!r} is not one of ['ddim', 'dpmpp_2m']")
 
     @torch.no_grad()

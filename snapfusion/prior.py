@@ -2,10 +2,10 @@
 
 SD's schedule ends at alphabar_T = 0.0047, so the forward process's last latent z_T = sqrt(abar_T) x0 +
 sqrt(1 - abar_T) eps still holds 0.068 of the clean latent's coarse layout: each channel's mean and the contrast
-between image halves (docs/base_model.md, sessions 2 and 12). A UNet trained on it reads that layout from z_T, a
+between image halves (docs/base_model.md). A UNet trained on it reads that layout from z_T, a
 gradient background's direction included; sampling from N(0, I) hands it a random one, and the shipped base draws
 gradients the prompt's way about half the time. Given the true 2 x 2 block means, added to the starting noise as the
-forward process would hold them, it drew 24 of 24 the right way (the oracle test, session 12).
+forward process would hold them, it drew 24 of 24 the right way (the oracle test).
 
 ``LayoutPrior`` predicts those block means from the prompt's text states, so the sampler starts from an estimate of
 the forward process's p(z_T | prompt) at the coarse scale instead of N(0, I): z + sqrt(abar_t / (1 - abar_t)) x
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from snapfusion.config import save_json
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.fileio import atomic_write_text, clean_trash
 from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained, \
@@ -141,19 +142,28 @@ def block_means(encoder, images: torch.Tensor, grid: int, size: int) -> torch.Te
 
 def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int = 128, calibrate: int = 64,
                   full_size: int = 512, num_emoji: int | None = None, seed: int = 16, chunk: int = 500,
-                  source: str = "", progress: Callable[[str], None] = print) -> tuple[list[str], torch.Tensor]:
+                  source: str = "", progress: Callable[[str], None] = print,
+                  data_folder: str | None = None) -> tuple[list[str], torch.Tensor]:
     """(captions, block means (N, C, G, G)) of ``count`` training scenes (split "train", ``seed``), with training
     captions (the UNet's caption omissions included). Targets come from size² encodes, mapped per channel by an affine
     fit on the first ``calibrate`` scenes encoded at full size (0 = none). Chunks are cached under ``cache`` as
     safetensors + JSON, so a killed build resumes where it stopped; ``source`` names the encoder (the latent space)
-    in the cache's manifest, and a cache built for another encoder, scene set or size is refused."""
+    in the cache's manifest, and a cache built for another encoder, scene set or size is refused. ``data_folder``: the
+    first ``count`` images of an image-caption folder (data/folder.py) instead of scenes, their own captions."""
     from snapfusion.data.dataset import make_item
+    from snapfusion.data.folder import ImageCaptionFolder
     from snapfusion.data.sampling import SceneConfig
 
     cfg = SceneConfig(num_emoji=num_emoji)
+    item = lambda i: make_item("train", full_size, seed, i, cfg)  # noqa: E731 (training scene i)
+    if data_folder:  # the folder's image i (each once: a repeat would sit in both the training and held-out pairs)
+        folder = ImageCaptionFolder(data_folder, full_size)
+        count, calibrate, item = min(count, len(folder)), min(calibrate, len(folder)), folder.__getitem__
     cache.mkdir(parents=True, exist_ok=True)
     clean_trash(cache, tmp_of="*")  # temporary files of a killed build
     manifest = {"encoder": source, "num_emoji": num_emoji, "seed": seed, "full_size": full_size, "chunk": chunk}
+    if data_folder:
+        manifest["data_folder"] = str(Path(data_folder).resolve())
     path = cache / "manifest.json"
     if path.is_file() and json.loads(path.read_text()) != manifest:
         raise SnapFusionError(f"{cache} holds block means of another build ({path.read_text().strip()}); "
@@ -164,7 +174,7 @@ def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int 
     for start in range(0, count, chunk):
         stem = cache / f"chunk_{start:07d}_{grid}_{size}"
         if not (stem.with_suffix(".json").is_file() and stem.with_suffix(".safetensors").is_file()):
-            items = [make_item("train", full_size, seed, i, cfg) for i in range(start, min(start + chunk, count))]
+            items = [item(i) for i in range(start, min(start + chunk, count))]
             m = block_means(encoder, torch.stack([it["image"] for it in items]), grid, size)
             save_safetensors({"means": m}, stem.with_suffix(".safetensors"), dtype=torch.float32)
             atomic_write_text(stem.with_suffix(".json"), json.dumps([it["caption"] for it in items]))
@@ -175,7 +185,7 @@ def build_targets(encoder, count: int, cache: Path, *, grid: int = 2, size: int 
     if calibrate > 0 and size != full_size:
         stem = cache / f"calibration_{calibrate}_{grid}_{size}_{full_size}"
         if not stem.with_suffix(".safetensors").is_file():
-            items = [make_item("train", full_size, seed, i, cfg) for i in range(calibrate)]
+            items = [item(i) for i in range(calibrate)]
             images = torch.stack([it["image"] for it in items])
             full = torch.cat([block_means(encoder, images[i:i + 8], grid, full_size) for i in range(0, calibrate, 8)])
             save_safetensors({"full": full}, stem.with_suffix(".safetensors"), dtype=torch.float32)
@@ -273,3 +283,34 @@ def train_prior(encode_text: Callable[[list[str]], torch.Tensor], captions: list
               "unselected_held_out": unseen.stop - unseen.start,
               "unselected_r2": 1 - err_unseen / variance(unseen), "log": log, "train": dataclasses.asdict(train)}
     return prior, report
+
+
+@dataclass(frozen=True)
+class PriorData:
+    """The (caption, block means) pairs of ``build_targets``."""
+
+    scenes: int = 10000        # training renders (the last 10 % are held out)
+    encode_size: int = 128     # renders are encoded at this size (cheap)
+    calibrate: int = 64        # renders also encoded at full size for the per-channel affine map (0: none)
+    grid: int = 2              # the latent's G x G block means
+    num_emoji: int | None = None
+    seed: int = 16
+    data_folder: str | None = None   # your own images (metadata.jsonl) in place of the rendered scenes
+
+
+def fit_pipeline_prior(pipe, encoder, out: Path, cache: Path, data: PriorData, train: PriorTrainConfig, *,
+                       source: str, model: str) -> dict:
+    """Train ``pipe``'s layout prior on block means from ``encoder`` (its latent space, named by ``source``); save it
+    to ``out`` with ``train_report.json`` beside it; returns the report."""
+    captions, targets = build_targets(encoder, data.scenes, cache, grid=data.grid, size=data.encode_size,
+                                      calibrate=data.calibrate, full_size=pipe.config.resolution,
+                                      num_emoji=data.num_emoji, seed=data.seed, source=source,
+                                      data_folder=data.data_folder)
+    config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
+                               latent_channels=pipe.unet.config.in_channels, grid=data.grid)
+    prior, report = train_prior(lambda c: pipe.encode_text(c).float().cpu(), captions, targets, config, train)
+    prior.save(out)
+    save_json({"model": model, "scenes": data.scenes, "encode_size": data.encode_size, "calibrate": data.calibrate,
+               "num_emoji": data.num_emoji, "seed": data.seed, "config": dataclasses.asdict(config), **report},
+              out / "train_report.json")
+    return report

@@ -31,7 +31,8 @@ def _require_file(path: Path) -> Path:
 def load_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load one ``.safetensors`` file, or every shard named by a ``*.safetensors.index.json``."""
     path = Path(path)
-    return dequantize(_load_sharded(path, device) if path.name.endswith(INDEX_SUFFIX) else _load_file(path, device))
+    sharded = path.name.endswith(INDEX_SUFFIX) or ".safetensors.index." in path.name and path.suffix == ".json"
+    return dequantize(_load_sharded(path, device) if sharded else _load_file(path, device))
 
 
 def _load_file(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -188,17 +189,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def resolve_weights(folder: str | os.PathLike, stem: str) -> Path:
-    """Return ``folder/stem.safetensors`` or its shard index, whichever exists; a clear error if neither."""
+def resolve_weights(folder: str | os.PathLike, stem: str, *, variants: tuple[str, ...] = ()) -> Path:
+    """Return ``folder/stem.safetensors`` or its shard index, whichever exists, else the first variant's
+    (``stem.fp16.safetensors``, ``stem.safetensors.index.fp16.json``: diffusers' naming); a clear error if none."""
     folder = Path(folder)
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors{INDEX_SUFFIX}"
-    if single.is_file():
-        return single
-    if index.is_file():
-        return index
+    candidates = [single, index]
+    for v in variants:
+        candidates += [folder / f"{stem}.{v}.safetensors", folder / f"{stem}.safetensors.index.{v}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
     if not folder.exists():
         raise WeightsError(f"model folder not found: {folder}")
-    raise WeightsError(f"no weights in {folder}: expected {single.name} or {index.name}")
+    raise WeightsError(f"no weights in {folder}: expected {' or '.join(p.name for p in candidates)}")
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file (empty if it has none)."""
+    path = _require_file(Path(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for malformed files
+        raise WeightsError(f"corrupt safetensors file: {path} ({type(err).__name__}: {err})") from None
 
 
 def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "weights") -> None:

@@ -107,7 +107,7 @@ def test_eval_needs_one_guidance_option(pipeline_dir, tmp_path, capsys):
 
 
 def test_generate_with_the_shipped_halved_decoder(tmp_path):
-    """--decoder half swaps in the distilled channel-halved decoder of the base model (issue 6's student)."""
+    """--decoder half swaps in the distilled channel-halved decoder of the base model (the distilled student)."""
     from snapfusion.loading import SHIPPED_DECODERS, resolve_model, swap_decoder
 
     base = resolve_model("base")

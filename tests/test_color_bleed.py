@@ -1,5 +1,5 @@
-"""scripts/color_bleed.py: the shipped base decoder keeps an object's color on a background of another color (the
-session-9 decoder brought a red square on blue back as (203, 94, 46) at 128 px; docs/base_model.md, session 10)."""
+"""scripts/color_bleed.py: the shipped base decoder keeps an object's color on a background of another color (an
+earlier decoder brought a red square on blue back as (203, 94, 46) at 128 px; docs/base_model.md)."""
 
 import importlib.util
 import json

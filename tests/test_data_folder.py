@@ -32,7 +32,8 @@ def test_folder_items_are_resized_center_cropped_uint8(tmp_path):
     ds = ImageCaptionFolder(root, size=16)
     assert len(ds) == 2 and ds.captions() == ["a red thing", "a blue thing"]
     item = ds[0]
-    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 16, 16) and item["caption"] == "a red thing"
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 16, 16)
+    assert item["caption"] == "a red thing"
     img = item["image"].float()
     # 64x32 -> 32x16, center crop keeps x 8..24: left half red, right half blue
     assert img[0, :, :6].mean() > 200 and img[2, :, :6].mean() < 30 and img[2, :, -6:].mean() > 200
@@ -110,3 +111,149 @@ def test_prompt_files(tmp_path):
         read_prompts(tmp_path / "nope.txt")
     root = _folder(tmp_path / "d", [{"file_name": "a.png", "text": "from a folder"}])
     assert read_prompts(root) == ["from a folder"] and read_metadata(root) == [("a.png", "from a folder")]
+
+
+# ---- --data FOLDER and --prompts FILE on the training stages ------------------------------------------------
+
+def _scenes_folder(root, count=4, size=72):
+    """``count`` PIL-made images (a colored disc on gray) with captions, in the imagefolder layout."""
+    from PIL import ImageDraw
+
+    root.mkdir(parents=True, exist_ok=True)
+    colors = [("red", (220, 30, 30)), ("blue", (30, 30, 220)), ("green", (30, 200, 30)), ("yellow", (230, 220, 40))]
+    rows = []
+    for i in range(count):
+        name, rgb = colors[i % len(colors)]
+        im = Image.new("RGB", (size + 8 * i, size), (128, 128, 128))
+        ImageDraw.Draw(im).ellipse((10, 10, size - 10, size - 10), fill=rgb)
+        im.save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {name} disc on a gray background"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+LOOP_FLAGS = ["--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--sample-every", "0",
+              "--mixed-precision", "no", "--warmup-steps", "0", "--ema-decay", "0", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def unet_parts(tmp_path_factory):
+    """A tiny autoencoder and a text tower as wide as the base UNet's context (train-unet trains the base UNet)."""
+    from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save_autoencoder
+    from snapfusion.models.presets import base_unet
+    from snapfusion.models.text import TextEncoder, TextEncoderConfig, save_text_encoder
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    save_autoencoder(root / "vae", AutoencoderKL(AutoencoderConfig.tiny()))
+    width = base_unet().context_dim
+    save_text_encoder(root / "text", TextEncoder(TextEncoderConfig(hidden_size=width, num_layers=1, num_heads=2,
+                                                                   intermediate_size=2 * width, projection_dim=width)))
+    return {"vae": str(root / "vae"), "text": str(root / "text")}
+
+
+def _assert_checkpoint(run, folder):
+    from snapfusion.train import state as ckpt_io
+
+    ckpt = ckpt_io.latest_checkpoint(run)
+    assert ckpt is not None and ckpt.name.endswith("2") and (ckpt / "model" / "config.json").is_file()
+    assert json.loads((run / "run_config.json").read_text())["task"]["data_folder"] == str(folder)
+
+
+def test_train_unet_trains_on_an_image_folder(tmp_path, unet_parts):
+    from snapfusion.cli import main
+
+    folder = _scenes_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    assert main(["train-unet", "--run-dir", str(run), "--vae", unet_parts["vae"], "--text-encoder",
+                 unet_parts["text"], "--image-size", "64", "--data", str(folder), *LOOP_FLAGS]) == 0
+    _assert_checkpoint(run, folder)
+    assert (run / "final" / "config.json").is_file()
+
+
+def test_the_unet_data_reads_the_folders_images_and_captions(tmp_path, unet_parts):
+    from snapfusion.models.presets import base_unet
+    from snapfusion.train.unet import UNetTask, UNetTaskConfig
+
+    folder = _scenes_folder(tmp_path / "images", count=3)
+    for pool in (0, 2):  # rendered per batch, or a latent pool of the folder's first 2 images
+        task = UNetTask(UNetTaskConfig(model=base_unet(), vae=unet_parts["vae"], text_encoder=unet_parts["text"],
+                                       image_size=32, latent_pool=pool, pool_workers=0, data_folder=str(folder),
+                                       uncond_prob=0.0))
+        batch = task.collate([task.dataset()[i] for i in range(4)])
+        want = ["a red disc", "a blue disc", "a green disc", "a red disc"] if not pool else \
+            ["a red disc", "a blue disc", "a red disc", "a blue disc"]
+        assert [c.split(" on ")[0] for c in batch["caption"]] == want  # cycled over the folder (or the pool)
+        x0 = task.data.latents(batch, torch.Generator().manual_seed(0))
+        assert x0.shape == (4, 4, 4, 4) and bool(torch.isfinite(x0).all())
+        if not pool:
+            assert batch["image"].shape == (4, 3, 32, 32) and int(batch["image"][0, 0, 16, 16]) > 200  # red center
+
+
+def test_distill_trains_on_an_image_folder(tmp_path, tiny_pipeline):
+    from snapfusion.cli import main
+
+    tiny_pipeline.save(tmp_path / "pipe", dtype=None)
+    folder = _scenes_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    assert main(["distill", "--run-dir", str(run), "--model", str(tmp_path / "pipe"), "--image-size", "64",
+                 "--student-steps", "2", "--data", str(folder), *LOOP_FLAGS]) == 0
+    _assert_checkpoint(run, folder)
+
+
+@pytest.mark.parametrize("command", ["train-unet", "train-autoencoder", "train-text", "distill", "finetune-v",
+                                     "robust-train"])
+def test_a_bad_folder_is_one_line_and_exit_2_before_any_model_loads(tmp_path, unet_parts, command, capsys,
+                                                                     monkeypatch):
+    from snapfusion import cli
+    from snapfusion.models.unet import UNet
+
+    monkeypatch.setattr(UNet, "load", lambda *a, **k: pytest.fail("a model loaded before the folder was checked"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    extra = {"train-unet": ["--vae", unet_parts["vae"], "--text-encoder", unet_parts["text"]],
+             "robust-train": ["--init", str(tmp_path), "--vae", unet_parts["vae"], "--text-encoder",
+                              unet_parts["text"]]}
+    code = cli.main([command, "--run-dir", str(tmp_path / "r"), "--data", str(bad), *extra.get(command, [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "missing.png" in err and "\n" not in err
+
+
+def test_decoder_stages_take_a_prompt_file(tmp_path, capsys):
+    from snapfusion.cli import main
+    from snapfusion.decoder.task import LatentSource, PromptStream
+
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    stream = PromptStream(LatentSource(prompts=str(tmp_path / "p.txt")), seed=5)
+    assert [stream[n]["prompt"] for n in range(3)] == ["a cat", "a dog", "a cat"]
+    folder = _scenes_folder(tmp_path / "images", count=2)
+    stream = PromptStream(LatentSource(prompts=str(folder), pool=2), seed=5)
+    assert stream[3]["prompt"] == "a blue disc on a gray background"
+    (tmp_path / "empty.txt").write_text("\n")
+    latents = ["decoder-latents", "--latent-pool", "2", "--out", str(tmp_path / "lat.safetensors")]
+    distill = ["distill-decoder", "--run-dir", str(tmp_path / "r"), "--data", str(folder)]
+    for args, message in ((latents + ["--prompts", str(tmp_path / "empty.txt")], "holds no prompts"),
+                          (distill + ["--prompts", str(tmp_path / "p.txt")], "pass one")):
+        code = main([*args, "--teacher", str(tmp_path / "never_loaded")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and message in err
+
+
+def test_layout_prior_targets_from_an_image_folder(tmp_path, capsys):
+    from snapfusion.cli import main
+    from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from snapfusion.prior import block_means, build_targets
+
+    torch.manual_seed(0)
+    encoder = AutoencoderKL(AutoencoderConfig.tiny()).encoder.eval()
+    folder = _scenes_folder(tmp_path / "images", count=3)
+    with torch.no_grad():
+        caps, means = build_targets(encoder, 100, tmp_path / "cache", size=32, calibrate=0, full_size=64,
+                                    data_folder=str(folder), progress=lambda s: None)
+        want = block_means(encoder, torch.stack([ImageCaptionFolder(folder, 64)[i]["image"] for i in range(3)]), 2, 32)
+    assert caps == ImageCaptionFolder(folder, 64).captions()  # each image once, with its own caption
+    torch.testing.assert_close(means, want)
+    code = main(["train-prior", "--out", str(tmp_path / "p"), "--data", str(folder), "--model", str(tmp_path / "no")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "at least 10 images" in err and "\n" not in err

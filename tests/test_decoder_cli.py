@@ -89,3 +89,9 @@ def test_start_from_continues_a_decoder_and_refuses_another_architecture(pipe_di
                  "--start-from", str(tmp_path / "half"), "--max-steps", "1", *LATENT_OPTS, *LOOP_OPTS])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "--start-from" in err and "\n" not in err
+
+
+def test_eval_decoder_checks_its_pipeline_options_first(tmp_path, capsys):
+    code = main(["eval-decoder", str(tmp_path / "never_read"), "--pipeline-metrics", "4", "--pipeline-steps", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--pipeline-steps" in err and "\n" not in err

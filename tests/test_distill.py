@@ -5,8 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from snapfusion.distill.losses import (distill_loss, guidance_scales, truncated_snr_weight, v_loss,
-                                       with_rescaled_ori)
+from snapfusion.losses import distill_loss, guidance_scales, truncated_snr_weight, v_loss, with_rescaled_ori
 from snapfusion.distill.teacher import ddim_x_target, step_grid, teacher_two_steps
 from snapfusion.errors import ConfigError
 from snapfusion.models.unet import UNet

@@ -147,7 +147,7 @@ def _draw(task, batch, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x0, context = _encode(task.data, batch, gen)
     t = torch.randint(0, task.schedule.num_train_timesteps, (x0.shape[0],), generator=gen)
-    eps = task.data.noise(x0, gen)
+    eps = task.noising.noise(x0, gen)
     return x0, context, t, eps, task.schedule.add_noise(x0, eps, t)
 
 
@@ -158,9 +158,9 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     implied eps."""
     import dataclasses
 
-    from snapfusion.distill.losses import v_loss
+    from snapfusion.losses import v_loss
     from snapfusion.sampling import Denoiser
-    from snapfusion.train.tasks import eps_mse_min_snr, feature_mse
+    from snapfusion.losses import eps_mse_min_snr, feature_mse
 
     teacher_folder = source.unet_folder()
     plain = VFinetuneTask(VFinetuneConfig(source=source, image_size=64))
@@ -179,15 +179,15 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     with torch.no_grad():
         fs, ft = [], []
         pred = Denoiser(lambda *a: model(*a, features=fs), kd.schedule, "v_prediction")(z, t, context)
-        target = kd.data.kd(z, t, context, features=ft)
+        target = kd.kd.teacher(z, t, context, features=ft)
         alpha, sigma = kd.schedule.alpha_sigma(t)
         torch.testing.assert_close(logs["kd"], eps_mse_min_snr(pred.eps, target, (alpha / sigma) ** 2, 5.0).mean())
         torch.testing.assert_close(logs["kd_feat"], feature_mse(fs, ft).mean())
         torch.testing.assert_close(base, v_loss(pred, x0, eps, t, kd.schedule))
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert all(p.grad is None for p in kd.data.kd.parameters())
-    # a v teacher (session 8): T's own weights read as v. Its target is its implied eps, sigma z + alpha v_hat, so
+    assert all(p.grad is None for p in kd.kd.teacher.parameters())
+    # a v teacher: T's own weights read as v. Its target is its implied eps, sigma z + alpha v_hat, so
     # the student started from T's weights (also read as v) has nothing left to distill
     as_v = UNet.load(teacher_folder)
     v_teacher = UNet(dataclasses.replace(as_v.config, prediction_type="v_prediction"))
@@ -198,7 +198,7 @@ def test_v_finetune_with_a_kd_teacher_adds_robust_trains_terms_on_the_implied_ep
     assert float(logs["kd"]) < 1e-10
     _, logs = kd_v.loss(model, batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        v_target = Denoiser(kd_v.data.kd, kd.schedule, "v_prediction")(z, t, context).eps
+        v_target = Denoiser(kd_v.kd.teacher, kd.schedule, "v_prediction")(z, t, context).eps
         torch.testing.assert_close(logs["kd"], eps_mse_min_snr(pred.eps, v_target, (alpha / sigma) ** 2, 5.0).mean())
 
 
@@ -207,8 +207,8 @@ def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_res
     of a guided 2B pass) to the teacher's at (z_t, t, c), so it is 0 for a student equal to its teacher even under
     guidance; the term adds f x r x L_feat, r = mean L_dstl / mean L_feat, so its batch mean is f x mean L_dstl;
     its gradient reaches the student on its own; unequal stage widths and bad weights are refused."""
-    from snapfusion.distill.losses import rescaled
-    from snapfusion.train.tasks import feature_mse
+    from snapfusion.losses import rescaled
+    from snapfusion.losses import feature_mse
 
     for cfg_prob in (0.0, 1.0):
         plain = DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=cfg_prob, image_size=64))
@@ -228,7 +228,7 @@ def test_distill_feature_term_compares_the_cond_pass_with_the_teacher_and_is_res
     gen = torch.Generator().manual_seed(0)
     x0, cond = _encode(feat.data, batch, gen)
     t, _, _ = feat.grid.sample(2, gen)
-    z = feat.schedule.add_noise(x0, feat.data.noise(x0, gen), t)
+    z = feat.schedule.add_noise(x0, feat.noising.noise(x0, gen), t)
     fs, ft = [], []
     model(z, t, cond, features=fs)
     with torch.no_grad():
@@ -263,3 +263,32 @@ def test_kd_options_of_finetune_v_and_distill_reach_their_tasks(source, tmp_path
     assert main(["finetune-v", *base, "--kd-feature-weight", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--kd-feature-weight needs --kd-unet" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("task_cls", ["v", "distill"])
+def test_offset_noise_and_latent_pool_reach_v_finetuning_and_distillation(source, task_cls):
+    def make(**kw):
+        if task_cls == "v":
+            return VFinetuneTask(VFinetuneConfig(source=source, image_size=64, **kw))
+        return DistillTask(DistillConfig(source=source, student_steps=2, cfg_prob=0.0, image_size=64, **kw))
+
+    plain, pooled = make(), make(latent_pool=4, offset_noise=0.5)
+    assert pooled.data.cfg.latent_pool == 4 and pooled.data.cfg.offset_noise == 0.5
+    items = [pooled.dataset()[i] for i in range(6)]
+    assert {it["index"] for it in items} == {0, 1, 2, 3}  # the pool's scenes, cycled
+    batch = pooled.collate(items[:2])
+    loss, _ = pooled.loss(pooled.build(), batch, torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and bool(torch.isfinite(loss).all())
+    # offset noise: the per-sample channel means of eps spread far more than N(0, 1) noise allows
+    x0 = torch.zeros(256, 4, 8, 8)
+    spread = {k: float(t.noising.noise(x0, torch.Generator().manual_seed(1)).mean((2, 3)).std())
+              for k, t in (("plain", plain), ("offset", pooled))}
+    assert spread["plain"] == pytest.approx(1 / 8, rel=0.2) and spread["offset"] == pytest.approx(0.5, rel=0.2)
+
+
+def test_negative_offset_or_pool_is_a_one_line_error(source, tmp_path, capsys):
+    for flag in (["--offset-noise", "-0.1"], ["--latent-pool", "-1"]):
+        assert main(["distill", "--run-dir", str(tmp_path / "d"), "--model", source.pipeline, *flag]) == 2
+        err = capsys.readouterr().err
+        assert "must be >= 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()  # refused before any run folder is made

@@ -138,3 +138,24 @@ def test_top_level_help_lists_the_commands_by_group():
     assert groups == sorted(groups)
     for name in _commands():
         assert f" {name} " in text or f" {name}\n" in text, name
+
+
+MAX_MODULE_LINES = 500
+
+
+def _long_modules(root: Path, limit: int = MAX_MODULE_LINES) -> dict[str, int]:
+    """Python files under ``root`` with more than ``limit`` lines, by path relative to ``root``."""
+    lengths = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in sorted(root.rglob("*.py"))}
+    return {name: n for name, n in lengths.items() if n > limit}
+
+
+def test_the_length_check_finds_long_modules(tmp_path):
+    (tmp_path / "short.py").write_text("x = 1\n" * 500)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "long.py").write_text("x = 1\n" * 501)
+    assert _long_modules(tmp_path) == {"sub/long.py": 501}
+
+
+def test_no_module_over_500_lines():
+    offenders = _long_modules(PACKAGE)
+    assert offenders == {}, "modules over 500 lines: " + ", ".join(f"{m} ({n})" for m, n in offenders.items())

@@ -15,8 +15,9 @@ from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
 from snapfusion.train import state as ckpt_io
 from snapfusion.train.loop import LoopConfig, train
-from snapfusion.train import tasks as tasks_module
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, images_to_unit, pooled_caption
+from snapfusion.train import data as data_module
+from snapfusion.train.data import images_to_unit, pooled_caption
+from snapfusion.train.unet import UNetTask, UNetTaskConfig
 from snapfusion.weights import load_safetensors
 
 UNET = dataclasses.replace(tiny_sd15(), context_dim=32)
@@ -40,15 +41,15 @@ def test_a_mixed_step_trains_on_the_second_pool_at_the_second_size(parts, monkey
     vae, _ = parts
     task = UNetTask(_mixed(parts))
     drawn = []
-    original_scene = tasks_module.sample_scene
-    monkeypatch.setattr(tasks_module, "sample_scene", lambda *a: drawn.append(a) or original_scene(*a))
+    original_scene = data_module.sample_scene
+    monkeypatch.setattr(data_module, "sample_scene", lambda *a: drawn.append(a) or original_scene(*a))
     items = [task.dataset()[i] for i in (1, 4, 5)]
     assert [it["index"] for it in items] == [1, 4, 5]  # the first pool: i mod 6
     assert len(drawn) == 3  # one scene per item: the second pool's are drawn only for the items a mixed step uses
     batch = task.collate(items)
     assert batch["index2"].tolist() == [1, 1] and batch["ids2"].shape[0] == 2  # the first mix_batch items, i mod 3
     assert len(drawn) == 5
-    expected_ids = task._caption_ids([pooled_caption(i, 3, task.cfg.seed, task.cfg.data)[1] for i in (1, 4)])
+    expected_ids = task.data.caption_ids([pooled_caption(i, 3, task.cfg.seed, task.cfg.data)[1] for i in (1, 4)])
     assert torch.equal(batch["ids2"], expected_ids)  # their own captions of the second pool's scenes
     seen = []
     original = task.schedule.add_noise
@@ -57,21 +58,21 @@ def test_a_mixed_step_trains_on_the_second_pool_at_the_second_size(parts, monkey
     assert seen[0].shape == (2, 4, 16, 16) and loss.shape == (2,)  # 128² scenes, 16x16 latents
     assert logs == {"mixed_share": 1.0}  # logged: the share of this process's steps at the mixed size
     # both pools are built at the first step, mixed or not (under DDP every process gathers both in the same order)
-    assert task._pool.mean.shape == (6, 4, 8, 8) and task._mix_pool.mean.shape == (3, 4, 16, 16)
+    assert task.data.pool.mean.shape == (6, 4, 8, 8) and task.data.mix_pool.mean.shape == (3, 4, 16, 16)
     image = SceneDataset("train", 128, task.cfg.seed, 3, task.cfg.data)[2]["image"]  # pooled scene 2 at 128²
     expected = vae.encoder.encode(images_to_unit(image[None], torch.device("cpu"))).mean
-    torch.testing.assert_close(task._mix_pool.mean[2:3].float(), expected, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(task.data.mix_pool.mean[2:3].float(), expected, atol=2e-3, rtol=1e-2)
 
 
 def test_the_share_of_mixed_steps_follows_mix_prob_and_plain_runs_draw_nothing(parts):
     task = UNetTask(_mixed(parts, prob=0.3))
     gen = torch.Generator().manual_seed(0)
-    share = sum(task.mixed_step(gen) for _ in range(2000)) / 2000
+    share = sum(task.noising.mixed_step(gen) for _ in range(2000)) / 2000
     assert 0.26 < share < 0.34
     plain = UNetTask(UNetTaskConfig(model=UNET, **parts[1]))
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    assert not plain.mixed_step(gen)
+    assert not plain.noising.mixed_step(gen)
     assert torch.equal(gen.get_state(), state)  # runs without --mix-size keep their random stream
     assert "item" not in plain.dataset()[0]
     item = plain.dataset()[0]

@@ -189,7 +189,7 @@ def test_train_prior_command(tiny_pipeline, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["base", "snapfusion"])
 def test_shipped_models_carry_their_priors(name):
-    """Both embedded pipelines sample from their layout priors by default (docs/base_model.md, sessions 16 and 17):
+    """Both embedded pipelines sample from their layout priors by default (docs/base_model.md):
     each prior reads its own pipeline's text states and predicts block means that depend on the prompt."""
     from snapfusion.loading import resolve_model
 

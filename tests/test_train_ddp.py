@@ -16,7 +16,8 @@ from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save
 from snapfusion.models.text import TextEncoder, save_text_encoder
 from snapfusion.models.unet_config import tiny_sd15
 from snapfusion.train.loop import _StreamSampler
-from snapfusion.train.tasks import LatentPool, UNetTask, UNetTaskConfig
+from snapfusion.train.data import LatentPool
+from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
 SCRIPT = Path(__file__).parent / "helpers" / "ddp_train.py"
 POOL_SCRIPT = Path(__file__).parent / "helpers" / "ddp_pool.py"
@@ -77,7 +78,7 @@ def test_a_latent_pool_built_by_two_processes_is_the_whole_pool_in_each(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     task = UNetTask(UNetTaskConfig(model=POOL_UNET, vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"),
                                    image_size=32, latent_pool=count, pool_workers=0))
-    alone = LatentPool(task.encoder, task.cfg, torch.device("cpu"))
+    alone = LatentPool(task.data.encoder, task.cfg, torch.device("cpu"))
     assert alone.mean.shape == (count, 4, 4, 4)
     for rank in (0, 1):
         got = load_file(str(tmp_path / f"rank{rank}.safetensors"))

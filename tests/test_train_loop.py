@@ -99,7 +99,8 @@ def test_latent_pool_matches_rendered_scenes_and_resumes(tmp_path):
     from snapfusion.models.autoencoder import AutoencoderKL, save_autoencoder
     from snapfusion.models.text import TextEncoder, save_text_encoder
     from snapfusion.models.unet_config import tiny_sd15
-    from snapfusion.train.tasks import UNetTask, UNetTaskConfig, images_to_unit
+    from snapfusion.train.data import images_to_unit
+    from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
     torch.manual_seed(0)
     vae = AutoencoderKL(AutoencoderConfig.tiny())
@@ -112,10 +113,10 @@ def test_latent_pool_matches_rendered_scenes_and_resumes(tmp_path):
     assert items[0]["index"] == items[1]["index"] == 1
     batch = task.collate(items)
     gen = torch.Generator().manual_seed(0)
-    task.latents(batch, gen)  # builds the pool
+    task.data.latents(batch, gen)  # builds the pool
     image = SceneDataset("train", 64, cfg.seed, 6, cfg.data)[1]["image"]
     expected = vae.encoder.encode(images_to_unit(image[None], torch.device("cpu"))).mean
-    torch.testing.assert_close(task._pool.mean[1:2].float(), expected, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(task.data.pool.mean[1:2].float(), expected, atol=2e-3, rtol=1e-2)
 
     loop = lambda d, n: _cfg(d, n, checkpoint_every=100)  # noqa: E731
     train(loop(tmp_path / "a", 3), UNetTask(cfg))

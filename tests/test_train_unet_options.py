@@ -11,7 +11,8 @@ from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save
 from snapfusion.models.text import TextEncoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, hybrid_weights
+from snapfusion.losses import hybrid_weights
+from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
 UNET = dataclasses.replace(tiny_sd15(), context_dim=32)
 
@@ -169,7 +170,7 @@ def test_feature_kd_adds_stage_output_distances_to_an_evolved_student(parts, tmp
     """--kd-feature-weight: zero for a student equal to its teacher; for a student with a block removed (what
     evolution produces) the loss grows by exactly weight x the summed stage-output MSE, which is > 0."""
     from snapfusion.evolve.actions import Action, edited_unet
-    from snapfusion.train.tasks import feature_mse
+    from snapfusion.losses import feature_mse
 
     torch.manual_seed(3)
     teacher = UNet(UNET)
@@ -251,12 +252,12 @@ def test_clip_skip_trains_on_the_shorter_tower_and_assemble_ships_it(parts, tmp_
             parts["text_encoder"], "--image-size", "64", "--max-steps", "1", "--sample-every", "0"]
     assert main(args + ["--clip-skip", "1"]) == 0
     task = seen["task"]
-    assert task.cfg.clip_skip == 1 and task.text.config.num_layers == TINY_TEXT.num_layers - 1
+    assert task.cfg.clip_skip == 1 and task.data.text.config.num_layers == TINY_TEXT.num_layers - 1
     ids = Tokenizer()(["a red star"])
     full = load_text_encoder(parts["text_encoder"]).eval()
     with torch.no_grad():
         want = skip_layers(full, 1)(ids)
-        torch.testing.assert_close(task.text(ids), want, atol=0, rtol=0)
+        torch.testing.assert_close(task.data.text(ids), want, atol=0, rtol=0)
         UNet(UNET).save(tmp_path / "unet")
         assert main(["assemble", "--text-encoder", parts["text_encoder"], "--vae", parts["vae"], "--unet",
                      str(tmp_path / "unet"), "--out", str(tmp_path / "pipe"), "--clip-skip", "1"]) == 0
@@ -332,10 +333,10 @@ def test_timestep_bias_draws_the_favoured_timesteps_that_many_times_as_often(par
     """--timestep-bias (diffusers' --timestep_bias_strategy): the favoured timesteps weigh the multiplier, the rest 1,
     and the training draw follows those weights."""
     task = UNetTask(UNetTaskConfig(model=UNET, timestep_bias=bias, timestep_bias_multiplier=3.0, **extra, **parts))
-    w = task._t_weights
+    w = task.noising.t_weights
     assert w.shape == (1000,) and set(w[favoured].tolist()) == {3.0}
     assert (w.sum() - w[favoured].sum()).item() == 1000 - len(range(1000)[favoured])
-    t = task.timesteps(40000, torch.Generator().manual_seed(0))
+    t = task.noising.timesteps(40000, torch.Generator().manual_seed(0))
     inside = ((t >= favoured.start) & (t < favoured.stop)).float().mean().item()
     assert inside == pytest.approx(w[favoured].sum().item() / w.sum().item(), abs=0.01)
     assert t.min() >= 0 and t.max() < 1000
@@ -345,16 +346,16 @@ def test_timestep_bias_multiplier_zero_leaves_out_those_timesteps(parts):
     """--timestep-bias earlier --timestep-bias-portion 0.8 --timestep-bias-multiplier 0: only t >= 800 is trained."""
     task = UNetTask(UNetTaskConfig(model=UNET, timestep_bias="earlier", timestep_bias_portion=0.8,
                                    timestep_bias_multiplier=0.0, **parts))
-    t = task.timesteps(5000, torch.Generator().manual_seed(1))
+    t = task.noising.timesteps(5000, torch.Generator().manual_seed(1))
     assert t.min() >= 800 and t.max() == 999
 
 
 def test_no_timestep_bias_keeps_the_uniform_draw(parts):
     """Without the option the timesteps are the draw they always were (old runs resume on the same stream)."""
     task = UNetTask(UNetTaskConfig(model=UNET, **parts))
-    assert task._t_weights is None
+    assert task.noising.t_weights is None
     want = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(task.timesteps(64, torch.Generator().manual_seed(5)), want, atol=0, rtol=0)
+    torch.testing.assert_close(task.noising.timesteps(64, torch.Generator().manual_seed(5)), want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -391,3 +392,15 @@ def test_train_unet_timestep_bias_flags_reach_the_task(tmp_path, monkeypatch, ca
         err = capsys.readouterr().err.strip()
         assert "--timestep-bias-range" in err and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_unet_stages_train_eps_and_v_unets_and_refuse_other_types(tiny_pipeline):
+    import dataclasses
+
+    from snapfusion.errors import ConfigError
+    from snapfusion.train.tasks import require_known_prediction
+
+    require_known_prediction(tiny_pipeline.unet.config, "train-unet")
+    require_known_prediction(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="v_prediction"), "x")
+    with pytest.raises(ConfigError, match="epsilon or v_prediction"):
+        require_known_prediction(dataclasses.replace(tiny_pipeline.unet.config, prediction_type="sample"), "x")

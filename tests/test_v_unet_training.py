@@ -1,4 +1,4 @@
-"""The UNet stage trains v-prediction UNets too (the v-tuned base of session 8 and its robust-trained students):
+"""The UNet stage trains v-prediction UNets too (the v-tuned base and its robust-trained students):
 the Min-SNR loss in v-space, eps-space distillation from an eps or a v teacher, and the loop's --compile."""
 
 import dataclasses
@@ -12,7 +12,8 @@ from snapfusion.models.autoencoder import AutoencoderConfig, AutoencoderKL, save
 from snapfusion.models.text import TextEncoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, v_mse_min_snr
+from snapfusion.losses import v_mse_min_snr
+from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
 EPS = dataclasses.replace(tiny_sd15(), context_dim=32)
 V = dataclasses.replace(EPS, prediction_type="v_prediction")
@@ -86,8 +87,8 @@ def test_kd_compares_implied_eps_of_any_student_and_teacher(parts, tmp_path, mon
         return raw if prediction_type == "epsilon" else s * z + a * raw
 
     with torch.no_grad():
-        target = implied_eps(task.kd(z, t, task.text(task.collate([task.dataset()[i] for i in range(6)])["ids"])),
-                             teacher.prediction_type)
+        ids = task.collate([task.dataset()[i] for i in range(6)])["ids"]
+        target = implied_eps(task.kd.teacher(z, t, task.data.text(ids)), teacher.prediction_type)
     mine = implied_eps(out, student.prediction_type)
     snr = (alpha / sigma) ** 2
     want = ((mine - target).pow(2).flatten(1).mean(1) * torch.clamp(snr, max=5.0) / snr).mean()

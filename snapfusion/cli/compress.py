@@ -1,5 +1,5 @@
-"""The compression stages' commands: the efficient UNet (compress_evolve), the efficient decoder (compress_decoder)
-and step distillation (compress_distill)."""
+"""The compression commands: the whole recipe (``compress``), then its stages: the efficient UNet (compress_evolve),
+the efficient decoder (compress_decoder) and step distillation (compress_distill)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,44 @@ import argparse
 from snapfusion.cli import compress_decoder, compress_distill, compress_evolve
 
 
+def cmd_compress(a: argparse.Namespace) -> None:
+    from snapfusion.compress import recipe_config, run_recipe
+
+    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else ()
+    run_recipe(recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
+                             latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes,
+                             stages=stages))
+
+
+def _add_recipe(sub: argparse._SubParsersAction) -> None:
+    from snapfusion.compress import STAGE_NAMES
+
+    c = sub.add_parser("compress", help="the whole SnapFusion recipe from a teacher pipeline, resumable: latency "
+                       "table, robust training, evolution, KD fine-tuning, v-prediction, step distillation 16 -> 8, "
+                       "decoder, layout prior, assembly, evaluation (docs/recipe.md)",
+                       epilog="example: snapfusion compress --teacher base --latency-budget 0.3 --run-dir runs/sf "
+                              "--max-minutes 9   (run it again to continue; several GPUs: accelerate launch -m "
+                              "snapfusion.cli compress ...)")
+    c.add_argument("--teacher", default="base", help="the teacher: 'base' or a pipeline folder with a VAE encoder "
+                   "(default %(default)s)")
+    c.add_argument("--run-dir", required=True, help="every stage's folder and manifest.json; rerun to continue")
+    c.add_argument("--latency-budget", type=float, default=0.3, help="the evolved UNet's per-step latency as a "
+                   "fraction of the teacher's on --device (default %(default)s)")
+    c.add_argument("--device", default="auto", help="target device of the latency table: auto, cpu or cuda")
+    c.add_argument("--max-minutes", type=float, default=0.0, help="stop after about this long, training at a "
+                   "checkpoint, and say what is left (default 0: no limit)")
+    c.add_argument("--stages", default=None, help=f"comma-separated stages to run, in recipe order: "
+                   f"{','.join(STAGE_NAMES)} (default: all)")
+    c.add_argument("--scale", choices=["full", "tiny"], default="full", help="full: the step counts behind the "
+                   "shipped student; tiny: a few steps everywhere at 64 px (a CPU check of the chain)")
+    c.add_argument("--num-emoji", type=int, default=-1, help="the teacher's training domain: the first N atlas emoji "
+                   "(default: the preset's, 40)")
+    c.set_defaults(func=cmd_compress)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add every compression command, in the order of the SnapFusion recipe."""
+    """Add every compression command: the recipe, then its stages in recipe order."""
+    _add_recipe(sub)
     compress_evolve.register(sub)
     compress_decoder.register(sub)
     compress_distill.register(sub)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from snapfusion.cli import options, types
-from snapfusion.errors import InputError
+from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.fileio import atomic_write_text
 from snapfusion.loading import check_model
 from snapfusion.validation import MAX_BATCH, check_input_path
@@ -28,7 +28,21 @@ def _latent_source(a: argparse.Namespace):
 
     return LatentSource(sampler=a.sampler, steps=a.latent_steps, guidance_min=a.guidance_range[0],
                         guidance_max=a.guidance_range[1], resolution=a.resolution,
-                        num_emoji=a.num_emoji, pool=getattr(a, "latent_pool", 0))
+                        num_emoji=a.num_emoji, pool=getattr(a, "latent_pool", 0), prompts=_prompts(a))
+
+
+def _prompts(a: argparse.Namespace) -> str | None:
+    """--prompts FILE (or --data FOLDER: its captions), read and checked before any model loads."""
+    from snapfusion.data.folder import read_prompts
+
+    given = [(flag, v) for flag, v in (("--prompts", getattr(a, "prompts", None)), ("--data", getattr(a, "data", None)))
+             if v]
+    if len(given) > 1:
+        raise SnapFusionError("--prompts and --data both give the prompts: pass one")
+    if not given:
+        return None
+    read_prompts(given[0][1])
+    return str(given[0][1])
 
 
 def check_latent_options(a: argparse.Namespace) -> None:
@@ -85,9 +99,9 @@ def cmd_decoder_latents(a: argparse.Namespace) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop
     torch.backends.cudnn.allow_tf32 = True
+    src = _latent_source(a)  # a bad prompt file fails before the teacher loads
     pipe = load_teacher(a.teacher).to(options.device(a.device))
-    n = write_latent_cache(pipe, _latent_source(a), a.data_seed, a.out, teacher=a.teacher,
-                           batch_size=a.batch_size)
+    n = write_latent_cache(pipe, src, a.data_seed, a.out, teacher=a.teacher, batch_size=a.batch_size)
     print(f"wrote {a.out}: {n} latents (use with distill-decoder --latent-cache {a.out} --latent-pool {n} and the "
           f"same latent options)")
 
@@ -144,6 +158,12 @@ def _add_latent_options(p: argparse.ArgumentParser) -> None:
                    help="image side (default: the teacher's)")
 
 
+def _add_prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=None, metavar="FILE", help="your own prompts instead of scene captions: a "
+                   "text file (one a line), a .jsonl ({\"text\": ...} a line) or an image folder (its "
+                   "metadata.jsonl captions); prompt n mod N for sample n")
+
+
 def _add_student_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", choices=["reduced", "tiny"], default="reduced",
                    help="channel-reduced teacher decoder, or the TAESD-style conv baseline")
@@ -180,6 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_student_options(d)
     d.add_argument("--data-seed", type=types.seed("--data-seed"), default=5,
                    help="seed of the prompt/seed/guidance stream")
+    _add_prompts(d)
     d.add_argument("--latent-pool", type=types.non_negative("--latent-pool"), default=0,
                    help="cycle over this many cached teacher latents per "
                    "process (0: every latent fresh; default %(default)s)")
@@ -195,6 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_latent_options(c)
     c.add_argument("--latent-pool", type=types.positive("--latent-pool"), required=True,
                    help="how many latents (the pool size)")
+    _add_prompts(c)
     c.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                    help="prompts use the first N atlas emoji")
     c.add_argument("--data-seed", type=types.seed("--data-seed"), default=5,

@@ -44,7 +44,8 @@ def cmd_finetune_v(a: argparse.Namespace) -> None:
     from snapfusion.distill.tasks import VFinetuneConfig
 
     kd = options.kd_options(a)
-    cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=options.scene_config(a),
+    folder = options.data_folder(a, a.image_size)
+    cfg = VFinetuneConfig(source=_source(a), image_size=a.image_size, data=options.scene_config(a), data_folder=folder,
                           sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
                           pool_workers=max(1, a.num_workers), **kd)
     final = finetune_v(options.loop_config(a), cfg, resume=a.resume)
@@ -55,7 +56,9 @@ def cmd_distill(a: argparse.Namespace) -> None:
     from snapfusion.distill.stages import distill_steps
     from snapfusion.distill.tasks import DistillConfig
 
-    cfg = DistillConfig(source=_source(a), student_unet=a.student_unet, student_steps=a.student_steps,
+    folder = options.data_folder(a, a.image_size)
+    cfg = DistillConfig(source=_source(a), data_folder=folder, student_unet=a.student_unet,
+                        student_steps=a.student_steps,
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,

@@ -116,10 +116,11 @@ def _task_cfg(a: argparse.Namespace, unet_cfg, init: str | None):
     from snapfusion.evolve.robust import RobustConfig, RobustTaskConfig
     from snapfusion.train.tasks import UNetTaskConfig
 
+    folder = options.data_folder(a, a.image_size)
     vae, text = frozen_parts(a.model, a.vae, a.text_encoder)
     unet = UNetTaskConfig(model=unet_cfg, vae=vae, text_encoder=text, image_size=a.image_size,
                           data=options.scene_config(a), offset_noise=a.offset_noise,
-                          latent_pool=a.latent_pool, pool_workers=max(1, a.num_workers))
+                          latent_pool=a.latent_pool, pool_workers=max(1, a.num_workers), data_folder=folder)
     return RobustTaskConfig(unet=unet, init=init, robust=RobustConfig(a.p_res, a.p_attn, a.granularity))
 
 
@@ -127,6 +128,7 @@ def cmd_robust_train(a: argparse.Namespace) -> None:
     from snapfusion.evolve.robust import RobustTask
     from snapfusion.train.loop import train
 
+    options.data_folder(a, a.image_size)  # a bad --data folder fails before any model loads
     init = start_folder(a.model, a.init)
     cfg = _task_cfg(a, unet_config_of(init), init)
     kd = options.kd_options(a)
@@ -170,6 +172,7 @@ def cmd_evolve(a: argparse.Namespace) -> None:
     from snapfusion.evolve.evolution import EvolveConfig, evolve
     from snapfusion.evolve.latency import load_table
 
+    options.data_folder(a, a.image_size)  # a bad --data folder fails before any model loads
     device, pipe, start, ev, records, scorer = _scoring(a)
     cfg = EvolveConfig(budget_fraction=a.budget, iterations=a.iterations, actions_per_step=a.actions_per_step,
                        allow_add=not a.no_add, eval=ev, max_minutes=a.max_minutes)
@@ -274,9 +277,10 @@ def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -
                    help="text tower folder (default: <model>/text_encoder)")
     p.add_argument("--image-size", type=types.side("--image-size"), default=512,
                    help="image side in pixels (default %(default)s)")
-    if num_emoji:  # robust-train has it from the shared training options
+    if num_emoji:  # robust-train has them from the shared training options
         p.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                        help="train on the first N atlas emoji")
+        options.add_data(p)
     p.add_argument("--p-res", type=types.probability("--p-res"), default=0.9,
                    help="probability a res block runs (default 0.9)")
     p.add_argument("--p-attn", type=types.probability("--p-attn"), default=0.9,

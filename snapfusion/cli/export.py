@@ -12,6 +12,9 @@ from snapfusion.loading import check_model, resolve_model
 from snapfusion.validation import MAX_IMAGES, MAX_STEPS
 
 
+INTEROP = ("diffusers", "single-file")  # formats written by export.interop, without ExportConfig
+
+
 def _export_config(a: argparse.Namespace):
     from snapfusion.export.components import ExportConfig
 
@@ -21,8 +24,12 @@ def _export_config(a: argparse.Namespace):
 
 
 def check_export(a: argparse.Namespace) -> None:
-    """export's cross-option checks: the config as a whole, and the model's files."""
-    _export_config(a)
+    """export's cross-option checks: the packages the format needs, the config as a whole, the model's files."""
+    from snapfusion.export.requirements import require_export_packages
+
+    require_export_packages(a.format)  # a missing onnx / onnxruntime / coremltools: one line naming the extra
+    if a.format not in INTEROP:
+        _export_config(a)
     check_model(a.model)
 
 
@@ -30,6 +37,11 @@ def cmd_export(a: argparse.Namespace) -> None:
     import torch
 
     torch.set_grad_enabled(False)
+    if a.format in INTEROP:
+        from snapfusion.export.interop import export_interop
+
+        print(export_interop(a.model, a.out, a.format, a.precision))
+        return
     cfg = _export_config(a)
     pipe = resolve_model(a.model, device="cpu")  # fp32 on the CPU: the reference the parity check compares with
     if cfg.format == "onnx":
@@ -95,7 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="export text encoder, UNet and decoder to ONNX or Core ML, with parity check",
                        epilog="example: snapfusion export --model base --format onnx --precision fp16 --out base-onnx")
     e.add_argument("--model", default=None, help="'base', a pipeline folder or an SD-v1.5 path (default: embedded)")
-    e.add_argument("--format", choices=["onnx", "coreml"], default="onnx", help="target runtime (default %(default)s)")
+    e.add_argument("--format", choices=["onnx", "coreml", "diffusers", "single-file"], default="onnx",
+                   help="diffusers: a diffusers pipeline folder; single-file: one LDM-layout .safetensors (SD-shaped "
+                   "models)")
     e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="weights: fp32, fp16, or int8 (dynamic/linear weight quantization) (default %(default)s)")
     e.add_argument("--out", required=True, type=types.output_dir(), help="output folder")

@@ -9,7 +9,7 @@ import sys
 from snapfusion.cli import options, types
 from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
-from snapfusion.validation import MAX_EVAL_BATCH, MAX_SEED, truncation_warning
+from snapfusion.validation import MAX_EVAL_BATCH, MAX_SEED, truncation_warning, used_negative_prompt
 
 
 def _ort_pipeline(model: str | None, device: str):
@@ -73,9 +73,16 @@ def cmd_generate(a: argparse.Namespace) -> None:
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
                                timings=timings, use_prior=not a.no_prior)
     pics = to_pil(images)
+    from snapfusion.metadata import a1111_parameters  # the text AUTOMATIC1111-style tools read
+
+    sampler = a.sampler or pipe.config.sampler
+    parameters = a1111_parameters(
+        a.prompt, negative_prompt=used_negative_prompt(a.negative_prompt, guidance), steps=steps, sampler=sampler,
+        guidance=guidance, seed=seeds[0], width=pics[0].width, height=pics[0].height,
+        model=a.model or pipe.config.name, extra={"Decoder": a.decoder, "Layout prior": "off" if a.no_prior else None})
     meta = image_metadata(prompt=a.prompt, negative_prompt=a.negative_prompt, seeds=seeds, steps=steps,
-                          guidance=guidance, sampler=a.sampler or pipe.config.sampler,
-                          model=a.model or pipe.config.name, decoder=a.decoder or "model's")
+                          guidance=guidance, sampler=sampler, model=a.model or pipe.config.name,
+                          decoder=a.decoder or "model's", parameters=parameters)
     out = save_image(pics[0] if len(pics) == 1 else image_grid(pics), a.out, meta)
     t = timings.as_dict()
     print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {guidance}, seed {a.seed}) in {t['total']:.2f} s: "

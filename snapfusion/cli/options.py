@@ -1,5 +1,5 @@
-"""Options shared by several commands, each written once: device and dtype, the training loop, scene data,
-offset noise and latent pools, and knowledge distillation from a teacher UNet."""
+"""Options shared by several commands, each written once: device and dtype, the training loop, its data (the scenes
+or your own image folder), offset noise and latent pools, and knowledge distillation from a teacher UNet."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def first(*values):
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
     p.add_argument("--device", default=default, type=_device_name,
-                   help=f"auto, cpu or cuda[:N] (default {default}; auto: CUDA when "
+                   help=f"auto, cpu, cuda[:N] or mps (default {default}; auto: CUDA when "
                    "there is one)")
 
 
@@ -73,6 +73,7 @@ def add_train_options(p: argparse.ArgumentParser, *, steps: int, batch: int, lr:
     p.add_argument("--num-emoji", type=types.positive("--num-emoji"), default=None,
                    help="train on the first N atlas emoji (default: all)")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default %(default)s)")
+    add_data(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the trained UNet (train-unet, finetune-v, distill): faster steps on a GPU "
                    "after a one-off compile of a few minutes, which counts against --max-minutes")
@@ -101,6 +102,24 @@ def scene_config(a: argparse.Namespace):
     from snapfusion.data import SceneConfig
 
     return SceneConfig(num_emoji=a.num_emoji)
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    """--data FOLDER: your own images instead of the built-in scenes."""
+    p.add_argument("--data", default=None, metavar="FOLDER", help="train on your own images: a folder of images and "
+                   "a metadata.jsonl with one {\"file_name\": ..., \"text\": ...} per line, resized and "
+                   "center-cropped to the training size (default: the built-in scenes; docs/data.md)")
+
+
+def data_folder(a: argparse.Namespace, size: int) -> str | None:
+    """--data, every metadata line and image header checked before any model loads (a bad folder: one line)."""
+    folder = getattr(a, "data", None)
+    if not folder:
+        return None
+    from snapfusion.data.folder import ImageCaptionFolder
+
+    ImageCaptionFolder(folder, size)
+    return str(folder)
 
 
 def add_noise_data_options(p: argparse.ArgumentParser) -> None:

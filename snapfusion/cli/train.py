@@ -25,15 +25,19 @@ def cmd_train_autoencoder(a: argparse.Namespace) -> None:
     from snapfusion.train.tasks import AutoencoderTaskConfig
 
     init = model_folder(a.init) if a.init else None
+    folder = options.data_folder(a, AutoencoderTaskConfig.image_size)
     train_autoencoder(options.loop_config(a), AutoencoderTaskConfig(
-        data=options.scene_config(a), init=str(init) if init else None, decoder_only=a.decoder_only), resume=a.resume)
+        data=options.scene_config(a), init=str(init) if init else None, decoder_only=a.decoder_only,
+        data_folder=folder), resume=a.resume)
 
 
 def cmd_train_text(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import train_text
     from snapfusion.train.tasks import TextTaskConfig
 
-    train_text(options.loop_config(a), TextTaskConfig(data=options.scene_config(a)), resume=a.resume)
+    folder = options.data_folder(a, TextTaskConfig.image_size)
+    train_text(options.loop_config(a), TextTaskConfig(data=options.scene_config(a), data_folder=folder),
+               resume=a.resume)
 
 
 def check_train_unet(a: argparse.Namespace) -> None:
@@ -75,6 +79,7 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
     from snapfusion.train.tasks import UNetTaskConfig
 
     vae, text, init, decoder = _parts(a)
+    data_folder = options.data_folder(a, a.image_size)
     model = base_unet()
     if init:  # continuing a trained UNet: keep its prediction type (e.g. the v-tuned base)
         model = dataclasses.replace(model, prediction_type=load_json(Path(init, "config.json"))["config"].get(
@@ -83,7 +88,8 @@ def cmd_train_unet(a: argparse.Namespace) -> None:
                          data=options.scene_config(a), latent_pool=a.latent_pool, pool_workers=a.num_workers,
                          init_unet=init or "", vae_decoder=decoder or "", offset_noise=a.offset_noise,
                          clip_skip=a.clip_skip, offset_noise_grid=a.offset_noise_grid,
-                         loss_weighting=a.loss_weighting, **_timestep_bias_options(a), **_mix_options(a))
+                         loss_weighting=a.loss_weighting, data_folder=data_folder, **_timestep_bias_options(a),
+                         **_mix_options(a))
     train_unet(options.loop_config(a), cfg, resume=a.resume)
 
 
@@ -127,29 +133,24 @@ def check_train_prior(a: argparse.Namespace) -> None:
 
 
 def cmd_train_prior(a: argparse.Namespace) -> None:
-    import dataclasses
-
-    from snapfusion.config import save_json
+    from snapfusion.data.folder import read_metadata
     from snapfusion.models.autoencoder import Encoder, load_autoencoder
-    from snapfusion.prior import LayoutPriorConfig, PriorTrainConfig, build_targets, train_prior
+    from snapfusion.prior import PriorData, PriorTrainConfig, fit_pipeline_prior
 
+    folder = options.data_folder(a, a.encode_size)  # checked before any model loads
+    if folder and len(read_metadata(folder)) < 10:
+        raise SnapFusionError(f"--data {folder}: train-prior needs at least 10 images (the last 10% are held out)")
     device = options.device(a.device)
     pipe = resolve_model(a.model, device=device)
     encoder_dir = _prior_encoder(a)
     encoder = load_autoencoder(encoder_dir, Encoder, device=device).eval()
-    captions, targets = build_targets(encoder, a.scenes, Path(a.cache), grid=a.grid, size=a.encode_size,
-                                      calibrate=a.calibrate, full_size=pipe.config.resolution,
-                                      num_emoji=a.num_emoji, seed=a.seed, source=str(encoder_dir.resolve()))
-    config = LayoutPriorConfig(context_dim=pipe.text_encoder.config.hidden_size,
-                               latent_channels=pipe.unet.config.in_channels, grid=a.grid)
+    data = PriorData(scenes=a.scenes, encode_size=a.encode_size, calibrate=a.calibrate, grid=a.grid,
+                     num_emoji=a.num_emoji, seed=a.seed, data_folder=folder)
     train = PriorTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
                              keep_best=not a.keep_last)
-    prior, report = train_prior(lambda c: pipe.encode_text(c).float().cpu(), captions, targets, config, train)
     out = Path(a.out)
-    prior.save(out)
-    save_json({"model": str(a.model), "scenes": a.scenes, "encode_size": a.encode_size, "calibrate": a.calibrate,
-               "num_emoji": a.num_emoji, "seed": a.seed, "config": dataclasses.asdict(config), **report},
-              out / "train_report.json")
+    report = fit_pipeline_prior(pipe, encoder, out, Path(a.cache), data, train, source=str(encoder_dir.resolve()),
+                                model=str(a.model))
     print(f"wrote {out} (step {report['kept_step']}): held-out R^2 {report['held_out_r2']:.3f} (MSE "
           f"{report['held_out_mse']:.4f}, target variance {report['held_out_variance']:.4f}; "
           f"{report['unselected_r2']:.3f} on the half that did not choose the step); put it in the pipeline folder "
@@ -227,8 +228,9 @@ def _add_prior_options(t: argparse.ArgumentParser) -> None:
                    help="the prior's folder (copy it to <pipeline>/prior to use it)")
     t.add_argument("--encoder", default=None, help="the VAE encoder folder of the model's latent space (default: "
                    "the pipeline's vae_encoder/; the SnapFusion student has none, it shares base's)")
-    t.add_argument("--scenes", type=types.integer("--scenes", minimum=10),
-                   default=10000, help="training renders (the last 10%% are held out)")
+    t.add_argument("--scenes", type=types.integer("--scenes", minimum=10), default=10000,
+                   help="training renders (the last 10%% are held out); with --data the folder's first N images")
+    options.add_data(t)
     t.add_argument("--encode-size", type=types.side("--encode-size", multiple=8), default=128,
                    help="renders are encoded at this size (cheap)")
     t.add_argument("--calibrate", type=types.non_negative("--calibrate"), default=64,
@@ -255,7 +257,7 @@ def _add_prior_options(t: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training commands of the base model's parts."""
-    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes",
+    t = sub.add_parser("train-autoencoder", help="train the KL-f8 autoencoder on rendered scenes (or --data)",
                        epilog="example: snapfusion train-autoencoder --run-dir runs/ae --max-minutes 60")
     options.add_train_options(t, steps=6000, batch=32, lr=2e-4)
     t.add_argument("--init", default=None, metavar="MODEL",

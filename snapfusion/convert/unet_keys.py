@@ -181,6 +181,33 @@ def ldm_to_ours(checkpoint: Mapping[str, torch.Tensor], cfg: UNetConfig, *,
     return _rename(state, inverse, ours_shapes(cfg), "LDM checkpoint")
 
 
+# ours FeedForward -> diffusers BasicTransformerBlock FeedForward, the only names our blocks do not share with it
+_FF_CUSTOM = {".ff.proj.": ".ff.net.0.proj.", ".ff.out.": ".ff.net.2."}
+
+
+def custom_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """Our key -> the key of the exported diffusers custom UNet (``SnapFusionUNet``, any block layout): the same
+    module paths with diffusers' feed-forward names; every other key is unchanged."""
+    out = {}
+    for key in ours_shapes(cfg):
+        new = key
+        for ours, theirs in _FF_CUSTOM.items():
+            new = new.replace(ours, theirs)
+        out[key] = new
+    return out
+
+
+def ours_to_custom(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """Our UNet state dict -> the exported custom UNet's."""
+    return _rename(state, custom_key_map(cfg), ours_shapes(cfg), "our UNet weights")
+
+
+def custom_to_ours(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """The exported custom UNet's state dict -> ours."""
+    inverse = {v: k for k, v in custom_key_map(cfg).items()}
+    return _rename(state, inverse, ours_shapes(cfg), "custom UNet weights")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
 
@@ -291,7 +318,8 @@ def unet_from_diffusers_folder(folder: str | os.PathLike, *, device: str | torch
     """Our UNet from a diffusers ``unet/`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
     folder = Path(folder)
     cfg = unet_config_from_diffusers(load_json(folder / "config.json"), prediction_type=prediction_type)
-    state = diffusers_to_ours(load_safetensors(resolve_weights(folder, "diffusion_pytorch_model"), device=device), cfg)
+    path = resolve_weights(folder, "diffusion_pytorch_model", variants=("fp16",))  # fp16 variant files too
+    state = diffusers_to_ours(load_safetensors(path, device=device), cfg)
     with torch.device("meta"):
         model = UNet(cfg)
     model = model.to_empty(device=device)

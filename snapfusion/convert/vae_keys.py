@@ -191,7 +191,7 @@ def load_diffusers_vae(folder: str | os.PathLike, *, device: str | torch.device 
     """Load a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors) as our AutoencoderKL."""
     folder = Path(folder)
     config = config_from_diffusers(load_json(folder / "config.json"), where=str(folder / "config.json"))
-    path = resolve_weights(folder, "diffusion_pytorch_model")
+    path = resolve_weights(folder, "diffusion_pytorch_model", variants=("fp16",))
     model = AutoencoderKL(config)
     load_into(model, vae_from_diffusers(load_safetensors(path), source=str(path)), source=str(path))
     return model.to(device)

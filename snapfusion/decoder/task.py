@@ -26,14 +26,14 @@ from torch.utils.data import Dataset
 from snapfusion.config import to_dict
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.data import SceneConfig, caption, sample_scene
+from snapfusion.data.folder import read_prompts
 from snapfusion.decoder.io import load_decoder, save_decoder
 from snapfusion.decoder.reduce import InitMethod, reduce_decoder, reduced_config
 from snapfusion.decoder.tiny import TinyDecoder, TinyDecoderConfig
 from snapfusion.pipeline import Pipeline
 from snapfusion.sampling import guided, initial_noise, sample_ddim, sample_dpmpp_2m
+from snapfusion.train.data import STREAM_LENGTH
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, save_safetensors, WEIGHTS_STEM
-
-STREAM_LENGTH = 2**40
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class LatentSource:
     prompt_split: Literal["train", "test"] = "train"
     num_emoji: int | None = None  # prompts use the first N atlas emoji (as the teacher was trained); None: all
     pool: int = 0  # > 0: cycle over this many cached latents (per process); 0: every latent fresh
+    prompts: str | None = None  # your own prompts: a prompt file or an image folder's captions (data/folder.py's
+                                # read_prompts), prompt n mod N for sample n; None: scene captions
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class PromptStream(Dataset):
     def __init__(self, src: LatentSource, seed: int, length: int = STREAM_LENGTH):
         self.src, self.seed, self.length = src, seed, length
         self.scene_cfg = SceneConfig(num_emoji=src.num_emoji)
+        self.prompts = read_prompts(src.prompts) if src.prompts else None
 
     def __len__(self) -> int:
         return self.length
@@ -101,8 +104,11 @@ class PromptStream(Dataset):
     def __getitem__(self, n: int) -> dict:
         n = n % self.src.pool if self.src.pool else n
         rng = np.random.default_rng([self.seed, n])
-        scene = sample_scene(rng, self.src.prompt_split, self.scene_cfg)
-        prompt = caption(scene, rng, p_omit=self.scene_cfg.caption_p_omit)
+        if self.prompts is not None:
+            prompt = self.prompts[n % len(self.prompts)]
+        else:
+            scene = sample_scene(rng, self.src.prompt_split, self.scene_cfg)
+            prompt = caption(scene, rng, p_omit=self.scene_cfg.caption_p_omit)
         guidance = float(rng.uniform(self.src.guidance_min, self.src.guidance_max))
         return {"index": n, "prompt": prompt, "seed": int(rng.integers(2**31)), "guidance": guidance}
 

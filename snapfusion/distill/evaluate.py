@@ -1,7 +1,7 @@
 """A small fidelity check for v fine-tuning and step distillation: sample rows of models on the same prompts and
 seeds, and the image MSE of each row to a reference row (e.g. student at 8 steps vs teacher at 16 steps).
 
-This is a training-time sanity check, not the FID-CLIP evaluation of snapfusion/eval (issue 7, item 4).
+This is a training-time sanity check, not the FID-CLIP evaluation of snapfusion/eval.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """v-prediction fine-tuning and CFG-aware step distillation as ``Task``s of the one training loop (SnapFusion §4).
 
-Both reuse the base model's UNet stage (train.tasks.UNetTask) for data: rendered scenes, 10% empty captions,
-frozen VAE encoder and text tower. The teacher is a frozen UNet held by the task, outside the trained module.
+Both combine the pieces of the base model's UNet stage: its data (train/data.py: scenes or your own images, 10%
+empty captions, frozen VAE encoder and text tower), its noise (train/noise.py) and the losses of snapfusion/losses.py.
+The teacher is a frozen UNet held by the task, outside the trained module.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ from snapfusion.config import from_dict, load_json, to_dict
 from snapfusion.data import SceneConfig, load_prompt_set
 from snapfusion.decoder.io import load_decoder
 from snapfusion.distill.evaluate import Row, mse_to, sample_rows, write_comparison
-from snapfusion.distill.losses import distill_loss, guidance_scales, rescaled, v_loss, with_rescaled_ori
 from snapfusion.distill.teacher import step_grid
 from snapfusion.errors import ConfigError, WeightsError
+from snapfusion.losses import distill_loss, feature_mse, guidance_scales, rescaled, v_loss, with_rescaled_ori
 from snapfusion.models.unet import KIND as UNET_KIND
 from snapfusion.models.unet import UNet, UNetConfig
 from snapfusion.models.unet_config import stage_widths
 from snapfusion.pipeline import INDEX, Pipeline, PipelineConfig, part_folder
 from snapfusion.sampling import Denoiser, guided
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, _unwrap, feature_mse
+from snapfusion.schedule import NoiseSchedule
+from snapfusion.train.data import LatentData
+from snapfusion.train.kd import Distillation
+from snapfusion.train.noise import NoiseSampler
+from snapfusion.train.state import load_weights_into, unwrap
+from snapfusion.train.unet import UNetTaskConfig
 from snapfusion.weights import read_config
 
 
@@ -74,9 +80,10 @@ class VFinetuneConfig:
     latent_pool: int = 0               # as train-unet --latent-pool; 0: render and encode every batch
     pool_workers: int = 8              # DataLoader workers that render the pool
     kd_unet: str = ""                  # frozen eps or v teacher (e.g. the base UNet): adds robust-train's distillation
-                                       # terms on the v student's implied eps (docs/step_distillation.md, session 7)
+                                       # terms on the v student's implied eps (docs/step_distillation.md)
     kd_weight: float = 1.0             # x the Min-SNR eps MSE to the teacher's (implied) eps
     kd_feature_weight: float = 0.0     # x the MSE of the stage outputs to the teacher's (0: off)
+    data_folder: str | None = None     # your own images (images + metadata.jsonl) instead of the scenes
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,8 @@ class DistillConfig:
     pool_workers: int = 8
     feature_weight: float = 0.0        # > 0: adds this x r x the MSE of the student's stage outputs to the teacher's
                                        # at (z_t, t, c), r = stopgrad(mean L_dstl / mean L_feat) (a variant, not the
-                                       # paper's; docs/step_distillation.md, session 7)
+                                       # paper's; docs/step_distillation.md)
+    data_folder: str | None = None     # your own images (images + metadata.jsonl) instead of the scenes
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -114,23 +122,21 @@ class DistillConfig:
             raise ConfigError(f"--feature-weight must be a finite number >= 0, got {self.feature_weight}")
 
 
-def _data_task(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig, **kd) -> UNetTask:
-    """The base model's UNet stage, reused for its data, frozen encoder and text tower (and ``kd``: its
-    distillation teacher, UNetTaskConfig's kd_* fields)."""
-    return UNetTask(UNetTaskConfig(model=model, vae=str(source.encoder_folder()),
-                                   text_encoder=str(part_folder(source.pipeline, "text_encoder")),
-                                   image_size=cfg.image_size, schedule=source.pipeline_config().schedule,
-                                   uncond_prob=cfg.uncond_prob, data=cfg.data, sample_prompts=cfg.sample_prompts,
-                                   seed=cfg.seed, offset_noise=cfg.offset_noise, latent_pool=cfg.latent_pool,
-                                   pool_workers=cfg.pool_workers, **kd))
+def _data_config(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig, **kd) -> UNetTaskConfig:
+    """The UNet-stage config of the pieces both tasks share: data, frozen encoder and text tower, noise (and ``kd``:
+    the distillation teacher, UNetTaskConfig's kd_* fields)."""
+    return UNetTaskConfig(model=model, vae=str(source.encoder_folder()),
+                          text_encoder=str(part_folder(source.pipeline, "text_encoder")),
+                          image_size=cfg.image_size, schedule=source.pipeline_config().schedule,
+                          uncond_prob=cfg.uncond_prob, data=cfg.data, sample_prompts=cfg.sample_prompts,
+                          seed=cfg.seed, offset_noise=cfg.offset_noise, latent_pool=cfg.latent_pool,
+                          pool_workers=cfg.pool_workers, data_folder=cfg.data_folder, **kd)
 
 
 @torch.no_grad()
-def _encode(data: UNetTask, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(data: LatentData, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Training latents x0 (B, 4, h, w) and text contexts (B, 77, D), as the base model's UNet stage."""
-    device = generator.device
-    data.text.to(device)
-    return data.latents(batch, generator), data.text(batch["ids"].to(device))
+    return data.latents(batch, generator), data.context(batch["ids"], generator.device)
 
 
 class _Tap:
@@ -155,7 +161,7 @@ class _Tap:
 class _Sampler:
     """Sample grids and the fidelity check shared by both tasks."""
 
-    def __init__(self, data: UNetTask, source: ModelSource, cfg: VFinetuneConfig | DistillConfig):
+    def __init__(self, data: LatentData, source: ModelSource, cfg: VFinetuneConfig | DistillConfig):
         self.data, self.source, self.cfg = data, source, cfg
         self.pipe_cfg = source.pipeline_config()
 
@@ -183,27 +189,15 @@ class _Sampler:
         return metrics
 
 
-class _OnBaseData:
-    """Data, collation and checkpoint I/O of a UNet task, delegated to the base model's UNet stage ``self.data``."""
-
-    data: UNetTask
-
-    def dataset(self):
-        return self.data.dataset()
-
-    def collate(self, items):
-        return self.data.collate(items)
-
-    def save(self, model, folder: Path) -> None:
-        self.data.save(model, folder)
-
-    def load(self, model, folder: Path) -> None:
-        self.data.load(model, folder)
+def _pieces(dcfg: UNetTaskConfig) -> tuple[NoiseSchedule, NoiseSampler, LatentData]:
+    """The schedule, noise sampling and data of a UNet-stage config: what both tasks combine."""
+    schedule = NoiseSchedule(dcfg.schedule)
+    return schedule, NoiseSampler(dcfg, schedule), LatentData(dcfg)
 
 
 # ---- v-prediction fine-tuning ------------------------------------------------------------------------------
 
-class VFinetuneTask(_OnBaseData):
+class VFinetuneTask:
     """eps -> v: the same network trained with L_ori = ||v_hat - v||^2 from the source UNet's weights."""
 
     name = "finetune-v"
@@ -216,8 +210,9 @@ class VFinetuneTask(_OnBaseData):
         kd = {}
         if cfg.kd_unet:
             kd = dict(kd_unet=cfg.kd_unet, kd_weight=cfg.kd_weight, kd_feature_weight=cfg.kd_feature_weight)
-        self.data = _data_task(cfg.source, self.model_config, cfg, **kd)  # loads and checks the kd teacher
-        self.schedule = self.data.schedule
+        dcfg = _data_config(cfg.source, self.model_config, cfg, **kd)
+        self.schedule, self.noising, self.data = _pieces(dcfg)
+        self.kd = Distillation(dcfg, self.data.text.config.hidden_size, self.schedule) if cfg.kd_unet else None
         self.sampler = _Sampler(self.data, cfg.source, cfg)
 
     def describe(self) -> dict:
@@ -228,21 +223,32 @@ class VFinetuneTask(_OnBaseData):
         model.load_state_dict(UNet.load(self.cfg.source.unet_folder()).state_dict())
         return model
 
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    def save(self, model, folder: Path) -> None:
+        unwrap(model).save(folder)
+
+    def load(self, model, folder: Path) -> None:
+        load_weights_into(model, folder)
+
     def loss(self, model, batch, generator):
         x0, context = _encode(self.data, batch, generator)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=x0.device,
-                          generator=generator)  # (B,)
-        eps = self.data.noise(x0, generator)
+        t = self.noising.timesteps(x0.shape[0], generator)  # (B,) uniform
+        eps = self.noising.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)  # (B, 4, h, w)
-        tap = _Tap(model, keep_features=self.data.kd is not None and self.cfg.kd_feature_weight > 0)
+        tap = _Tap(model, keep_features=self.kd is not None and self.kd.wants_features)
         pred = Denoiser(tap, self.schedule, "v_prediction")(z, t, context)
         loss = v_loss(pred, x0, eps, t, self.schedule)
-        if self.data.kd is None:
+        if self.kd is None:
             return loss, {}
-        return self.data.add_kd_terms(loss, pred.eps, z, t, context, tap.features)  # eps-space, as robust-train's
+        return self.kd(loss, pred.eps, z, t, context, tap.features)  # eps-space, as robust-train's
 
     def sample_grid(self, model, path: Path) -> None:
-        unet = _unwrap(model)
+        unet = unwrap(model)
         source = UNet.load(self.cfg.source.unet_folder(), device=next(unet.parameters()).device)
         n = self.cfg.sample_steps
         self.sampler.compare([(f"source@{n}", source, n), (f"v@{n}", unet, n)], path)
@@ -250,7 +256,7 @@ class VFinetuneTask(_OnBaseData):
 
 # ---- step distillation ---------------------------------------------------------------------------------------
 
-class DistillTask(_OnBaseData):
+class DistillTask:
     """Student n steps vs teacher 2n steps; per iteration L_cfg with probability p else L_vani, plus gamma L_ori."""
 
     name = "distill"
@@ -267,8 +273,7 @@ class DistillTask(_OnBaseData):
         if cfg.feature_weight > 0 and stage_widths(self.student_config) != stage_widths(self.teacher.config):
             raise ConfigError(f"--feature-weight: the teacher's stage widths {stage_widths(self.teacher.config)} "
                               f"differ from the student's {stage_widths(self.student_config)}")
-        self.data = _data_task(cfg.source, self.student_config, cfg)
-        self.schedule = self.data.schedule
+        self.schedule, self.noising, self.data = _pieces(_data_config(cfg.source, self.student_config, cfg))
         self.grid = step_grid(cfg.student_steps, self.schedule.num_train_timesteps)
         self.sampler = _Sampler(self.data, cfg.source, cfg)
         self._uncond: torch.Tensor | None = None
@@ -279,6 +284,18 @@ class DistillTask(_OnBaseData):
 
     def build(self) -> nn.Module:
         return UNet.load(self.student_folder)
+
+    def dataset(self):
+        return self.data.dataset()
+
+    def collate(self, items):
+        return self.data.collate(items)
+
+    def save(self, model, folder: Path) -> None:
+        unwrap(model).save(folder)
+
+    def load(self, model, folder: Path) -> None:
+        load_weights_into(model, folder)
 
     @torch.no_grad()
     def _uncond_context(self, device: torch.device) -> torch.Tensor:
@@ -292,7 +309,7 @@ class DistillTask(_OnBaseData):
         uncond = self._uncond_context(x0.device)
         B = x0.shape[0]
         t, t_mid, t_end = self.grid.sample(B, generator)  # (B,) each: student step t -> t_end
-        eps = self.data.noise(x0, generator)
+        eps = self.noising.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
         cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
@@ -316,7 +333,7 @@ class DistillTask(_OnBaseData):
         return total, logs
 
     def sample_grid(self, model, path: Path) -> None:
-        unet = _unwrap(model)
+        unet = unwrap(model)
         teacher = self.teacher.to(next(unet.parameters()).device)
         n = self.cfg.student_steps
         self.sampler.compare([(f"teacher@{2 * n}", teacher, 2 * n), (f"teacher@{n}", teacher, n),

@@ -1,8 +1,8 @@
 """Robust training (SnapFusion §3.1): each CA and RN block runs with probability p, otherwise it is skipped.
 
 A skipped attn block is the identity; a skipped res block keeps only its shortcut (``UNet.forward`` skip rule).
-``RobustTask`` is ``UNetTask`` (its eps or v loss on scenes, frozen text tower and VAE encoder) with the UNet called
-through random skips and started from given weights; with p = 1 it is plain fine-tuning of those weights.
+``RobustTask`` runs the UNet stage (``UNetTask``: its data, noise and eps or v loss) on the UNet called through random
+skips and started from given weights; with p = 1 it is plain fine-tuning of those weights.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from snapfusion.config import to_dict
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.unet import UNet, inherit_weights
-from snapfusion.train.tasks import UNetTask, UNetTaskConfig, require_known_prediction
+from snapfusion.train.unet import UNetTask, UNetTaskConfig, require_known_prediction
 from snapfusion.weights import WEIGHTS_STEM, load_safetensors, resolve_weights
 
 Granularity = Literal["sample", "batch"]
@@ -81,15 +81,15 @@ def load_matching(model: UNet, folder: str | Path) -> UNet:
     return model
 
 
-class RobustTask(UNetTask):
-    """``UNetTask`` with random block skips (robust training) and a weight initialisation."""
+class RobustTask:
+    """The UNet stage (``self.stage``) on a UNet with random block skips (robust training) from given weights."""
 
     name = "robust_unet"
     compiles = False  # the skipped blocks change every step: a compiled UNet would recompile each time
 
     def __init__(self, cfg: RobustTaskConfig):
-        super().__init__(cfg.unet)
-        self.robust_cfg = cfg
+        self.robust_cfg, self.cfg = cfg, cfg.unet  # cfg: the UNet stage's, as every UNet task's
+        self.stage = UNetTask(cfg.unet)  # data, noise, loss, checkpoint I/O and sample grids
 
     def describe(self) -> dict:
         return to_dict(self.robust_cfg)
@@ -99,11 +99,26 @@ class RobustTask(UNetTask):
         model = UNet(self.cfg.model)
         return load_matching(model, self.robust_cfg.init) if self.robust_cfg.init else model
 
+    def dataset(self):
+        return self.stage.dataset()
+
+    def collate(self, items):
+        return self.stage.collate(items)
+
     def loss(self, model, batch, generator):
         names = [n for n, _ in getattr(model, "module", model).named_blocks()]
         if self.robust_cfg.robust.p_res == 1.0 and self.robust_cfg.robust.p_attn == 1.0:
-            return super().loss(model, batch, generator)
-        return super().loss(SkippingUNet(model, names, self.robust_cfg.robust, generator), batch, generator)
+            return self.stage.loss(model, batch, generator)
+        return self.stage.loss(SkippingUNet(model, names, self.robust_cfg.robust, generator), batch, generator)
+
+    def save(self, model, folder: Path) -> None:
+        self.stage.save(model, folder)
+
+    def load(self, model, folder: Path) -> None:
+        self.stage.load(model, folder)
+
+    def sample_grid(self, model, path: Path) -> None:
+        self.stage.sample_grid(model, path)
 
 
 def granularity_measurement(task: RobustTask, model: UNet, batch: dict, *, draws: int = 8,
@@ -124,7 +139,7 @@ def granularity_measurement(task: RobustTask, model: UNet, batch: dict, *, draws
             skip_gen = torch.Generator(device).manual_seed(1000 + d)
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
-            loss, _ = UNetTask.loss(task, SkippingUNet(model, names, cfg, skip_gen), batch, noise_gen)
+            loss, _ = task.stage.loss(SkippingUNet(model, names, cfg, skip_gen), batch, noise_gen)
             loss.mean().backward()
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize(device)

@@ -33,32 +33,23 @@ class Tokenizer:
     """CLIP BPE tokenizer: prompts -> LongTensor (B, 77) = [BOS, tokens..., EOS, EOS-padding] (SD-v1.5)."""
 
     def __init__(self, folder: str | os.PathLike = TOKENIZER_DIR, *, max_length: int = MAX_LENGTH):
-        from tokenizers import Regex, Tokenizer as _Backend, decoders, normalizers, pre_tokenizers, processors
-        from tokenizers.models import BPE
+        from tokenizers import processors
 
         folder = Path(folder)
-        vocab, merges = folder / "vocab.json", folder / "merges.txt"
-        for path in (vocab, merges):
-            if not path.is_file():
-                raise WeightsError(f"tokenizer file not found: {path}")
         self.max_length = max_length
-        # CLIP byte-level BPE: words end in "</w>", no continuation prefix; unknown symbols map to EOS.
-        bpe = BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>",
-                            unk_token=EOS, fuse_unk=False)
-        backend = _Backend(bpe)
-        # CLIP's cleaning: collapse whitespace, lower-case (NFC stands in for ftfy's fix_text).
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        # CLIP's word pattern (simple_tokenizer.py), then bytes -> printable unicode symbols.
-        words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([BOS, EOS])
+        self.folder = folder  # written back by the diffusers export
+        fast = folder / "tokenizer.json"
+        if fast.is_file() and not (folder / "vocab.json").is_file():  # transformers >= 5 writes only this file
+            backend, source = _load_fast(fast), fast
+        else:
+            backend, source = _clip_backend(folder), folder / "vocab.json"
         self.bos_id, self.eos_id = backend.token_to_id(BOS), backend.token_to_id(EOS)
         if (self.bos_id, self.eos_id) != (49406, 49407):
-            raise WeightsError(f"{vocab}: expected {BOS}=49406 and {EOS}=49407, got {self.bos_id}, {self.eos_id}")
+            raise WeightsError(f"{source}: expected {BOS}=49406 and {EOS}=49407, got {self.bos_id}, {self.eos_id}")
+        if source == fast:  # its added tokens (e.g. textual-inversion "<cat-toy>") come with it
+            self.added_tokens = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if i > self.eos_id}
+        else:
+            self.added_tokens = _add_tokens(backend, folder, self.eos_id)
         backend.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A {EOS}", special_tokens=[(BOS, self.bos_id), (EOS, self.eos_id)])
         backend.enable_truncation(max_length=max_length)  # keeps BOS and EOS, drops tokens past 75
@@ -82,6 +73,89 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of a token-id row, special tokens dropped (for logs and tests)."""
         return self.backend.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
+
+
+def _clip_backend(folder: Path):
+    """CLIP's byte-level BPE from vocab.json and merges.txt, with CLIP's cleaning and word pattern."""
+    from tokenizers import Regex, Tokenizer as _Backend, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    for path in (vocab, merges):
+        if not path.is_file():
+            raise WeightsError(f"tokenizer file not found: {path}")
+    # words end in "</w>", no continuation prefix; unknown symbols map to EOS.
+    bpe = BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="", end_of_word_suffix="</w>",
+                        unk_token=EOS, fuse_unk=False)
+    backend = _Backend(bpe)
+    # CLIP's cleaning: collapse whitespace, lower-case (NFC stands in for ftfy's fix_text).
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    # CLIP's word pattern (simple_tokenizer.py), then bytes -> printable unicode symbols.
+    words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([BOS, EOS])
+    return backend
+
+
+def _load_fast(path: Path):
+    """A transformers ``tokenizer.json`` (a CLIP BPE with its added tokens), truncation and padding left to us."""
+    from tokenizers import Tokenizer as _Backend
+
+    try:
+        backend = _Backend.from_file(str(path))
+    except Exception as err:  # tokenizers raises its own exception type for a malformed file
+        raise WeightsError(f"malformed tokenizer file {path}: {err}") from None
+    if type(backend.model).__name__ != "BPE":
+        raise WeightsError(f"{path}: expected CLIP's BPE tokenizer, found {type(backend.model).__name__}")
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def _added_token_specs(folder: Path) -> dict[int, dict]:
+    """id -> AddedToken fields of the tokens a transformers tokenizer folder adds (tokenizer_config.json's
+    ``added_tokens_decoder``, or the older added_tokens.json); empty without those files."""
+    specs: dict[int, dict] = {}
+    legacy = folder / "added_tokens.json"
+    if legacy.is_file():
+        data = load_json(legacy)
+        if not isinstance(data, dict):
+            raise WeightsError(f"{legacy}: expected an object of token -> id")
+        specs.update({int(i): {"content": t} for t, i in data.items()})
+    config = folder / "tokenizer_config.json"
+    decoder = load_json(config).get("added_tokens_decoder", {}) if config.is_file() else {}
+    if not isinstance(decoder, dict):
+        raise WeightsError(f"{config}: added_tokens_decoder must be an object of id -> token")
+    for i, spec in decoder.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("content"), str):
+            raise WeightsError(f"{config}: added token {i} has no \"content\" string")
+        specs[int(i)] = spec
+    return specs
+
+
+def _add_tokens(backend, folder: Path, eos_id: int) -> dict[str, int]:
+    """Add the folder's added tokens past CLIP's vocabulary, each at the id the folder gives it, and return them."""
+    from tokenizers import AddedToken
+
+    added = {}
+    for i, spec in sorted(_added_token_specs(folder).items()):
+        if i <= eos_id:  # CLIP's own <|startoftext|> / <|endoftext|>, already special tokens
+            if backend.token_to_id(spec["content"]) != i:
+                raise WeightsError(f"{folder}: added token {spec['content']!r} at id {i} is not CLIP's")
+            continue
+        token = AddedToken(spec["content"], single_word=bool(spec.get("single_word", False)),
+                           lstrip=bool(spec.get("lstrip", False)), rstrip=bool(spec.get("rstrip", False)),
+                           normalized=bool(spec.get("normalized", True)), special=bool(spec.get("special", False)))
+        backend.add_tokens([token])
+        if backend.token_to_id(spec["content"]) != i:
+            raise WeightsError(f"{folder}: added token {spec['content']!r} should have id {i}, the tokenizer gives it "
+                               f"{backend.token_to_id(spec['content'])} (ids must follow the vocabulary without gaps)")
+        added[spec["content"]] = i
+    return added
 
 
 @dataclass(frozen=True)
@@ -247,7 +321,7 @@ def load_transformers_text_encoder(folder: str | os.PathLike, *, device: str | t
     if not folder.is_dir():
         raise WeightsError(f"text encoder folder not found: {folder}")
     config = config_from_transformers(load_json(folder / "config.json"), where=str(folder / "config.json"))
-    path = resolve_weights(folder, "model")
+    path = resolve_weights(folder, "model", variants=("fp16",))
     state = load_safetensors(path)
     if not any(k.startswith("text_model.") for k in state):  # transformers >= 5 saves without the prefix
         state = {f"text_model.{k}": v for k, v in state.items()}

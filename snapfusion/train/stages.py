@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 from snapfusion import fileio
-from snapfusion.data import SceneDataset
 from snapfusion.models.autoencoder import AutoencoderKL, load_autoencoder, save_autoencoder
 from snapfusion.models.text import load_text_encoder, save_text_encoder, skip_layers
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline, PipelineConfig
 from snapfusion.train import state as ckpt_io
 from snapfusion.train.loop import LoopConfig, train
-from snapfusion.train.tasks import (AutoencoderTask, AutoencoderTaskConfig, TextTask, TextTaskConfig, UNetTask,
-                                    UNetTaskConfig, images_to_unit, latent_scaling_factor)
+from snapfusion.train.autoencoder import AutoencoderTask, AutoencoderTaskConfig, latent_scaling_factor, test_images
+from snapfusion.train.data import images_to_unit
+from snapfusion.train.text import TextTask, TextTaskConfig
+from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
 
 def _final_source(cfg: LoopConfig, result: dict) -> Path | None:
@@ -58,11 +59,11 @@ def train_autoencoder(cfg: LoopConfig, task_cfg: AutoencoderTaskConfig, *, resum
     if task_cfg.decoder_only:  # the encoder, and so the latent space and its scaling factor, are the init's
         print(f"[autoencoder] decoder fine-tuned; latent scaling factor kept: {vae.config.scaling_factor:.5f}")
     else:
-        ds = SceneDataset("test", task_cfg.image_size, 7, 32, task_cfg.data)
-        images = images_to_unit(torch.stack([ds[i]["image"] for i in range(len(ds))]), torch.device("cpu"))
+        images = images_to_unit(test_images(task_cfg, 32, seed=7), torch.device("cpu"))
         scale = latent_scaling_factor(vae.encoder, images)
         vae = _with_scaling(vae, scale)
-        print(f"[autoencoder] latent scaling factor {scale:.5f} (1 / std of raw latents of 32 test renders)")
+        print(f"[autoencoder] latent scaling factor {scale:.5f} (1 / std of raw latents of 32 "
+              f"{'training images' if task_cfg.data_folder else 'test renders'})")
     return _replace_dir(lambda d: save_autoencoder(d, vae), Path(cfg.run_dir) / "final", result["step"])
 
 

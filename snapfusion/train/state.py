@@ -167,3 +167,15 @@ def read_checkpoint_state(ckpt: Path, optimizer: torch.optim.Optimizer | None) -
     if (ckpt / "rng.safetensors").is_file():
         restore_rng(load_safetensors(ckpt / "rng.safetensors"))
     return json.loads((ckpt / "state.json").read_text())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def load_weights_into(model: torch.nn.Module, folder: Path) -> None:
+    """Fill a (possibly wrapped) model from the weights of a checkpoint's model folder."""
+    from snapfusion.weights import WEIGHTS_STEM, load_into, resolve_weights
+
+    load_into(unwrap(model), load_safetensors(resolve_weights(folder, WEIGHTS_STEM)), source=str(folder))

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from snapfusion.train.tasks import LatentPool, UNetTask, UNetTaskConfig
+from snapfusion.train.data import LatentPool
+from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from test_train_ddp import POOL_UNET  # noqa: E402
@@ -17,7 +18,7 @@ dist.init_process_group("gloo")
 parts, out, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 task = UNetTask(UNetTaskConfig(model=POOL_UNET, vae=str(parts / "vae"), text_encoder=str(parts / "text"),
                                image_size=32, latent_pool=count, pool_workers=0))
-pool = LatentPool(task.encoder, task.cfg, torch.device("cpu"))
+pool = LatentPool(task.data.encoder, task.cfg, torch.device("cpu"))
 save_file({"mean": pool.mean, "std": pool.std}, str(out / f"rank{dist.get_rank()}.safetensors"))
 dist.barrier()
 dist.destroy_process_group()

@@ -1,13 +1,13 @@
-"""Session-4 options: ``eval --unet`` (evaluate a UNet folder inside a pipeline) and the UNet swap it uses."""
+"""``eval --unet`` (evaluate a UNet folder inside a pipeline) and the UNet swap it uses."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from snapfusion.loading import swap_unet
 from snapfusion.cli import main
 from snapfusion.errors import ConfigError, WeightsError
+from snapfusion.loading import swap_unet
 from snapfusion.models.unet import UNet
 
 
@@ -30,12 +30,6 @@ def test_swap_unet_replaces_only_the_unet_and_checks_the_context_width(tiny_pipe
     UNet(pixels).save(tmp_path / "pixels")
     with pytest.raises(ConfigError, match="latent channels"):
         swap_unet(tiny_pipeline, str(tmp_path / "pixels"))
-
-
-def test_eval_decoder_checks_its_pipeline_options_first(tmp_path, capsys):
-    code = main(["eval-decoder", str(tmp_path / "never_read"), "--pipeline-metrics", "4", "--pipeline-steps", "0"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "--pipeline-steps" in err and "\n" not in err
 
 
 def test_eval_with_a_missing_unet_folder_is_a_one_line_error(tmp_path, capsys):

@@ -1,0 +1,238 @@
+"""The recipe's UNet stages (SnapFusion §3.1 and §4), each ``(config, run_dir, budget) -> StageResult``: the latency
+table, robust training, evolution, its replay on the teacher's weights, fine-tuning with output and feature
+distillation, v-prediction teacher and student, and step distillation 16 -> 8."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import torch
+
+from snapfusion.compress.core import (Budget, OutOfTime, StageResult, device_of, loop_config, resuming, stage_dir,
+                                      teacher_dir, teacher_part, training_result)
+from snapfusion.compress.settings import RecipeConfig
+from snapfusion.evolve.runs import clip_scorer, unet_config_of
+
+# every stage's output, relative to the run folder (the next stages read them from here)
+TABLE = "bench-blocks/table.json"
+ROBUST = "robust-train/final"
+EVOLVED = "evolve-apply/unet"
+KD = "kd-finetune/final"
+V_TEACHER = "v-teacher/final"
+V_STUDENT = "v-student/final"
+STUDENT = "distill/final"
+
+
+def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
+    """The ``UNetTaskConfig`` of a UNet training stage: the teacher's frozen text tower and VAE encoder, scenes."""
+    from snapfusion.data import SceneConfig
+    from snapfusion.train.tasks import UNetTaskConfig
+
+    c = config.scale.common
+    return UNetTaskConfig(model=model, vae=str(teacher_part(config, "vae_encoder")),
+                          text_encoder=str(teacher_part(config, "text_encoder")), image_size=c.image_size,
+                          data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
+                          latent_pool=latent_pool, pool_workers=c.num_workers, seed=seed, **kd)
+
+
+def export_final(run_dir: Path) -> Path | None:
+    """The run's last checkpoint (EMA weights if kept) as the UNet folder ``run_dir/final``; None off the main
+    process."""
+    from snapfusion.models.unet import UNet
+    from snapfusion.train.loop import is_main_process
+    from snapfusion.train.stages import _replace_dir
+    from snapfusion.train.state import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or not is_main_process():
+        return None
+    unet = UNet.load(ckpt / "ema" if (ckpt / "ema").is_dir() else ckpt / "model")
+    return _replace_dir(lambda d: unet.save(d), run_dir / "final", int(ckpt.name.split("_")[-1]))
+
+
+def latency_table(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """bench-blocks: the teacher UNet's per-block latency on the target device (batch 2: one image with CFG)."""
+    from snapfusion.evolve.latency import BenchConfig, measure_table, predict_ms, save_table
+    from snapfusion.models.unet import UNet
+
+    s, device = config.scale.latency, device_of(config)
+    cuda = device.startswith("cuda")
+    threads = 0 if cuda else s.threads
+    bench = BenchConfig(size=config.scale.common.image_size, batch=2, warmup=s.warmup, repeats=s.repeats,
+                        inner=10 if cuda else 1, dtype="fp16" if cuda else "fp32",
+                        clock="cpu" if threads == 1 else "wall", cuda_graphs=cuda and s.cuda_graphs)
+    unet = UNet.load(teacher_part(config, "unet"), dtype=torch.float32)
+    old_threads = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        with torch.no_grad():
+            table = measure_table(unet, bench, device=device, meta={"model": str(teacher_part(config, "unet"))})
+    finally:
+        torch.set_num_threads(old_threads)
+    out = run_dir / TABLE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_table(table, out)
+    step_ms = predict_ms(unet.config, table)[0]  # what the evolution starts from
+    return StageResult("done", {"table": str(out)}, {
+        "whole_ms": table["whole_ms"], "predicted_ms": step_ms, "relative_error": table["relative_error"],
+        "budget_ms": config.latency_budget * step_ms, "blocks": len(table["blocks"])})
+
+
+def robust_train(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """SnapFusion §3.1 robust training: every res and attn block runs with probability 0.9, per sample."""
+    from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
+    from snapfusion.train.loop import train
+
+    s, folder, init = config.scale.robust, stage_dir(run_dir, "robust-train"), teacher_part(config, "unet")
+    task = RobustTaskConfig(unet=unet_task(config, unet_config_of(init), latent_pool=s.latent_pool), init=str(init),
+                            robust=RobustConfig(0.9, 0.9, "sample"))
+    train(loop_config(config, folder, s, budget, seed=1), RobustTask(task), resume=resuming(folder))
+    export_final(folder)
+    return training_result(folder, s, {"unet": str(run_dir / ROBUST)})
+
+
+def _chunk(config: RecipeConfig, budget: Budget, device: str):
+    """Evolution's robust-training chunk between two steps (the one loop, resumable): ``evolve.runs.training_chunk``
+    with the time budget as the loop's limit, ``OutOfTime`` when the budget stops it before its last step (so that the
+    step is redone, not scored on a shorter chunk), and each iteration's own scenes."""
+    from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
+    from snapfusion.models.unet import UNet
+    from snapfusion.train.loop import LoopConfig, train
+    from snapfusion.train.state import latest_checkpoint
+
+    e, c = config.scale.evolution, config.scale.common
+
+    def run(unet: UNet, folder: Path) -> UNet:
+        if e.chunk_steps <= 0:
+            return unet
+        init = folder.parent / "train_init"
+        if not (init / "config.json").is_file():
+            unet.save(init)
+        loop = LoopConfig(run_dir=str(folder), max_steps=e.chunk_steps, batch_size=e.chunk_batch, lr=e.chunk_lr,
+                          warmup_steps=0, ema_decay=0.0, mixed_precision=c.mixed_precision, log_every=25,
+                          sample_every=0, checkpoint_every=max(50, e.chunk_steps // 2),
+                          max_minutes=budget.remaining_minutes(), num_workers=c.num_workers)
+        # each iteration's chunk sees its own scenes (seed from the iteration folder's name)
+        task = RobustTaskConfig(unet=unet_task(config, unet.config, seed=2 + zlib.crc32(folder.parent.name.encode())),
+                                init=str(init), robust=RobustConfig())
+        with torch.enable_grad():  # the evolution around it runs under no_grad
+            result = train(loop, RobustTask(task), resume=resuming(folder))
+        if result["step"] < e.chunk_steps:
+            raise OutOfTime(f"evolution chunk {folder} stopped at step {result['step']}")
+        return UNet.load(latest_checkpoint(folder) / "model", device=device)
+
+    return run
+
+
+def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """SnapFusion Alg. 1: remove the lowest-ΔCLIP/ΔLatency blocks while over the budget, add the best copies under."""
+    from snapfusion.data import load_prompt_set
+    from snapfusion.eval.evaluators import load_evaluators
+    from snapfusion.evolve.actions import EvalConfig
+    from snapfusion.evolve.evolution import EvolveConfig
+    from snapfusion.evolve.evolution import evolve as run_evolution
+    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.robust import load_matching
+    from snapfusion.loading import resolve_model
+    from snapfusion.models.unet import UNet
+
+    e, device, folder = config.scale.evolution, device_of(config), stage_dir(run_dir, "evolve")
+    pipe = resolve_model(str(teacher_dir(config)), device=device)
+    start = load_matching(UNet(unet_config_of(run_dir / ROBUST)), run_dir / ROBUST).to(device)
+    records = load_prompt_set("test200", num_emoji=config.scale.common.num_emoji)[: e.num_prompts]
+    scorer = clip_scorer(load_evaluators(device=device))  # per-image domain CLIP score (the shipped scene CLIP)
+    ev = EvalConfig(prompt_set="test200", num_prompts=e.num_prompts, steps=e.eval_steps, guidance=e.guidance,
+                    size=config.scale.common.image_size, batch=e.eval_batch)
+    cfg = EvolveConfig(budget_fraction=config.latency_budget, iterations=e.iterations,
+                       actions_per_step=e.actions_per_step, eval=ev, max_minutes=budget.remaining_minutes())
+    table = load_table(run_dir / TABLE)
+    try:
+        with torch.no_grad():
+            state = run_evolution(folder, start, pipe, records, scorer, table, cfg, _chunk(config, budget, device))
+    except OutOfTime as stop:
+        return StageResult("partial", note=str(stop))
+    finished = state["done"] or state["iteration"] >= e.iterations
+    metrics = {"iterations": state["iteration"], "converged": state["done"], "start_ms": state["start_ms"],
+               "budget_ms": state["budget_ms"]}
+    if not finished:
+        return StageResult("partial", metrics=metrics, note=f"iteration {state['iteration']} of {e.iterations}")
+    final_ms = predict_ms(UNet.load(folder / "final").config, table)[0]
+    return StageResult("done", {"log": str(folder / "evolve.jsonl"), "unet": str(folder / "final")},
+                       {**metrics, "final_ms": final_ms, "final_fraction": final_ms / state["start_ms"],
+                        "within_budget": final_ms <= state["budget_ms"]})
+
+
+def evolve_apply(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """The evolved architecture on the teacher UNet's own weights (as the shipped student's start was made)."""
+    from snapfusion.evolve.evolution import read_log, replay
+    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.robust import load_matching
+    from snapfusion.models.unet import UNet, num_parameters
+
+    init = teacher_part(config, "unet")
+    start = load_matching(UNet(unet_config_of(init)), init)
+    model, n = replay(read_log(stage_dir(run_dir, "evolve")), start)
+    model.save(run_dir / EVOLVED)
+    table = load_table(run_dir / TABLE)
+    ms, teacher_ms = predict_ms(model.config, table)[0], predict_ms(start.config, table)[0]
+    return StageResult("done", {"unet": str(run_dir / EVOLVED)}, {
+        "actions": n, "parameters": num_parameters(model), "teacher_parameters": num_parameters(start),
+        "predicted_ms": ms, "teacher_ms": teacher_ms, "latency_fraction": ms / teacher_ms})
+
+
+def kd_finetune(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """Fine-tune the evolved UNet: eps loss + output KD + feature KD from the teacher UNet (BK-SDM's, session 5)."""
+    from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
+    from snapfusion.train.loop import train
+
+    s, folder, init = config.scale.kd, stage_dir(run_dir, "kd-finetune"), run_dir / EVOLVED
+    unet = unet_task(config, unet_config_of(init), latent_pool=s.latent_pool, kd_unet=str(teacher_part(config, "unet")),
+                     kd_weight=1.0, kd_feature_weight=config.scale.kd_feature_weight)
+    task = RobustTaskConfig(unet=unet, init=str(init), robust=RobustConfig(1.0, 1.0))
+    train(loop_config(config, folder, s, budget, seed=2), RobustTask(task), resume=resuming(folder))
+    export_final(folder)
+    return training_result(folder, s, {"unet": str(run_dir / KD)})
+
+
+def _v_finetune(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, source_unet: str | None,
+                seed: int) -> StageResult:
+    from snapfusion.data import SceneConfig
+    from snapfusion.distill.stages import finetune_v
+    from snapfusion.distill.tasks import ModelSource, VFinetuneConfig
+
+    s = config.scale.v_teacher if source_unet is None else config.scale.v_student
+    c, folder = config.scale.common, stage_dir(run_dir, name)
+    cfg = VFinetuneConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=source_unet),
+                          image_size=c.image_size, data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
+                          latent_pool=s.latent_pool, pool_workers=c.num_workers)
+    finetune_v(loop_config(config, folder, s, budget, seed=seed), cfg, resume=resuming(folder))
+    return training_result(folder, s, {"unet": str(folder / "final")})
+
+
+def v_teacher(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """SnapFusion §4: the teacher UNet fine-tuned to v-prediction (the 16-step teacher of the distillation)."""
+    return _v_finetune(config, run_dir, budget, "v-teacher", None, seed=3)
+
+
+def v_student(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """SnapFusion §4: the fine-tuned evolved UNet to v-prediction (the student's start)."""
+    return _v_finetune(config, run_dir, budget, "v-student", str(run_dir / KD), seed=4)
+
+
+def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """SnapFusion §4: direct step distillation 16 -> 8, vanilla and CFG-aware losses mixed, L_ori, the feature term."""
+    from snapfusion.data import SceneConfig
+    from snapfusion.distill.stages import distill_steps
+    from snapfusion.distill.tasks import DistillConfig, ModelSource
+
+    s, c, folder = config.scale.distill, config.scale.common, stage_dir(run_dir, "distill")
+    cfg = DistillConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=str(run_dir / V_TEACHER)),
+                        student_unet=str(run_dir / V_STUDENT), student_steps=config.scale.student_steps,
+                        cfg_prob=config.scale.cfg_prob, guidance_range=(2.0, 14.0), ori_weight=0.2,
+                        image_size=c.image_size, data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
+                        latent_pool=s.latent_pool, pool_workers=c.num_workers,
+                        feature_weight=config.scale.feature_weight)
+    distill_steps(loop_config(config, folder, s, budget, seed=5), cfg, resume=resuming(folder))
+    return training_result(folder, s, {"unet": str(run_dir / STUDENT)})

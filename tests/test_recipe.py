@@ -1,0 +1,237 @@
+"""snapfusion compress: the whole recipe on a tiny teacher, its manifest, resumption in time-limited calls, --stages."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from snapfusion.cli import main
+from snapfusion.compress import STAGE_NAMES, recipe_config, run_recipe
+from snapfusion.compress.manifest import sha256_path
+from snapfusion.decoder.io import load_decoder
+from snapfusion.evolve.evolution import read_log
+from snapfusion.evolve.latency import load_table
+from snapfusion.models.unet import UNet
+from snapfusion.pipeline import Pipeline
+from snapfusion.prior import LayoutPrior
+from snapfusion.weights import load_safetensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_pipeline, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("recipe") / "teacher"
+    tiny_pipeline.save(folder, dtype=None)
+    return folder
+
+
+def _args(teacher, run_dir, *more):
+    return ["compress", "--teacher", str(teacher), "--run-dir", str(run_dir), "--scale", "tiny", "--device", "cpu",
+            *more]
+
+
+@pytest.fixture(scope="module")
+def run(teacher, tmp_path_factory):
+    """The whole tiny recipe, run once in one call."""
+    run_dir = tmp_path_factory.mktemp("recipe") / "run"
+    assert main(_args(teacher, run_dir)) == 0
+    return run_dir
+
+
+def _manifest(run_dir):
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def _same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _weights(folder):
+    return load_safetensors(next(folder.glob("*.safetensors")))
+
+
+@pytest.mark.slow
+def test_every_stage_writes_an_output_that_loads(run, teacher):
+    assert len(load_table(run / "bench-blocks/table.json")["blocks"]) > 0
+    robust = UNet.load(run / "robust-train/final")
+    teacher_unet = UNet.load(teacher / "unet")
+    assert robust.config == teacher_unet.config
+    steps = [r for r in read_log(run / "evolve") if r["type"] == "step"]
+    assert len(steps) == 2 and all(r["latency_after_ms"] < r["latency_ms"] for r in steps)  # over budget: removals
+    evolved = UNet.load(run / "evolve-apply/unet")
+    assert evolved.config == UNet.load(run / "evolve/final").config != teacher_unet.config
+    kd = UNet.load(run / "kd-finetune/final")
+    assert kd.config == evolved.config and not torch.equal(kd.conv_out.weight, evolved.conv_out.weight)
+    assert UNet.load(run / "v-teacher/final").config.prediction_type == "v_prediction"
+    student = UNet.load(run / "distill/final")
+    assert student.config == UNet.load(run / "v-student/final").config
+    assert student.config.prediction_type == "v_prediction" and student.config.down == evolved.config.down
+    reduced = load_decoder(run / "reduce-decoder/decoder")
+    teacher_widths = load_decoder(teacher / "vae_decoder").config.decoder_widths
+    assert reduced.config.decoder_widths == tuple(w // 2 for w in teacher_widths)
+    assert load_safetensors(run / "decoder-latents/latents.safetensors")["latents"].shape == (4, 4, 8, 8)
+    assert load_decoder(run / "distill-decoder/final").config == reduced.config
+    assert LayoutPrior.load(run / "train-prior/prior").config.context_dim == 32
+    pipe = Pipeline.load(run / "assemble/pipeline")
+    assert (pipe.config.steps, pipe.config.sampler, pipe.config.timestep_spacing) == (8, "ddim", "trailing")
+    assert pipe.unet.config == student.config and pipe.prior is not None and pipe.decoder.config == reduced.config
+    result = pipe("a red circle on a blue background", seed=0)
+    assert result.images[0].size == (64, 64) and result.settings["steps"] == 8
+    for name in ("student", "teacher"):
+        report = json.loads((run / "eval" / name / "eval.json").read_text())
+        assert report["num_images"] == 2 and 0 <= report["results"][0]["clip_score"] <= 100
+
+
+@pytest.mark.slow
+def test_manifest_has_every_stage_done_with_hashes_and_times(run, teacher):
+    data = _manifest(run)
+    assert list(data["stages"]) == list(STAGE_NAMES)
+    assert data["recipe"]["teacher"] == str(teacher) and data["recipe"]["scale"]["name"] == "tiny"
+    assert json.loads((run / "recipe.json").read_text()) == data["recipe"]
+    for name, entry in data["stages"].items():
+        assert entry["status"] == "done", name
+        assert entry["inputs"] and all(len(i["sha256"]) == 64 for i in entry["inputs"].values()), name
+        assert entry["wall_s"] > 0 and entry["gpu_minutes"] == 0 and entry["device"] == "cpu", name
+        assert entry["invocations"] == 1 and entry["metrics"] and entry["outputs"], name
+    stages = data["stages"]
+    assert stages["assemble"]["inputs"]["unet"]["sha256"] == sha256_path(run / "distill/final")
+    assert stages["assemble"]["inputs"]["unet"]["sha256"] == stages["distill"]["outputs"]["unet"]["sha256"]
+    assert stages["robust-train"]["metrics"]["step"] == 2
+    assert stages["evolve-apply"]["metrics"]["latency_fraction"] < 1
+    assert set(stages["eval"]["metrics"]) == {"student", "teacher"}
+
+
+def _bench_only(src, dst):
+    """A run folder holding only ``src``'s latency table, as if its first stage had run there (the table is a
+    measurement: the rest of the chain is deterministic given it)."""
+    shutil.copytree(src / "bench-blocks", dst / "bench-blocks")
+    data = _manifest(src)
+    entry = data["stages"]["bench-blocks"]
+    entry["outputs"]["table"]["path"] = str(dst / "bench-blocks/table.json")
+    (dst / "manifest.json").write_text(json.dumps({"recipe": data["recipe"], "stages": {"bench-blocks": entry}}))
+
+
+@pytest.mark.slow
+def test_time_limited_calls_resume_to_the_models_of_one_call(run, teacher, tmp_path):
+    dst = tmp_path / "chunked"
+    dst.mkdir()
+    _bench_only(run, dst)
+    config = recipe_config(str(teacher), str(dst), scale="tiny", device="cpu", max_minutes=0.001)
+    results = []
+    while not results or results[-1]["status"] != "done":
+        results.append(run_recipe(config))
+        assert len(results) < 60
+    partial = [r for r in results if r["status"] == "partial"]
+    assert partial and all(r["left"] for r in partial)
+    stages = _manifest(dst)["stages"]
+    assert all(e["status"] == "done" for e in stages.values())
+    assert stages["robust-train"]["invocations"] == 2 and stages["evolve"]["invocations"] == 2  # 2 steps, 2 iterations
+    assert len(results) >= len(STAGE_NAMES)
+    # resumed in chunks = one straight run, bit for bit
+    for folder in ("evolve-apply/unet", "distill/final", "distill-decoder/final", "train-prior/prior"):
+        _same_tensors(_weights(dst / folder), _weights(run / folder))
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_done_stages_and_redoes_those_whose_inputs_changed(run, teacher, capsys):
+    before = _manifest(run)["stages"]
+    assert main(_args(teacher, run)) == 0
+    out = capsys.readouterr().out
+    assert "recipe config" in out and out.count("inputs unchanged: skipped") == len(STAGE_NAMES)
+    assert _manifest(run)["stages"] == before
+    # the prior made again from the same inputs is the same file: assemble, which reads it, stays done
+    shutil.rmtree(run / "train-prior")
+    assert main(_args(teacher, run, "--stages", "train-prior,assemble")) == 0
+    out = capsys.readouterr().out
+    assert "train-prior (" in out and "assemble: done, inputs unchanged: skipped" in out
+    # another decoder in assemble's input: assemble runs again, from scratch
+    shutil.rmtree(run / "distill-decoder/final")
+    shutil.copytree(run / "reduce-decoder/decoder", run / "distill-decoder/final")
+    assert main(_args(teacher, run, "--stages", "assemble")) == 0
+    assert "assemble (the SnapFusion pipeline): fresh" in capsys.readouterr().out
+    entry = _manifest(run)["stages"]["assemble"]
+    assert entry["inputs"]["decoder"]["sha256"] == sha256_path(run / "reduce-decoder/decoder")
+
+
+def test_stages_runs_only_the_named_stages(teacher, tmp_path, capsys):
+    run_dir = tmp_path / "part"
+    assert main(_args(teacher, run_dir, "--stages", "reduce-decoder, decoder-latents")) == 0
+    assert list(_manifest(run_dir)["stages"]) == ["reduce-decoder", "decoder-latents"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["decoder-latents", "manifest.json", "recipe.json",
+                                                         "reduce-decoder"]
+    assert main(_args(teacher, run_dir, "--stages", "distill-decoder")) == 0
+    assert _manifest(run_dir)["stages"]["distill-decoder"]["status"] == "done"
+    capsys.readouterr()
+    assert main(_args(teacher, run_dir, "--stages", "assemble")) == 2  # its UNet and prior do not exist
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stage assemble needs" in err and "include distill in --stages" in err
+
+
+def test_a_failed_stage_is_recorded_and_the_next_call_redoes_it(teacher, tmp_path, monkeypatch, capsys):
+    import snapfusion.decoder.reduce
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    run_dir = tmp_path / "failing"
+    monkeypatch.setattr(snapfusion.decoder.reduce, "reduce_decoder", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(_args(teacher, run_dir, "--stages", "reduce-decoder"))
+    entry = _manifest(run_dir)["stages"]["reduce-decoder"]
+    assert entry["status"] == "failed" and entry["note"] == "RuntimeError: out of memory" and not entry["outputs"]
+    monkeypatch.undo()
+    assert main(_args(teacher, run_dir, "--stages", "reduce-decoder")) == 0
+    assert "reduce-decoder (§3.2 decoder channel reduction): resume" in capsys.readouterr().out
+    entry = _manifest(run_dir)["stages"]["reduce-decoder"]
+    assert entry["status"] == "done" and entry["invocations"] == 2 and entry["outputs"]["decoder"]["sha256"]
+
+
+def test_bad_options_are_one_line_errors_before_any_work(teacher, tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    no_encoder = tmp_path / "no_encoder"
+    shutil.copytree(teacher, no_encoder)
+    shutil.rmtree(no_encoder / "vae_encoder")
+    cases = [(["--stages", "evolve,bogus"], "unknown stage(s) bogus"),
+             (["--latency-budget", "1.5"], "--latency-budget must be in (0, 1]"),
+             (["--max-minutes", "-1"], "--max-minutes must be >= 0")]
+    for extra, message in cases:
+        assert main(_args(teacher, run_dir, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    for folder, message in ((tmp_path / "missing", "no snapfusion pipeline folder"), (no_encoder, "no vae_encoder/")):
+        assert main(_args(folder, run_dir)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_evolve_in_the_main_one(teacher, tmp_path):
+    """As under ``accelerate launch``: torchrun with two CPU processes (gloo)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "snapfusion.cli",
+           *_args(teacher, run_dir, "--stages", "bench-blocks,robust-train,evolve")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("recipe config") == 1  # the main process alone reports
+    assert "parameters; 2 process(es)" in out  # robust training: both processes
+    assert "parameters; 1 process(es)" in out  # evolution's training chunks: the main process's child alone
+    stages = _manifest(run_dir)["stages"]
+    assert list(stages) == ["bench-blocks", "robust-train", "evolve"]
+    assert all(e["status"] == "done" and e["processes"] == 2 for e in stages.values())
+    assert (run_dir / "evolve" / "final" / "config.json").is_file()
