@@ -379,6 +379,17 @@ def _more() -> list[Case]:
         ("serve/max-batch-1000", ["serve", "--max-batch", "1000"], "--max-batch"),
         ("serve/device-unknown", ["serve", "--device", "tpu"], "--device"),
         ("serve/model-missing", ["serve", "--model", "{tmp}/nomodel"], "nomodel"),
+        ("compress/run-dir-is-file", ["compress", "--run-dir", "{tmp}/file.txt"], "--run-dir"),
+        ("compress/latency-budget-0", ["compress", "--run-dir", "{tmp}/sf", "--latency-budget", "0"],
+         "--latency-budget"),
+        ("compress/latency-budget-nan", ["compress", "--run-dir", "{tmp}/sf", "--latency-budget", "nan"],
+         "--latency-budget"),
+        ("compress/max-minutes-nan", ["compress", "--run-dir", "{tmp}/sf", "--max-minutes", "nan"], "--max-minutes"),
+        ("compress/stages-unknown", ["compress", "--run-dir", "{tmp}/sf", "--stages", "paint"], "--stages"),
+        ("compress/teacher-missing", ["compress", "--run-dir", "{tmp}/sf", "--teacher", "{tmp}/noteacher"],
+         "noteacher"),
+        ("compress/num-emoji-0", ["compress", "--run-dir", "{tmp}/sf", "--num-emoji", "0"], "--num-emoji"),
+        ("compress/device-unknown", ["compress", "--run-dir", "{tmp}/sf", "--device", "tpu"], "--device"),
     ]
     return [Case(i, a, x) for i, a, x in rows]
 

@@ -17,11 +17,11 @@ WORK = [("snapfusion.loading", "resolve_model"), ("snapfusion.loading", "load"),
         ("snapfusion.evolve.latency", "measure_table"), ("snapfusion.evolve.evolution", "evolve"),
         ("snapfusion.models.text", "load_text_encoder"), ("snapfusion.models.autoencoder", "load_autoencoder"),
         ("snapfusion.decoder.io", "load_decoder"), ("snapfusion.eval.runner", "run_eval_command"),
-        ("snapfusion.serve", "run")]
+        ("snapfusion.serve", "run"), ("snapfusion.compress.recipe", "run_recipe")]
 WORK_METHODS = [("snapfusion.pipeline", "Pipeline", "load"), ("snapfusion.models.unet", "UNet", "load")]
 PRELOAD = ["snapfusion.cli", "snapfusion.train.stages", "snapfusion.distill.stages", "snapfusion.evolve.runs",
            "snapfusion.evolve.robust", "snapfusion.decoder.task", "snapfusion.export.onnx_export", "snapfusion.bench",
-           "snapfusion.prior"]
+           "snapfusion.prior", "snapfusion.compress"]
 CASE_SECONDS = 60
 
 
@@ -105,4 +105,4 @@ def test_corpus_is_large_and_unique():
     assert len(ids) == len(set(ids)) and len(ids) >= 120
     commands = {c.argv[0] for c in CASES if c.argv}
     assert {"generate", "eval", "export", "bench", "convert-sd", "train-text", "train-unet", "train-autoencoder",
-            "train-prior", "distill", "finetune-v", "evolve"} <= commands
+            "train-prior", "distill", "finetune-v", "evolve", "serve", "compress"} <= commands

@@ -5,16 +5,37 @@ from __future__ import annotations
 
 import argparse
 
-from snapfusion.cli import compress_decoder, compress_distill, compress_evolve
+from snapfusion.cli import compress_decoder, compress_distill, compress_evolve, options, types
+from snapfusion.errors import InputError
+
+
+def _config(a: argparse.Namespace):
+    from snapfusion.compress import recipe_config
+
+    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else ()
+    return recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
+                         latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages)
+
+
+def check_compress(a: argparse.Namespace) -> None:
+    """The recipe's own check (values, stage names, the teacher folder, inputs of a partial chain)."""
+    from snapfusion.compress import check
+
+    check(_config(a))
 
 
 def cmd_compress(a: argparse.Namespace) -> None:
-    from snapfusion.compress import recipe_config, run_recipe
+    from snapfusion.compress import run_recipe
 
-    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else ()
-    run_recipe(recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
-                             latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes,
-                             stages=stages))
+    run_recipe(_config(a))
+
+
+def _num_emoji(text: str) -> int:
+    """--num-emoji: -1 (the preset's) or a positive count."""
+    value = types.integer("--num-emoji", minimum=-1)(text)
+    if value == 0:
+        raise InputError("--num-emoji must be -1 (the preset's) or at least 1, got 0")
+    return value
 
 
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
@@ -28,19 +49,20 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
                               "snapfusion.cli compress ...)")
     c.add_argument("--teacher", default="base", help="the teacher: 'base' or a pipeline folder with a VAE encoder "
                    "(default %(default)s)")
-    c.add_argument("--run-dir", required=True, help="every stage's folder and manifest.json; rerun to continue")
+    c.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"), help="every stage's folder and manifest.json; rerun to continue")
     c.add_argument("--latency-budget", type=float, default=0.3, help="the evolved UNet's per-step latency as a "
                    "fraction of the teacher's on --device (default %(default)s)")
-    c.add_argument("--device", default="auto", help="target device of the latency table: auto, cpu or cuda")
-    c.add_argument("--max-minutes", type=float, default=0.0, help="stop after about this long, training at a "
+    c.add_argument("--device", default="auto", type=options.device_name,
+                   help="target device of the latency table: auto, cpu or cuda")
+    c.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0, help="stop after about this long, training at a "
                    "checkpoint, and say what is left (default 0: no limit)")
     c.add_argument("--stages", default=None, help=f"comma-separated stages to run, in recipe order: "
                    f"{','.join(STAGE_NAMES)} (default: all)")
     c.add_argument("--scale", choices=["full", "tiny"], default="full", help="full: the step counts behind the "
                    "shipped student; tiny: a few steps everywhere at 64 px (a CPU check of the chain)")
-    c.add_argument("--num-emoji", type=int, default=-1, help="the teacher's training domain: the first N atlas emoji "
+    c.add_argument("--num-emoji", type=_num_emoji, default=-1, help="the teacher's training domain: the first N atlas emoji "
                    "(default: the preset's, 40)")
-    c.set_defaults(func=cmd_compress)
+    c.set_defaults(func=cmd_compress, check=check_compress)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

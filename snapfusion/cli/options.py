@@ -25,7 +25,7 @@ def dtype(name: str):
     return resolve_dtype(name, option="--dtype")
 
 
-def _device_name(name: str) -> str:
+def device_name(name: str) -> str:
     """--device checked as given ('auto' stays 'auto': it is resolved when the command runs)."""
     device(name)
     return name
@@ -37,7 +37,7 @@ def first(*values):
 
 
 def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, type=_device_name,
+    p.add_argument("--device", default=default, type=device_name,
                    help=f"auto, cpu, cuda[:N] or mps (default {default}; auto: CUDA when "
                    "there is one)")
 
