@@ -195,6 +195,8 @@ def test_cli_export_diffusers(tmp_path, monkeypatch, capsys):
     from snapfusion.export import diffusers_export
 
     monkeypatch.setattr(diffusers_export, "load_for_export", lambda name, device="cpu": _pipeline("snap"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()  # --model x is checked to exist before the (mocked) load
     assert cli.main(["export", "--model", "x", "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
     assert "SnapFusionPipeline" in capsys.readouterr().out
     assert (tmp_path / "d" / "model_index.json").is_file()

@@ -26,8 +26,9 @@ def test_a1111_parameters_format():
 
 def test_generate_writes_parameters_and_our_keys(tmp_path, monkeypatch, tiny_pipeline):
     from snapfusion import cli
+    from snapfusion.cli import generate
 
-    monkeypatch.setattr(cli, "resolve_model", lambda name, device="cpu": tiny_pipeline)
+    monkeypatch.setattr(generate, "resolve_model", lambda name, device="cpu": tiny_pipeline)
     out = tmp_path / "a.png"
     assert 0 == cli.main(["generate", "a blue circle", "--out", str(out), "--steps", "2", "--size", "64", "--seed", "7",
               "--device", "cpu", "--quiet", "--negative-prompt", "red"])
@@ -52,10 +53,11 @@ def test_device_mps_is_checked(monkeypatch):
 @pytest.mark.parametrize("fmt,missing", [("onnx", "onnx"), ("onnx", "onnxruntime"), ("coreml", "coremltools")])
 def test_missing_export_package_is_one_line(monkeypatch, capsys, fmt, missing):
     from snapfusion import cli
+    from snapfusion.cli import export
 
     monkeypatch.setitem(sys.modules, missing, None)
     called = []
-    monkeypatch.setattr(cli, "resolve_model", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(export, "resolve_model", lambda *a, **k: called.append(1))
     code = cli.main(["export", "--model", "base", "--format", fmt, "--out", "unused"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and not called  # refused before loading anything

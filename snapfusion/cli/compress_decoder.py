@@ -46,7 +46,8 @@ def _prompts(a: argparse.Namespace) -> str | None:
 
 
 def check_latent_options(a: argparse.Namespace) -> None:
-    """The teacher exists (checked without loading it) and the guidance range is a range."""
+    """--prompts / --data, the teacher (checked without loading it), and the guidance range is a range."""
+    _prompts(a)
     check_model(a.teacher)
     low, high = a.guidance_range
     if low > high:

@@ -27,6 +27,7 @@ def _source(a: argparse.Namespace):
 def check_finetune_v(a: argparse.Namespace) -> None:
     """finetune-v's cross-option checks: the loop, the teacher pipeline, the distillation weights."""
     options.check_train_options(a)
+    options.data_folder(a, a.image_size)
     _source(a)
     options.kd_options(a)
 
@@ -34,6 +35,7 @@ def check_finetune_v(a: argparse.Namespace) -> None:
 def check_distill(a: argparse.Namespace) -> None:
     """distill's cross-option checks: the loop, the teacher pipeline, the guidance range."""
     options.check_train_options(a)
+    options.data_folder(a, a.image_size)
     _source(a)
     if a.guidance_min > a.guidance_max:
         raise InputError(f"--guidance-min {a.guidance_min:g} is above --guidance-max {a.guidance_max:g}")

@@ -47,7 +47,8 @@ def check_bench_blocks(a: argparse.Namespace) -> None:
 
 
 def check_model_options(a: argparse.Namespace) -> None:
-    """The model and its parts (robust-train, evolve, block-importance): folders checked without loading them."""
+    """--data, then the model and its parts (robust-train, evolve, block-importance), without loading them."""
+    options.data_folder(a, a.image_size)
     check_model(a.model)
     init = start_folder(a.model, a.init)
     if not (Path(init) / "config.json").is_file():
@@ -269,11 +270,11 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser, *, num_emoji: bool = False) -> None:
     p.add_argument("--model", default="base", help="teacher pipeline: 'base' or a pipeline folder (default base)")
-    p.add_argument("--init", default=None, type=_unet_folder("--init"),
+    p.add_argument("--init", default=None,
                    help="UNet folder to start from (default: the model's unet/)")
-    p.add_argument("--vae", default=None, type=_unet_folder("--vae"),
+    p.add_argument("--vae", default=None,
                    help="VAE encoder or autoencoder folder (default: <model>/vae_encoder)")
-    p.add_argument("--text-encoder", default=None, type=_unet_folder("--text-encoder"),
+    p.add_argument("--text-encoder", default=None,
                    help="text tower folder (default: <model>/text_encoder)")
     p.add_argument("--image-size", type=types.side("--image-size"), default=512,
                    help="image side in pixels (default %(default)s)")

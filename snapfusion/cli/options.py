@@ -118,7 +118,9 @@ def data_folder(a: argparse.Namespace, size: int) -> str | None:
         return None
     from snapfusion.data.folder import ImageCaptionFolder
 
-    ImageCaptionFolder(folder, size)
+    if getattr(a, "data_checked", None) != (folder, size):  # the check step did it already
+        ImageCaptionFolder(folder, size)
+        a.data_checked = (folder, size)
     return str(folder)
 
 

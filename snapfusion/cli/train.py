@@ -13,7 +13,10 @@ from snapfusion.validation import MAX_BATCH, MAX_SIDE, MAX_STEPS
 
 
 def check_train_autoencoder(a: argparse.Namespace) -> None:
+    from snapfusion.train.tasks import AutoencoderTaskConfig
+
     options.check_train_options(a)
+    options.data_folder(a, AutoencoderTaskConfig.image_size)
     if a.init and not model_folder(a.init).is_dir():
         raise InputError(f"--init {a.init}: no such model or folder")
     if a.decoder_only and not a.init:
@@ -31,6 +34,13 @@ def cmd_train_autoencoder(a: argparse.Namespace) -> None:
         data_folder=folder), resume=a.resume)
 
 
+def check_train_text(a: argparse.Namespace) -> None:
+    from snapfusion.train.tasks import TextTaskConfig
+
+    options.check_train_options(a)
+    options.data_folder(a, TextTaskConfig.image_size)
+
+
 def cmd_train_text(a: argparse.Namespace) -> None:
     from snapfusion.train.stages import train_text
     from snapfusion.train.tasks import TextTaskConfig
@@ -43,6 +53,7 @@ def cmd_train_text(a: argparse.Namespace) -> None:
 def check_train_unet(a: argparse.Namespace) -> None:
     """train-unet's cross-option checks: the loop, the frozen parts' folders, the timestep bias and mixing."""
     options.check_train_options(a)
+    options.data_folder(a, a.image_size)
     _parts(a)
     _timestep_bias_options(a)
 
@@ -126,6 +137,11 @@ def _prior_encoder(a: argparse.Namespace) -> Path:
 
 def check_train_prior(a: argparse.Namespace) -> None:
     """train-prior's cross-option checks: --calibrate within --scenes, the model and its encoder."""
+    from snapfusion.data.folder import read_metadata
+
+    folder = options.data_folder(a, a.encode_size)
+    if folder and len(read_metadata(folder)) < 10:
+        raise SnapFusionError(f"--data {folder}: train-prior needs at least 10 images (the last 10% are held out)")
     if a.calibrate > a.scenes:
         raise InputError(f"--calibrate must be between 0 and --scenes ({a.scenes}), got {a.calibrate}")
     check_model(a.model)
@@ -133,13 +149,10 @@ def check_train_prior(a: argparse.Namespace) -> None:
 
 
 def cmd_train_prior(a: argparse.Namespace) -> None:
-    from snapfusion.data.folder import read_metadata
     from snapfusion.models.autoencoder import Encoder, load_autoencoder
     from snapfusion.prior import PriorData, PriorTrainConfig, fit_pipeline_prior
 
-    folder = options.data_folder(a, a.encode_size)  # checked before any model loads
-    if folder and len(read_metadata(folder)) < 10:
-        raise SnapFusionError(f"--data {folder}: train-prior needs at least 10 images (the last 10% are held out)")
+    folder = options.data_folder(a, a.encode_size)
     device = options.device(a.device)
     pipe = resolve_model(a.model, device=device)
     encoder_dir = _prior_encoder(a)
@@ -270,7 +283,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train-text", help="pretrain the CLIP text tower contrastively (then it stays frozen)",
                        epilog="example: snapfusion train-text --run-dir runs/text --max-minutes 30")
     options.add_train_options(t, steps=4000, batch=256, lr=5e-4)
-    t.set_defaults(func=cmd_train_text, check=options.check_train_options)
+    t.set_defaults(func=cmd_train_text, check=check_train_text)
 
     t = sub.add_parser("train-unet", help="train the base UNet (frozen text tower and autoencoder): eps-prediction "
                        "from scratch; a --init-unet / --from-pipeline UNet keeps its own prediction type",
