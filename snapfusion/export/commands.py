@@ -53,11 +53,20 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from snapfusion.bench import BenchConfig, dumps, markdown_table, run_bench
     from snapfusion.cli import _device
 
-    cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
-                      dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
-                      compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup)
-    result = run_bench(cfg)
-    table = markdown_table([result])
+    if a.suite:
+        from snapfusion.bench.suite import run_suite
+
+        result, table = run_suite(a.suite, device=_device(a.device), dtype=a.dtype, size=a.size, steps=a.steps,
+                                  guidance=a.guidance, runs=a.runs, warmup=a.warmup, budget_s=a.budget_s,
+                                  batches=a.batches, json_path=a.json)
+    else:
+        cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
+                          dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
+                          compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup,
+                          fast=False if a.no_fast else None, channels_last=not a.no_channels_last, sdpa=a.sdpa,
+                          cfg=a.cfg)
+        result = run_bench(cfg)
+        table = markdown_table([result])
     print(table, end="")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +74,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
     if a.markdown:
         Path(a.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(a.markdown).write_text(table)
+
+
+# snapfusion.models.presets.ARCHITECTURES and snapfusion.fast.SDPA, spelled out so that --help imports no torch
+# (tests/test_bench.py checks they agree)
+ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-guidance")
+SDPA = ("default", "flash", "efficient", "cudnn", "math", "tuned")
 
 
 def register(sub) -> None:
@@ -91,7 +106,7 @@ def register(sub) -> None:
     b = sub.add_parser("bench", help="per-component latency (median/min/max), peak memory, FLOPs, compute floor",
                        epilog="example: snapfusion bench --preset snapfusion --device cuda --dtype fp16 --steps 8")
     b.add_argument("--model", default=None, help="a pipeline (torch) or an ONNX export folder (onnxruntime)")
-    b.add_argument("--preset", choices=["sd15", "snapfusion", "base", "base-snapfusion", "tiny"], default=None,
+    b.add_argument("--preset", choices=list(ARCHITECTURES), default=None,
                    help="random-weight architecture instead of --model")
     b.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
@@ -105,6 +120,18 @@ def register(sub) -> None:
     b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--no-fast", action="store_true", help="on CUDA: plain Pipeline.generate instead of "
+                   "snapfusion.fast (CUDA graphs over the whole loop, channels-last, cached negative prompt)")
+    b.add_argument("--no-channels-last", action="store_true", help="fast path: keep NCHW convolutions")
+    b.add_argument("--sdpa", choices=list(SDPA), default="default", help="fast path: SDPA kernel (tuned: fastest "
+                   "per attention shape)")
+    b.add_argument("--cfg", choices=["batch2", "split"], default="batch2",
+                   help="fast path: guidance as one batch-2 UNet call or two batch-1 calls")
+    b.add_argument("--suite", choices=["latency", "throughput"], default=None,
+                   help="SD-scale tables in one run: every latency lever plus the anchors (diffusers' "
+                   "StableDiffusionPipeline at 50 and --steps steps, our sd15 preset at 50), or throughput")
+    b.add_argument("--budget-s", type=float, default=480.0, help="--suite: skip rows not started by then")
+    b.add_argument("--batches", default="1,4,16,64", help="--suite throughput: prompts per call")
     b.add_argument("--json", default=None, help="write the full result here")
     b.add_argument("--markdown", default=None, help="write the table here")
     b.set_defaults(func=cmd_bench)
