@@ -38,7 +38,7 @@ class BenchConfig:
     size: int = 512                   # image side in pixels
     steps: int = 8
     guidance: float = 7.5             # 1.0: no unconditional pass
-    compile: bool = False             # torch.compile the UNet (torch backend)
+    compile: bool | None = None       # torch.compile (torch backend); None: on with the fast path on CUDA
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     compile_all: bool = False         # with compile: also the text encoder and the decoder
     runs: int = 5                     # timed runs after warm-up
@@ -68,9 +68,16 @@ class BenchConfig:
             return self.fast
         return self.backend == "torch" and self.device.startswith("cuda") and self.compile_mode == "default"
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the networks are torch.compile'd (explicitly, or by default with the fast path on CUDA)."""
+        if self.compile is not None:
+            return self.compile
+        return self.uses_fast and self.device.startswith("cuda")
+
     def fast_options(self) -> FastOptions:
         """The snapfusion.fast levers of this run."""
-        return FastOptions(compile=self.compile, channels_last=self.channels_last, sdpa=self.sdpa, cfg=self.cfg)
+        return FastOptions(compile=self.compiles, channels_last=self.channels_last, sdpa=self.sdpa, cfg=self.cfg)
 
 
 def preset_pipeline(name: str, *, device: str | torch.device = "cpu", size: int = 512) -> Pipeline:
@@ -168,11 +175,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     pipe, torch_pipe = _load(cfg)
     dev = torch.device(cfg.device)
     flops = count_flops(torch_pipe, size=cfg.size, steps=cfg.steps, guidance=cfg.guidance) if torch_pipe else None
-    if cfg.compile and torch_pipe is None:
+    if cfg.compiles and torch_pipe is None:
         raise ConfigError("bench --compile needs --backend torch")
     if cfg.uses_fast:
         accelerate(pipe, cfg.fast_options())  # compile time is in first_run_s
-    elif cfg.compile:
+    elif cfg.compiles:
         compile_pipeline(pipe, cfg.compile_mode, everything=cfg.compile_all)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -187,7 +194,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             first_run_s = time.perf_counter() - t_first  # includes compilation
         if i >= warmup:
             runs.append(timings.as_dict())
-    result = {"config": {**to_dict(cfg), "fast_used": cfg.uses_fast}, "pipeline": pipe.config.name, "latency_s": {
+    config = {**to_dict(cfg), "compile": cfg.compiles, "fast_used": cfg.uses_fast}
+    result = {"config": config, "pipeline": pipe.config.name, "latency_s": {
         k: _stats([r[k] for r in runs]) for k in COMPONENTS}, "first_run_s": first_run_s,
         "peak_memory_mb": _peak_memory_mb(dev, cfg.backend), "environment": _environment(dev)}
     if flops is not None:

@@ -102,3 +102,18 @@ def throughput_markdown(result: dict) -> str:
         lines += ["", "Not measured: " + "; ".join(f"{r['row']} (batch {r.get('batch')}): "
                                                    f"{r.get('error', r.get('skipped'))}"[:300] for r in problems)]
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(result: dict) -> str:
+    """GPU milliseconds per kernel category, one column per profiled configuration."""
+    rows = [r for r in result["rows"] if "kernels" in r]
+    kinds = sorted({k for r in rows for k in r["kernels"]})
+    lines = ["| kernel category | " + " | ".join(f"{r['row']} ms (kernels)" for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for k in kinds:
+        cells = [r["kernels"].get(k) for r in rows]
+        lines.append(f"| {k} | " + " | ".join("—" if c is None else f"{c['seconds'] * 1e3:.2f} ({c['count']})"
+                                             for c in cells) + " |")
+    lines.append("| GPU busy | " + " | ".join(f"{r['gpu_busy_s'] * 1e3:.2f}" for r in rows) + " |")
+    lines.append("| wall, one call | " + " | ".join(f"{r['wall_s'] * 1e3:.2f}" for r in rows) + " |")
+    return "\n".join(lines) + "\n"

@@ -280,6 +280,66 @@ def throughput_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None
     return result
 
 
+KERNEL_KINDS = (  # (category, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "nhwc", "implicit", "winograd")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90")),
+    ("compiled elementwise / norms (Triton)", ("triton",)),
+    ("copies", ("copy", "memcpy", "memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The category of a CUDA kernel by its name (KERNEL_KINDS), else "other"."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_breakdown(pipe: Pipeline, *, steps: int, guidance: float, size: int) -> dict:
+    """GPU time per kernel category in one ``generate`` call (after two warm-up calls), and the call's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(2):
+        pipe.generate([PROMPT], [i], steps=steps, guidance=guidance, height=size, width=size)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        pipe.generate([PROMPT], [2], steps=steps, guidance=guidance, height=size, width=size)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kinds: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            k = kinds.setdefault(kernel_kind(e.name), [0.0, 0])
+            k[0] += e.device_time_total / 1e6
+            k[1] += 1
+    busy = sum(v[0] for v in kinds.values())
+    return {"note": "GPU seconds by kernel category in one call", "wall_s": wall, "gpu_busy_s": busy,
+            "kernels": {k: {"seconds": v[0], "count": v[1]} for k, v in sorted(kinds.items())}}
+
+
+def profile_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None] = print) -> dict:
+    """Where the time of the SnapFusion preset goes: kernel categories, eager and compiled (no graphs, so the
+    profiler sees each kernel; graph replay runs the same kernels without the gaps)."""
+    from snapfusion.loading import resolve_dtype
+
+    dev, dtype = torch.device(cfg.device), resolve_dtype(cfg.dtype)
+    result = {"suite": "profile", "config": dataclasses.asdict(cfg), "environment": _versions(dev), "rows": []}
+    rows = _Rows(cfg, on_row and (lambda r: on_row({**result, "rows": r})), log)
+    result["rows"] = rows.rows
+    pipe = preset_pipeline(cfg.preset, device=dev, size=cfg.size).to(dev, dtype)
+    for m in (pipe.unet, pipe.decoder):
+        m.to(memory_format=torch.channels_last)
+    probe = dict(steps=cfg.steps, guidance=cfg.guidance, size=cfg.size)
+    pipe.fast = FastGenerate(_options(cache_uncond=True, channels_last=True))
+    rows("kernels, eager, channels-last", "profile", lambda: kernel_breakdown(pipe, **probe))
+    if cfg.compile:
+        compile_pipeline(pipe, dynamic=False)
+        pipe.fast = FastGenerate(_options(compile=True, cache_uncond=True, channels_last=True))
+        rows("kernels, compiled, channels-last", "profile", lambda: kernel_breakdown(pipe, **probe))
+    return result
+
+
 def groupnorm_silu_check(dev, dtype) -> dict:
     """How many kernels inductor makes of GroupNorm followed by SiLU (1-2: fused, no hand kernel needed), timed."""
     import torch.nn.functional as F
@@ -330,7 +390,7 @@ def run_suite(name: str, *, device: str, dtype: str, size: int, steps: int, guid
     from pathlib import Path
 
     from snapfusion.bench.core import dumps
-    from snapfusion.bench.report import latency_markdown, throughput_markdown
+    from snapfusion.bench.report import latency_markdown, profile_markdown, throughput_markdown
     from snapfusion.errors import ConfigError
 
     try:
@@ -348,5 +408,8 @@ def run_suite(name: str, *, device: str, dtype: str, size: int, steps: int, guid
     if name == "latency":
         result = latency_suite(cfg, on_row=save)
         return result, latency_markdown(result)
+    if name == "profile":
+        result = profile_suite(cfg, on_row=save)
+        return result, profile_markdown(result)
     result = throughput_suite(cfg, on_row=save)
     return result, throughput_markdown(result)

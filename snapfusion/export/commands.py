@@ -61,7 +61,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
                                   batches=a.batches, json_path=a.json)
     else:
         cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
-                          dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance, compile=a.compile,
+                          dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance,
+                          compile=True if a.compile else (False if a.no_compile else None),
                           compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup,
                           fast=False if a.no_fast else None, channels_last=not a.no_channels_last, sdpa=a.sdpa,
                           cfg=a.cfg)
@@ -114,7 +115,9 @@ def register(sub) -> None:
     b.add_argument("--size", type=int, default=512)
     b.add_argument("--steps", type=int, default=8)
     b.add_argument("--guidance", type=float, default=7.5)
-    b.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet (default with the CUDA fast path: "
+                   "UNet, text encoder and decoder)")
+    b.add_argument("--no-compile", action="store_true", help="no torch.compile, also on CUDA")
     b.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode (reduce-overhead: CUDA graphs on the GPU)")
     b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
@@ -127,9 +130,10 @@ def register(sub) -> None:
                    "per attention shape)")
     b.add_argument("--cfg", choices=["batch2", "split"], default="batch2",
                    help="fast path: guidance as one batch-2 UNet call or two batch-1 calls")
-    b.add_argument("--suite", choices=["latency", "throughput"], default=None,
+    b.add_argument("--suite", choices=["latency", "throughput", "profile"], default=None,
                    help="SD-scale tables in one run: every latency lever plus the anchors (diffusers' "
-                   "StableDiffusionPipeline at 50 and --steps steps, our sd15 preset at 50), or throughput")
+                   "StableDiffusionPipeline at 50 and --steps steps, our sd15 preset at 50), throughput, or GPU "
+                   "time per kernel category (profile)")
     b.add_argument("--budget-s", type=float, default=480.0, help="--suite: skip rows not started by then")
     b.add_argument("--batches", default="1,4,16,64", help="--suite throughput: prompts per call")
     b.add_argument("--json", default=None, help="write the full result here")
