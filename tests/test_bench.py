@@ -228,6 +228,7 @@ def test_kernel_categories():
     assert kernel_kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_nhwckrsc_nhwc") == "convolution"
     assert kernel_kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT") == "matmul"
     assert kernel_kind("triton_red_fused_native_group_norm_silu_3") == "compiled elementwise / norms (Triton)"
+    assert kernel_kind("triton_poi_fused_add_convolution_7") == "compiled elementwise / norms (Triton)"
     assert kernel_kind("void at::native::elementwise_kernel<128, 2>") == "other"
 
 

@@ -281,10 +281,10 @@ def throughput_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None
 
 
 KERNEL_KINDS = (  # (category, substrings of kernel names), first match wins
+    ("compiled elementwise / norms (Triton)", ("triton",)),  # first: inductor names them after the ops they fuse
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("convolution", ("conv", "fprop", "dgrad", "nhwc", "implicit", "winograd")),
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90")),
-    ("compiled elementwise / norms (Triton)", ("triton",)),
     ("copies", ("copy", "memcpy", "memset")),
 )
 
@@ -385,7 +385,8 @@ def _versions(dev) -> dict:
 
 
 def run_suite(name: str, *, device: str, dtype: str, size: int, steps: int, guidance: float, runs: int, warmup: int,
-              budget_s: float, batches: str = "1,4,16,64", json_path: str | None = None) -> tuple[dict, str]:
+              budget_s: float, batches: str = "1,4,16,64", json_path: str | None = None,
+              compile: bool = True) -> tuple[dict, str]:
     """Run the ``latency`` or ``throughput`` suite; the result is rewritten to ``json_path`` after every row."""
     from pathlib import Path
 
@@ -400,7 +401,7 @@ def run_suite(name: str, *, device: str, dtype: str, size: int, steps: int, guid
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"--batches must be positive, got {batches!r}")
     cfg = SuiteConfig(device=device, dtype=dtype, size=size, steps=steps, guidance=guidance, runs=runs,
-                      warmup=warmup, budget_s=budget_s, batches=sizes, throughput_runs=runs)
+                      warmup=warmup, budget_s=budget_s, batches=sizes, throughput_runs=runs, compile=compile)
     save = None
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

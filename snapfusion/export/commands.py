@@ -58,7 +58,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
         result, table = run_suite(a.suite, device=_device(a.device), dtype=a.dtype, size=a.size, steps=a.steps,
                                   guidance=a.guidance, runs=a.runs, warmup=a.warmup, budget_s=a.budget_s,
-                                  batches=a.batches, json_path=a.json)
+                                  batches=a.batches, json_path=a.json, compile=not a.no_compile)
     else:
         cfg = BenchConfig(model=a.model or "", preset=a.preset or "", device=_device(a.device), backend=a.backend,
                           dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance,
