@@ -58,7 +58,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if device.startswith("cuda") and a.backend == "torch" and not getattr(a, "no_fast", False):
         from snapfusion.fast import FastOptions, accelerate
 
-        accelerate(pipe, FastOptions(compile=getattr(a, "compile", False)))  # channels-last, cached negative prompt (graphs: from call 2)
+        # channels-last, cached negative prompt; CUDA graphs from the second call with the same settings on
+        accelerate(pipe, FastOptions(compile=getattr(a, "compile", False)))
     unknown = getattr(pipe.text_encoder, "unknown_tokens", None)
     if unknown is not None:  # a compact vocabulary (our domain models): say which words the model cannot read
         ids = pipe.tokenizer([a.prompt])[0]
