@@ -264,3 +264,24 @@ def test_cuda_graphs_replay_the_eager_images(compile_):
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)
     other = pipe.generate(["x", "y"], [7, 8], steps=3, guidance=5.0, height=64, width=64)  # new seeds: new images
     assert (other - outs[-1]).abs().max() > 1e-3
+
+
+def test_scaling_script_builds_commands_and_table():
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_scaling", Path(__file__).parents[1] / "scripts" /
+                                                  "bench_scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = argparse.Namespace(steps=10, image_size=64, log_every=5, num_workers=0, mixed_precision="no", latent_pool=0,
+                           model="base", compile=True)
+    unet = mod.command("train-unet", Path("r"), batch=8, a=a)
+    assert unet[:3] == ["train-unet", "--run-dir", "r"] and "--from-pipeline" in unet and "--compile" in unet
+    assert "--model" in mod.command("distill", Path("r"), batch=8, a=a)
+    rows = [dict(task="distill", processes=n, batch_per_process=8, images_per_s=100.0 * s, mean_loss=0.01,
+                 peak_cuda_mb=1000.0, peak_rss_mb=1.0) for n, s in ((1, 1.0), (2, 1.8))]
+    rows.append(dict(task="distill", processes=4, batch_per_process=8, error=["oom"]))
+    text = mod.table(rows)
+    assert "| distill | 2 | 8 | 180.0 | 1.80× | 1,000 | 0.0100 |" in text and "failed: ['oom']" in text
