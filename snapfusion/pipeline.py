@@ -113,6 +113,7 @@ class Pipeline:
         self.tokenizer = tokenizer or Tokenizer()
         self.config = config
         self.schedule = NoiseSchedule(config.schedule)
+        self.fast = None  # snapfusion.fast.accelerate: DDIM generation through CUDA graphs over static buffers
 
     # ---- loading and saving -------------------------------------------------------------------------------
     @classmethod
@@ -264,6 +265,10 @@ class Pipeline:
         validation.check_steps(steps)
         timesteps = self.timesteps(steps, sampler)
         timings = timings if timings is not None else Timings()
+        if self.fast is not None and self.fast.accepts(sampler=sampler, skip=skip):
+            return self.fast.generate(self, prompts, seeds, timesteps, guidance=guidance, height=height, width=width,
+                                      negative_prompt=negative_prompt, use_prior=use_prior, timings=timings,
+                                      callback=callback)
         dev = self.device
         t0 = time.perf_counter()
         cond = self.encode_text(prompts)  # (B, 77, D)

@@ -195,3 +195,30 @@ def test_sd15_diffusers_config_json_gives_sd15():
     }
     assert unet_config_from_diffusers(hub_config) == sd15()
     assert unet_config_from_diffusers(diffusers_config_from_ours(sd15())) == sd15()
+
+
+def test_guidance_embedding_is_optional_and_changes_the_output(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_snapfusion(), guidance_embed=True)
+    torch.manual_seed(0)
+    model = UNet(cfg).eval()
+    plain = UNet(tiny_snapfusion())
+    assert not any(k.startswith("guidance_embedding.") for k in plain.state_dict())
+    assert any(k.startswith("guidance_embedding.") for k in model.state_dict())
+    z, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        a = model(z, t, ctx, guidance=7.5)
+        b = model(z, t, ctx, guidance=torch.tensor([7.5, 7.5]))
+        c = model(z, t, ctx, guidance=2.0)
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-4
+    with pytest.raises(ConfigError, match="guidance"):
+        model(z, t, ctx)
+    with pytest.raises(ConfigError, match="guidance"):
+        plain(z, t, ctx, guidance=7.5)
+    model.save(tmp_path / "u")
+    loaded = UNet.load(tmp_path / "u")
+    assert loaded.config.guidance_embed
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, t, ctx, guidance=7.5), a)

@@ -49,18 +49,21 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
                               "snapfusion.cli compress ...)")
     c.add_argument("--teacher", default="base", help="the teacher: 'base' or a pipeline folder with a VAE encoder "
                    "(default %(default)s)")
-    c.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"), help="every stage's folder and manifest.json; rerun to continue")
+    c.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"),
+                   help="every stage's folder and manifest.json; rerun to continue")
     c.add_argument("--latency-budget", type=float, default=0.3, help="the evolved UNet's per-step latency as a "
                    "fraction of the teacher's on --device (default %(default)s)")
     c.add_argument("--device", default="auto", type=options.device_name,
                    help="target device of the latency table: auto, cpu or cuda")
-    c.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0, help="stop after about this long, training at a "
+    c.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0,
+                   help="stop after about this long, training at a "
                    "checkpoint, and say what is left (default 0: no limit)")
     c.add_argument("--stages", default=None, help=f"comma-separated stages to run, in recipe order: "
                    f"{','.join(STAGE_NAMES)} (default: all)")
     c.add_argument("--scale", choices=["full", "tiny"], default="full", help="full: the step counts behind the "
                    "shipped student; tiny: a few steps everywhere at 64 px (a CPU check of the chain)")
-    c.add_argument("--num-emoji", type=_num_emoji, default=-1, help="the teacher's training domain: the first N atlas emoji "
+    c.add_argument("--num-emoji", type=_num_emoji, default=-1,
+                   help="the teacher's training domain: the first N atlas emoji "
                    "(default: the preset's, 40)")
     c.set_defaults(func=cmd_compress, check=check_compress)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from snapfusion import validation as v
 from snapfusion.cli import options, types
 from snapfusion.fileio import atomic_write_text
 from snapfusion.loading import check_model, resolve_model
@@ -69,12 +70,16 @@ def _bench_config(a: argparse.Namespace):
 
     return BenchConfig(model=a.model or "", preset=a.preset or "", device=options.device(a.device),
                        backend=a.backend, dtype=a.dtype, size=a.size, steps=a.steps, guidance=a.guidance,
-                       compile=a.compile, compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs,
-                       warmup=a.warmup)
+                       compile=True if a.compile else (False if a.no_compile else None),
+                       compile_mode=a.compile_mode, compile_all=a.compile_all, runs=a.runs, warmup=a.warmup,
+                       fast=False if a.no_fast else None, channels_last=not a.no_channels_last, sdpa=a.sdpa,
+                       cfg=a.cfg)
 
 
 def check_bench(a: argparse.Namespace) -> None:
-    """bench's cross-option checks: the config as a whole, and the model's files."""
+    """bench's cross-option checks: the config as a whole (not for a --suite, which builds its own), the model."""
+    if a.suite:
+        return
     _bench_config(a)
     if a.model:
         check_model(a.model)
@@ -83,13 +88,27 @@ def check_bench(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from snapfusion.bench import dumps, markdown_table, run_bench
 
-    result = run_bench(_bench_config(a))
-    table = markdown_table([result])
+    if a.suite:
+        from snapfusion.bench.suite import run_suite
+
+        result, table = run_suite(a.suite, device=options.device(a.device), dtype=a.dtype, size=a.size, steps=a.steps,
+                                  guidance=a.guidance, runs=a.runs, warmup=a.warmup, budget_s=a.budget_s,
+                                  batches=a.batches, json_path=a.json, compile=not a.no_compile)
+    else:
+        result = run_bench(_bench_config(a))
+        table = markdown_table([result])
     print(table, end="")
     for path, text in ((a.json, dumps(result)), (a.markdown, table)):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, text)
+
+
+def _batches(text: str) -> str:
+    """--batches '1,4,16,64': each a count of images per call (1..MAX_IMAGES); kept as text for the suite."""
+    for part in text.split(","):
+        v.check_num_images(v.parse_int(part, name="--batches value"), name="--batches value")
+    return text
 
 
 def cmd_convert_sd(a: argparse.Namespace) -> None:
@@ -100,6 +119,12 @@ def cmd_convert_sd(a: argparse.Namespace) -> None:
     pipe = load_sd(a.path)
     pipe.save(a.out, dtype=torch.float16 if a.fp16 else None)
     print(f"wrote {a.out}")
+
+
+# snapfusion.models.presets.ARCHITECTURES and snapfusion.fast.SDPA, spelled out so that --help imports no torch
+# (tests/test_bench.py checks they agree)
+ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-guidance")
+SDPA = ("default", "flash", "efficient", "cudnn", "math", "tuned")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="per-component latency (median/min/max), peak memory, FLOPs, compute floor",
                        epilog="example: snapfusion bench --preset snapfusion --device cuda --dtype fp16 --steps 8")
     b.add_argument("--model", default=None, help="a pipeline (torch) or an ONNX export folder (onnxruntime)")
-    b.add_argument("--preset", choices=["sd15", "snapfusion", "base", "base-snapfusion", "tiny"], default=None,
+    b.add_argument("--preset", choices=list(ARCHITECTURES), default=None,
                    help="random-weight architecture instead of --model")
     options.add_device(b, "cpu")
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
@@ -142,7 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=types.steps(), default=8, help="sampling steps (default %(default)s)")
     b.add_argument("--guidance", type=types.guidance(), default=7.5, help="guidance scale; 1: no unconditional pass "
                    "(default %(default)s)")
-    b.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet (default with the CUDA fast path: "
+                   "UNet, text encoder and decoder)")
+    b.add_argument("--no-compile", action="store_true", help="no torch.compile, also on CUDA")
     b.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
                    help="torch.compile mode (reduce-overhead: CUDA graphs on the GPU)")
     b.add_argument("--compile-all", action="store_true", help="with --compile: also the text encoder and decoder")
@@ -150,6 +177,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="timed generations (default %(default)s)")
     b.add_argument("--warmup", type=types.non_negative("--warmup", maximum=10_000), default=2,
                    help="untimed generations first (default %(default)s)")
+    b.add_argument("--no-fast", action="store_true", help="on CUDA: plain Pipeline.generate instead of "
+                   "snapfusion.fast (CUDA graphs over the whole loop, channels-last, cached negative prompt)")
+    b.add_argument("--no-channels-last", action="store_true", help="fast path: keep NCHW convolutions")
+    b.add_argument("--sdpa", choices=list(SDPA), default="default", help="fast path: SDPA kernel (tuned: fastest "
+                   "per attention shape)")
+    b.add_argument("--cfg", choices=["batch2", "split"], default="batch2",
+                   help="fast path: guidance as one batch-2 UNet call or two batch-1 calls")
+    b.add_argument("--suite", choices=["latency", "throughput", "profile"], default=None,
+                   help="SD-scale tables in one run: every latency lever plus the anchors (diffusers' "
+                   "StableDiffusionPipeline at 50 and --steps steps, our sd15 preset at 50), throughput, or GPU "
+                   "time per kernel category (profile)")
+    b.add_argument("--budget-s", type=types.number("--budget-s", minimum=0.0, low_open=True), default=480.0,
+                   help="--suite: skip rows not started by then")
+    b.add_argument("--batches", type=_batches, default="1,4,16,64", help="--suite throughput: prompts per call")
     b.add_argument("--json", default=None, type=types.output_file("--json", [".json"]),
                    help="write the full result here")
     b.add_argument("--markdown", default=None, type=types.output_file("--markdown"), help="write the table here")

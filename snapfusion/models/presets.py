@@ -24,3 +24,38 @@ def base_unet() -> UNetConfig:
     """SD-v1.5's block structure (attention at 64/32/16 latent px, 2 res per down stage, 3 per up stage, mid block)
     at widths 64/128/192/192, head dim 32, context 128: about 22M parameters."""
     return dataclasses.replace(sd15((64, 128, 192, 192), context_dim=128, norm_groups=16), attention_head_dim=32)
+
+
+# ---- architecture presets (random weights in `snapfusion bench --preset`): (text encoder, UNet, decoder) --------
+
+def architecture(name: str) -> tuple[TextEncoderConfig, UNetConfig, AutoencoderConfig]:
+    """The (text encoder, UNet, decoder) configs of a named architecture: one of ``ARCHITECTURES``."""
+    from snapfusion.errors import ConfigError
+    from snapfusion.models import unet_config
+
+    sd_ae = AutoencoderConfig.sd15()
+    sd_text = TextEncoderConfig.sd15()
+    table = {
+        "sd15": lambda: (sd_text, unet_config.sd15(), sd_ae),
+        "snapfusion": lambda: (sd_text, unet_config.snapfusion(), sd_ae.with_halved_decoder()),
+        # the SnapFusion UNet with a guidance-scale embedding: one batch-1 call per guided step
+        "snapfusion-guidance": lambda: (sd_text, dataclasses.replace(unet_config.snapfusion(), guidance_embed=True),
+                                        sd_ae.with_halved_decoder()),
+        "base": lambda: (base_text_encoder(), base_unet(), base_autoencoder()),
+        "base-snapfusion": lambda: (base_text_encoder(),
+                                    dataclasses.replace(unet_config.snapfusion((64, 128, 192, 192), context_dim=128,
+                                                                               norm_groups=16),
+                                                        attention_head_dim=32),
+                                    base_autoencoder().with_halved_decoder()),
+        "tiny": lambda: (TextEncoderConfig.tiny(), dataclasses.replace(unet_config.tiny_sd15(), context_dim=32),
+                         AutoencoderConfig.tiny()),
+        "tiny-guidance": lambda: (TextEncoderConfig.tiny(),
+                                  dataclasses.replace(unet_config.tiny_snapfusion(), guidance_embed=True),
+                                  AutoencoderConfig.tiny()),
+    }
+    if name not in table:
+        raise ConfigError(f"preset {name!r} is not one of {list(ARCHITECTURES)}")
+    return table[name]()
+
+
+ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-guidance")

@@ -134,6 +134,8 @@ class UNet(nn.Module):
         c0 = config.down[0].channels
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, config.temb_dim)
+        # guidance-distilled UNets (Meng et al. 2023 §3; FLUX.1-dev): w is embedded like a timestep, scaled by 1000
+        self.guidance_embedding = TimestepEmbedding(c0, config.temb_dim) if config.guidance_embed else None
         self.down = nn.ModuleList(Stage(config, f"down.{i}", s, plans, Downsample) for i, s in enumerate(config.down))
         self.mid = Stage(config, "mid", config.mid, plans, None) if config.mid else None
         self.up = nn.ModuleList(Stage(config, f"up.{i}", s, plans, Upsample) for i, s in enumerate(config.up))
@@ -176,8 +178,11 @@ class UNet(nn.Module):
         return out
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                skip: SkipSpec = None, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+                skip: SkipSpec = None, features: list[torch.Tensor] | None = None,
+                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
         """Predict from latents (B, Cin, H, W), timesteps (B,) or scalar, context (B, L, context_dim).
+
+        ``guidance``: the guidance scale (B,) or scalar, for a UNet built with ``guidance_embed`` (required there).
 
         ``features``: a list that receives each stage's output (down stages before their downsample, the mid stage,
         up stages before their upsample), in order: what feature-level distillation compares (BK-SDM).
@@ -188,6 +193,11 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=z.device)
         t = t.expand(z.shape[0]) if t.ndim == 0 else t  # (B,)
         temb = self.time_embedding(t)  # (B, temb_dim)
+        if (guidance is None) != (self.guidance_embedding is None):
+            raise ConfigError("UNet: guidance is required with guidance_embed and refused without it")
+        if self.guidance_embedding is not None:
+            w = torch.as_tensor(guidance, device=z.device, dtype=torch.float32)
+            temb = temb + self.guidance_embedding(1000 * (w.expand(z.shape[0]) if w.ndim == 0 else w))
         h = self.conv_in(z)  # (B, C0, H, W)
         skips = [h]
         for stage in self._stages():

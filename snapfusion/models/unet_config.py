@@ -44,6 +44,7 @@ class UNetConfig:
     norm_groups: int = 32
     time_embed_dim: int | None = None  # None -> 4 * down[0].channels
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # metadata for the schedule wrapper
+    guidance_embed: bool = False  # add an embedding of the guidance scale to the timestep's (one call per step)
 
     def __post_init__(self):
         plan_blocks(self)

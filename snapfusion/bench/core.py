@@ -17,9 +17,11 @@ import torch
 
 from snapfusion.config import to_dict
 from snapfusion.errors import ConfigError
+from snapfusion.fast import FastOptions, accelerate, compile_pipeline
+from snapfusion.models.presets import ARCHITECTURES
 from snapfusion.pipeline import Pipeline, PipelineConfig, Timings
 
-PRESETS = ("sd15", "snapfusion", "base", "base-snapfusion", "tiny")
+PRESETS = ARCHITECTURES
 COMPONENTS = ("text_encoder", "unet_per_step", "unet_total", "decoder", "total")
 PROMPT = "a red apple to the left of a cat on a blue background"
 
@@ -36,11 +38,15 @@ class BenchConfig:
     size: int = 512                   # image side in pixels
     steps: int = 8
     guidance: float = 7.5             # 1.0: no unconditional pass
-    compile: bool = False             # torch.compile the UNet (torch backend)
+    compile: bool | None = None       # torch.compile (torch backend); None: on with the fast path on CUDA
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     compile_all: bool = False         # with compile: also the text encoder and the decoder
     runs: int = 5                     # timed runs after warm-up
     warmup: int = 2
+    fast: bool | None = None          # snapfusion.fast (CUDA graphs over the loop, ...); None: on for CUDA + torch
+    channels_last: bool = True        # with fast: NHWC UNet and decoder
+    sdpa: str = "default"             # with fast: SDPA kernel (fast.SDPA); "tuned": fastest per attention shape
+    cfg: Literal["batch2", "split"] = "batch2"  # with fast: guidance as one batch-2 call or two batch-1 calls
 
     def __post_init__(self):
         if bool(self.model) == bool(self.preset):
@@ -55,32 +61,37 @@ class BenchConfig:
             raise ConfigError("bench --backend onnxruntime needs --model pointing to an ONNX export folder")
         if self.backend == "onnxruntime" and self.compile:
             raise ConfigError("bench --compile needs --backend torch")
+        if self.fast and (self.backend != "torch" or self.compile_mode != "default"):
+            raise ConfigError("bench: the fast path needs --backend torch and --compile-mode default (it makes its "
+                              "own CUDA graphs); add --no-fast")
+
+    @property
+    def uses_fast(self) -> bool:
+        """Whether this run goes through snapfusion.fast (explicitly, or by default on CUDA)."""
+        if self.fast is not None:
+            return self.fast
+        return self.backend == "torch" and self.device.startswith("cuda") and self.compile_mode == "default"
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the networks are torch.compile'd (explicitly, or by default with the fast path on CUDA)."""
+        if self.compile is not None:
+            return self.compile
+        return self.uses_fast and self.device.startswith("cuda")
+
+    def fast_options(self) -> FastOptions:
+        """The snapfusion.fast levers of this run."""
+        return FastOptions(compile=self.compiles, channels_last=self.channels_last, sdpa=self.sdpa, cfg=self.cfg)
 
 
 def preset_pipeline(name: str, *, device: str | torch.device = "cpu", size: int = 512) -> Pipeline:
     """A random-weight pipeline of a preset's architecture (latency does not depend on the weights)."""
-    import dataclasses as dc
-
-    from snapfusion.models import presets, unet_config
-    from snapfusion.models.autoencoder import AutoencoderConfig, Decoder
-    from snapfusion.models.text import TextEncoder, TextEncoderConfig
+    from snapfusion.models.autoencoder import Decoder
+    from snapfusion.models.presets import architecture
+    from snapfusion.models.text import TextEncoder
     from snapfusion.models.unet import UNet
 
-    sd_ae = AutoencoderConfig.sd15()
-    table = {  # (text, unet, decoder)
-        "sd15": (TextEncoderConfig.sd15(), unet_config.sd15(), sd_ae),
-        "snapfusion": (TextEncoderConfig.sd15(), unet_config.snapfusion(), sd_ae.with_halved_decoder()),
-        "base": (presets.base_text_encoder(), presets.base_unet(), presets.base_autoencoder()),
-        "base-snapfusion": (presets.base_text_encoder(),
-                            dc.replace(unet_config.snapfusion((64, 128, 192, 192), context_dim=128, norm_groups=16),
-                                       attention_head_dim=32),
-                            presets.base_autoencoder().with_halved_decoder()),
-        "tiny": (TextEncoderConfig.tiny(), dc.replace(unet_config.tiny_sd15(), context_dim=32),
-                 AutoencoderConfig.tiny()),
-    }
-    if name not in table:
-        raise ConfigError(f"preset {name!r} is not one of {list(table)}")
-    text_cfg, unet_cfg, dec_cfg = table[name]
+    text_cfg, unet_cfg, dec_cfg = architecture(name)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the target device (SD-v1.5 size is slow to init on a CPU)
         text, unet, decoder = TextEncoder(text_cfg), UNet(unet_cfg), Decoder(dec_cfg)
@@ -92,8 +103,10 @@ def count_flops(pipe: Pipeline, *, size: int, steps: int, guidance: float) -> di
     """FLOPs (2 x MACs, torch.utils.flop_counter) of one image: text encoder, one UNet call, decoder, total."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = 1 if guidance == 1.0 else 2  # cond + uncond in one UNet batch (sampling.guided)
     c, down = pipe.unet.config, pipe.decoder.config.downscale
+    embedded = getattr(c, "guidance_embed", False)  # one call per step, w as an input
+    batch = 1 if guidance == 1.0 or embedded else 2  # cond + uncond in one UNet batch (sampling.guided)
+    extra = {"guidance": torch.full((batch,), guidance, device=pipe.device)} if embedded else {}
     dev, dtype = pipe.device, pipe.dtype
     z = torch.zeros(batch, c.in_channels, size // down, size // down, device=dev, dtype=dtype)
     ids = torch.zeros(batch, 77, dtype=torch.long, device=dev)
@@ -102,7 +115,7 @@ def count_flops(pipe: Pipeline, *, size: int, steps: int, guidance: float) -> di
         for name, fn in (("text_encoder", lambda: pipe.text_encoder(ids)),
                          ("unet_per_step", lambda: pipe.unet(z, torch.full((batch,), 500, device=dev),
                                                              torch.zeros(batch, 77, c.context_dim, device=dev,
-                                                                         dtype=dtype))),
+                                                                         dtype=dtype), **extra)),
                          ("decoder", lambda: pipe.decoder(z[:1]))):
             counter = FlopCounterMode(display=False)
             with counter:
@@ -151,34 +164,12 @@ def _load(cfg: BenchConfig):
     return pipe, pipe
 
 
-def compile_pipeline(pipe, mode: str = "default", *, everything: bool = False) -> None:
-    """torch.compile the pipeline's UNet in place (inductor ``mode``; "reduce-overhead" adds CUDA graphs, which
-    remove the per-kernel launch cost that dominates small UNets at batch 2); ``everything``: also the text
-    encoder and the decoder's ``images_from_latents``."""
-    # CUDA graphs (reduce-overhead; max-autotune uses them too) reuse their output buffers: the text encoder's cond
-    # output would be overwritten by the uncond call (a GPU run failed that way). There each call starts a new
-    # graph step and hands out a copy.
-    graphs = mode in ("reduce-overhead", "max-autotune")
-    targets = [(pipe.unet, "forward")]
-    if everything:
-        targets += [(pipe.text_encoder, "forward"), (pipe.decoder, "images_from_latents")]
-    for module, name in targets:
-        compiled = torch.compile(getattr(module, name), mode=mode)
-        setattr(module, name, _graph_safe(compiled) if graphs else compiled)
-
-
-def _graph_safe(fn):
-    def run(*args, **kwargs):
-        torch.compiler.cudagraph_mark_step_begin()
-        return fn(*args, **kwargs).clone()
-    return run
-
-
 def _compile_label(c: dict) -> str:
+    fast = " +fast" if c.get("fast_used") else ""
     if not c["compile"]:
-        return "False"
+        return "False" + fast
     mode = c.get("compile_mode", "default")
-    return ("True" if mode == "default" else mode) + (" +all" if c.get("compile_all") else "")
+    return ("True" if mode == "default" else mode) + (" +all" if c.get("compile_all") else "") + fast
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -186,21 +177,25 @@ def run_bench(cfg: BenchConfig) -> dict:
     pipe, torch_pipe = _load(cfg)
     dev = torch.device(cfg.device)
     flops = count_flops(torch_pipe, size=cfg.size, steps=cfg.steps, guidance=cfg.guidance) if torch_pipe else None
-    if cfg.compile:
-        compile_pipeline(pipe, cfg.compile_mode, everything=cfg.compile_all)  # compile time is in first_run_s
+    if cfg.uses_fast:
+        accelerate(pipe, cfg.fast_options())  # compile time is in first_run_s
+    elif cfg.compiles:
+        compile_pipeline(pipe, cfg.compile_mode, everything=cfg.compile_all)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     runs: list[dict[str, float]] = []
     t_first = time.perf_counter()
-    for i in range(cfg.warmup + cfg.runs):
+    warmup = max(cfg.warmup, 3) if cfg.uses_fast and dev.type == "cuda" else cfg.warmup  # eager, capture, first replay
+    for i in range(warmup + cfg.runs):
         timings = Timings()
         pipe.generate([PROMPT], [i], steps=cfg.steps, guidance=cfg.guidance, height=cfg.size, width=cfg.size,
                       timings=timings)
         if i == 0:
             first_run_s = time.perf_counter() - t_first  # includes compilation
-        if i >= cfg.warmup:
+        if i >= warmup:
             runs.append(timings.as_dict())
-    result = {"config": to_dict(cfg), "pipeline": pipe.config.name, "latency_s": {
+    config = {**to_dict(cfg), "compile": cfg.compiles, "fast_used": cfg.uses_fast}
+    result = {"config": config, "pipeline": pipe.config.name, "latency_s": {
         k: _stats([r[k] for r in runs]) for k in COMPONENTS}, "first_run_s": first_run_s,
         "peak_memory_mb": _peak_memory_mb(dev, cfg.backend), "environment": _environment(dev)}
     if flops is not None:
