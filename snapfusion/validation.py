@@ -122,7 +122,10 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
         raise InputError(f"size must look like '512x512' (width x height), got {text!r}")
     width, height = int(parts[0]), int(parts[-1])
-    return check_side(height, name="height"), check_side(width, name="width")
+    try:
+        return check_side(height, name="height"), check_side(width, name="width")
+    except InputError as err:
+        raise InputError(f"{err} (size {text!r})") from None
 
 
 def check_sampler(sampler, *, name: str = "sampler") -> str | None:

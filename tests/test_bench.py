@@ -64,7 +64,7 @@ def test_compile_options_reach_torch_compile(monkeypatch):
 def test_one_preset_table_for_bench_and_cli():
     from snapfusion import fast
     from snapfusion.bench import PRESETS
-    from snapfusion.export import commands
+    from snapfusion.cli import export as commands
     from snapfusion.models.presets import ARCHITECTURES, architecture
 
     assert PRESETS == ARCHITECTURES == commands.ARCHITECTURES

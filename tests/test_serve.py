@@ -368,7 +368,7 @@ def test_page_is_self_contained_with_labelled_controls(client):
     (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0.0"),
     (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
     (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
-    (["--device", "tpu"], "--device must be auto, cpu or cuda[:N], got 'tpu'"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda[:N] or mps, got 'tpu'"),
     (["--token", ""], "--token must be a non-empty string without spaces"),
 ])
 def test_serve_command_rejects_bad_options_in_one_line(capsys, monkeypatch, argv, message):
