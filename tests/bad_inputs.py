@@ -274,6 +274,9 @@ def _compress() -> list[Case]:
         ("decoder-latents/latent-pool-0", ["decoder-latents", "--latent-pool", "0", "--out", "{tmp}/lat"],
          "--latent-pool"),
         ("eval-decoder/count-0", ["eval-decoder", "{tmp}/empty", "--count", "0"], "--count"),
+        ("compress/data-missing", ["compress", "--run-dir", "{tmp}/run", "--data", "{tmp}/nodata", "--architecture",
+                                   "bk-sdm"], "nodata"),
+        ("compress/prompts-missing", ["compress", "--run-dir", "{tmp}/run", "--prompts", "{tmp}/none.txt"], "none.txt"),
         ("unknown-command", ["paint", "a cat"], "paint"),
         ("no-command", [], "command"),
     ]

@@ -216,6 +216,40 @@ def test_evolve_training_chunk_trains_under_the_commands_no_grad(tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())
 
 
+def test_each_evolution_iteration_trains_on_its_own_scenes(tmp_path, monkeypatch):
+    """Every chunk's run dir is named train; its data seed comes from the iteration's folder (iter_000, iter_001)."""
+    import snapfusion.train.loop as loop
+    from snapfusion.cli.compress_evolve import _train_chunk
+
+    _robust_task(tmp_path)
+    a = SimpleNamespace(train_steps=1, batch_size=2, lr=1e-3, mixed_precision="no", seed=0, num_workers=0,
+                        model=str(tmp_path), vae=str(tmp_path / "vae"), text_encoder=str(tmp_path / "text"),
+                        image_size=64, num_emoji=None, p_res=0.5, p_attn=0.5, granularity="sample",
+                        offset_noise=0.0, latent_pool=0)
+    tasks, real = [], loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg, task, **kw: tasks.append(task) or real(cfg, task, **kw))
+    chunk, unet = _train_chunk(a, "cpu"), UNet.load(tmp_path / "init")
+    with torch.no_grad():
+        for k in range(2):
+            chunk(unet, tmp_path / "evo" / f"iter_{k:03d}" / "train")
+    assert len(tasks) == 2 and tasks[0].cfg.seed != tasks[1].cfg.seed
+    first = [[t.dataset()[i]["caption"] for i in range(a.batch_size)] for t in tasks]  # the loop's first batch
+    assert first[0] != first[1]
+
+
+def test_a_training_chunk_stopped_by_its_time_limit_says_so(tmp_path):
+    from snapfusion.evolve.robust import RobustTaskConfig
+    from snapfusion.evolve.runs import ChunkConfig, ChunkStopped, training_chunk
+
+    task = _robust_task(tmp_path)
+    chunk = ChunkConfig(steps=50, batch_size=2, mixed_precision="no", num_workers=0)
+    config = RobustTaskConfig(unet=task.cfg, init=None, robust=task.robust_cfg.robust)
+    run = training_chunk(lambda unet_cfg, init: dataclasses.replace(config, init=init), chunk, "cpu",
+                         time_left=lambda: 1e-4)
+    with pytest.raises(ChunkStopped, match="stopped at step 1 of 50"), torch.no_grad():
+        run(UNet.load(tmp_path / "init"), tmp_path / "evo" / "iter_000" / "train")
+
+
 def test_evolve_apply_replays_a_run_on_other_weights(tiny_pipeline, tmp_path, capsys):
     """evolve-apply: the logged actions on the start weights give the run's final architecture with those
     weights carried over (equal to the run's own final UNet when the chunks do not train); actions of an iteration

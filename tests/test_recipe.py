@@ -3,13 +3,16 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from snapfusion.cli import main
 from snapfusion.compress import STAGE_NAMES, recipe_config, run_recipe
 from snapfusion.compress.manifest import sha256_path
 from snapfusion.decoder.io import load_decoder
+from snapfusion.evolve.baselines import bk_sdm
 from snapfusion.evolve.evolution import read_log
 from snapfusion.evolve.latency import load_table
 from snapfusion.models.unet import UNet
@@ -235,3 +238,81 @@ def test_two_processes_train_together_and_evolve_in_the_main_one(teacher, tmp_pa
     assert list(stages) == ["bench-blocks", "robust-train", "evolve"]
     assert all(e["status"] == "done" and e["processes"] == 2 for e in stages.values())
     assert (run_dir / "evolve" / "final" / "config.json").is_file()
+
+
+def _image_folder(root, n=12):
+    """A small image-caption folder (images + metadata.jsonl) of colored patches."""
+    root.mkdir(parents=True)
+    colors = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    rows = []
+    for i in range(n):
+        name, rgb = list(colors.items())[i % 3]
+        arr = np.full((40, 48, 3), rgb, np.uint8)
+        arr[8 + i: 24 + i, 10:30] = 255
+        Image.fromarray(arr).save(root / f"img{i}.png")
+        rows.append({"file_name": f"img{i}.png", "text": f"a white patch on {name} number {i}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.slow
+def test_the_recipe_on_your_own_images(teacher, tmp_path, capsys):
+    data = _image_folder(tmp_path / "mine")
+    run_dir = tmp_path / "own"
+    assert main(_args(teacher, run_dir, "--data", str(data), "--architecture", "bk-sdm")) == 0
+    stages = _manifest(run_dir)["stages"]
+    assert list(stages) == list(STAGE_NAMES) and all(e["status"] == "done" for e in stages.values())
+    digest = sha256_path(data / "metadata.jsonl")
+    for name in ("robust-train", "evolve", "kd-finetune", "v-teacher", "v-student", "distill", "train-prior", "eval"):
+        assert stages[name]["inputs"]["data"]["sha256"] == digest, name
+    for name in ("decoder-latents", "distill-decoder"):  # their prompts: the folder's captions
+        assert stages[name]["inputs"]["prompts"]["sha256"] == digest, name
+    assert _manifest(run_dir)["recipe"]["data_folder"] == str(data)
+    for name in ("robust-train", "kd-finetune", "v-teacher", "v-student", "distill"):
+        assert json.dumps(str(data)) in (run_dir / name / "run_config.json").read_text(), name  # trained on it
+    # the architecture: BK-SDM's fixed rule, replayed on the teacher's weights
+    assert stages["evolve"]["metrics"]["rule"] == "bk-sdm" and stages["evolve"]["metrics"]["removed"] == 14
+    teacher_unet = UNet.load(teacher / "unet")
+    assert UNet.load(run_dir / "evolve-apply/unet").config == bk_sdm(teacher_unet.config)[0]
+    # the prior's targets are the folder's images
+    cache = json.loads((run_dir / "train-prior/cache/manifest.json").read_text())
+    assert cache["data_folder"] == str(data.resolve())
+    # the evaluation: no scene metric, image statistics and agreement with the teacher, said so in the manifest
+    metrics = stages["eval"]["metrics"]
+    assert "scene metrics" in metrics["evaluation"] and "scene metrics skipped" in stages["eval"]["note"]
+    assert metrics["student"]["images"] == 2 and metrics["student"]["finite"] and metrics["teacher"]["steps"] == 2
+    assert "clip_score" not in metrics["student"] and metrics["student_vs_teacher"]["psnr_db"] > 0
+    assert len(list((run_dir / "eval/student").glob("*.png"))) == 2
+    report = json.loads((run_dir / "eval/own_data.json").read_text())
+    assert report["prompts"][:2] == ["a white patch on red number 0", "a white patch on blue number 1"]
+    pipe = Pipeline.load(run_dir / "assemble/pipeline")
+    result = pipe("a white patch on green", seed=0)
+    assert result.images[0].size == (64, 64) and np.asarray(result.images[0]).std() > 0
+    # another data set: the stages that read it start again
+    with (data / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "img0.png", "text": "a white patch again"}) + "\n")
+    capsys.readouterr()
+    assert main(_args(teacher, run_dir, "--data", str(data), "--architecture", "bk-sdm", "--stages",
+                      "reduce-decoder,train-prior")) == 0
+    out = capsys.readouterr().out
+    assert "reduce-decoder: done, inputs unchanged: skipped" in out and "train-prior (layout prior" in out
+    assert "): fresh" in out and _manifest(run_dir)["stages"]["train-prior"]["inputs"]["data"]["sha256"] != digest
+
+
+def test_bad_data_options_are_one_line_errors_before_any_work(teacher, tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    good = _image_folder(tmp_path / "good")
+    broken = _image_folder(tmp_path / "broken")
+    (broken / "img3.png").unlink()
+    few = _image_folder(tmp_path / "few", n=4)
+    bk = ["--architecture", "bk-sdm"]
+    cases = [(["--data", str(tmp_path / "nowhere"), *bk], "image folder not found"),
+             (["--data", str(broken), *bk], "line 4: image not found"),
+             (["--data", str(good)], "--architecture bk-sdm"),
+             (["--data", str(few), *bk], "the layout prior needs at least 10 images"),
+             (["--prompts", str(tmp_path / "none.txt")], "prompt file not found")]
+    for extra, message in cases:
+        assert main(_args(teacher, run_dir, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not run_dir.exists()

@@ -14,7 +14,8 @@ def _config(a: argparse.Namespace):
 
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else ()
     return recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
-                         latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages)
+                         latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages,
+                         data_folder=a.data, prompts=a.prompts, architecture=a.architecture)
 
 
 def check_compress(a: argparse.Namespace) -> None:
@@ -65,6 +66,16 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--num-emoji", type=_num_emoji, default=-1,
                    help="the teacher's training domain: the first N atlas emoji "
                    "(default: the preset's, 40)")
+    c.add_argument("--data", default=None, metavar="FOLDER", help="train on your own images instead of the built-in "
+                   "scenes: a folder of images and a metadata.jsonl with one {\"file_name\": ..., \"text\": ...} "
+                   "per line (docs/data.md); needs --architecture bk-sdm, as evolution scores with the scene "
+                   "evaluators; the evaluation then reports image statistics and agreement with the teacher")
+    c.add_argument("--prompts", default=None, metavar="FILE", help="the decoder's teacher latents (and the own-data "
+                   "evaluation) from these prompts: a text file, a .jsonl or an image folder (default: --data's "
+                   "captions, else scene captions)")
+    c.add_argument("--architecture", choices=["evolve", "bk-sdm"], default="evolve", help="evolve: SnapFusion "
+                   "Alg. 1 to --latency-budget, scored by the scene evaluators; bk-sdm: BK-SDM's fixed removal of one "
+                   "layer per stage (no scoring, no budget search) (default %(default)s)")
     c.set_defaults(func=cmd_compress, check=check_compress)
 
 

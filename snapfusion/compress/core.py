@@ -41,10 +41,6 @@ class Budget:
         return self.deadline is not None and time.time() >= self.deadline
 
 
-class OutOfTime(Exception):
-    """A stage stopped at a checkpoint because the budget ran out (not an error: the stage is partial)."""
-
-
 def world() -> tuple[int, int, int]:
     """(rank, number of processes, local rank) of this process, from the launcher's environment."""
     env = os.environ
@@ -63,6 +59,22 @@ def teacher_part(config: RecipeConfig, part: str) -> Path:
     from snapfusion.pipeline import part_folder
 
     return part_folder(teacher_dir(config), part)
+
+
+def prompt_source(config: RecipeConfig) -> str | None:
+    """Where the prompt-only stages read their prompts: ``prompts``, else the image folder's captions, else None
+    (the scenes')."""
+    return config.prompts or config.data_folder
+
+
+def data_inputs(config: RecipeConfig, *, prompts: bool = False) -> dict[str, Path]:
+    """The user's data a stage reads, hashed into the manifest: the image folder's metadata.jsonl (``prompts``: the
+    prompt file, or the metadata.jsonl of the folder it names, instead)."""
+    source = prompt_source(config) if prompts else config.data_folder
+    if not source:
+        return {}
+    path = Path(source)
+    return {"prompts" if prompts else "data": path / "metadata.jsonl" if path.is_dir() else path}
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:

@@ -22,8 +22,9 @@ from snapfusion.compress import manifest as mf
 from snapfusion.compress import processes
 from snapfusion.compress import pipeline_stages as ps
 from snapfusion.compress import unet_stages as us
-from snapfusion.compress.core import Budget, StageResult, device_of, gpu_count, teacher_dir, teacher_part, world
-from snapfusion.compress.settings import RecipeConfig, scale_preset
+from snapfusion.compress.core import (Budget, StageResult, data_inputs, device_of, gpu_count, teacher_dir, teacher_part,
+                                      world)
+from snapfusion.compress.settings import ARCHITECTURES, RecipeConfig, scale_preset
 from snapfusion.config import format_config, save_json, to_dict
 from snapfusion.errors import InputError, WeightsError
 from snapfusion.fileio import trash
@@ -50,7 +51,13 @@ def _common(config: RecipeConfig, *names: str) -> dict:
 
 
 def _frozen(config: RecipeConfig) -> dict[str, Path]:
-    return {"text_encoder": _t(config, "text_encoder"), "vae_encoder": _t(config, "vae_encoder")}
+    """The frozen parts of a UNet training stage, and the user's images when given."""
+    return {"text_encoder": _t(config, "text_encoder"), "vae_encoder": _t(config, "vae_encoder"), **data_inputs(config)}
+
+
+def _own_data(config: RecipeConfig) -> dict[str, Path]:
+    """What the evaluation reads of the user's data: with an image folder, its captions or the prompt file."""
+    return {**data_inputs(config), **data_inputs(config, prompts=True)} if config.data_folder else {}
 
 
 STAGES: tuple[Stage, ...] = (
@@ -59,38 +66,41 @@ STAGES: tuple[Stage, ...] = (
                      "device": device_of(c).split(":")[0]}, False, "§3.1 latency lookup table"),
     Stage("robust-train", us.robust_train, lambda c, r: {"teacher_unet": _t(c, "unet"), **_frozen(c)},
           lambda c: _common(c, "robust"), True, "§3.1 robust training"),
-    Stage("evolve", us.evolve, lambda c, r: {"table": r / us.TABLE, "start": r / us.ROBUST, "teacher": teacher_dir(c)},
-          lambda c: {**_common(c, "evolution"), "latency_budget": c.latency_budget}, False,
-          "§3.1 architecture evolution (Alg. 1)"),
+    Stage("evolve", us.evolve, lambda c, r: {"table": r / us.TABLE, "start": r / us.ROBUST, "teacher": teacher_dir(c),
+                                            **data_inputs(c)},
+          lambda c: {**_common(c, "evolution"), "latency_budget": c.latency_budget, "architecture": c.architecture},
+          False, "§3.1 architecture evolution (Alg. 1)"),
     Stage("evolve-apply", us.evolve_apply, lambda c, r: {"log": r / "evolve" / "evolve.jsonl", "table": r / us.TABLE,
                                                         "teacher_unet": _t(c, "unet")},
           lambda c: {}, False, "§3.1 evolved architecture on the teacher's weights"),
     Stage("kd-finetune", us.kd_finetune, lambda c, r: {"unet": r / us.EVOLVED, "teacher_unet": _t(c, "unet"),
                                                       **_frozen(c)},
           lambda c: _common(c, "kd", "kd_feature_weight"), True, "§3.1 fine-tuning (output and feature KD)"),
-    Stage("v-teacher", us.v_teacher, lambda c, r: {"teacher": teacher_dir(c)}, lambda c: _common(c, "v_teacher"), True,
-          "§4 v-prediction fine-tuning (teacher)"),
-    Stage("v-student", us.v_student, lambda c, r: {"unet": r / us.KD, "teacher": teacher_dir(c)},
+    Stage("v-teacher", us.v_teacher, lambda c, r: {"teacher": teacher_dir(c), **data_inputs(c)},
+          lambda c: _common(c, "v_teacher"), True, "§4 v-prediction fine-tuning (teacher)"),
+    Stage("v-student", us.v_student, lambda c, r: {"unet": r / us.KD, "teacher": teacher_dir(c), **data_inputs(c)},
           lambda c: _common(c, "v_student"), True, "§4 v-prediction fine-tuning (student)"),
     Stage("distill", us.distill, lambda c, r: {"teacher_unet": r / us.V_TEACHER, "student_unet": r / us.V_STUDENT,
-                                              "teacher": teacher_dir(c)},
+                                              "teacher": teacher_dir(c), **data_inputs(c)},
           lambda c: _common(c, "distill", "student_steps", "cfg_prob", "feature_weight"), True,
           "§4 step distillation 16 -> 8 (vanilla + CFG-aware)"),
     Stage("reduce-decoder", ps.reduce_decoder, lambda c, r: {"teacher_decoder": _t(c, "vae_decoder")},
           lambda c: {"ratio": c.scale.decoder.ratio}, False, "§3.2 decoder channel reduction"),
-    Stage("decoder-latents", ps.decoder_latents, lambda c, r: {"teacher": teacher_dir(c)},
+    Stage("decoder-latents", ps.decoder_latents, lambda c, r: {"teacher": teacher_dir(c),
+                                                               **data_inputs(c, prompts=True)},
           lambda c: _common(c, "decoder"), False, "§3.2 teacher latents"),
     Stage("distill-decoder", ps.distill_decoder, lambda c, r: {"decoder": r / ps.REDUCED, "latents": r / ps.LATENTS,
-                                                              "teacher": teacher_dir(c)},
+                                                              "teacher": teacher_dir(c),
+                                                              **data_inputs(c, prompts=True)},
           lambda c: _common(c, "decoder"), True, "§3.2 decoder distillation"),
-    Stage("train-prior", ps.train_prior, lambda c, r: {"teacher": teacher_dir(c)},
+    Stage("train-prior", ps.train_prior, lambda c, r: {"teacher": teacher_dir(c), **data_inputs(c)},
           lambda c: {"prior": to_dict(c.scale.prior), "num_emoji": c.scale.common.num_emoji}, False,
           "layout prior (not in the paper)"),
     Stage("assemble", ps.assemble,
           lambda c, r: {"unet": r / us.STUDENT, "decoder": r / ps.DECODER, "prior": r / ps.PRIOR, "table": r / us.TABLE,
                         "teacher": teacher_dir(c)},
           lambda c: {"student_steps": c.scale.student_steps}, False, "the SnapFusion pipeline"),
-    Stage("eval", ps.evaluate, lambda c, r: {"pipeline": r / ps.PIPELINE, "teacher": teacher_dir(c)},
+    Stage("eval", ps.evaluate, lambda c, r: {"pipeline": r / ps.PIPELINE, "teacher": teacher_dir(c), **_own_data(c)},
           lambda c: _common(c, "evaluation", "student_steps"), False, "§5 evaluation"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -127,6 +137,7 @@ def check(config: RecipeConfig) -> list[Stage]:
             raise WeightsError(f"--teacher {config.teacher}: the pipeline has no {part}/ (the recipe trains in its "
                                "latent space: assemble it with its VAE encoder)")
     chosen = [s for s in STAGES if not config.stages or s.name in config.stages]
+    _check_data(config, {s.name for s in chosen})
     run_dir, made = Path(config.run_dir), set()
     for stage in chosen:
         for name, path in stage.inputs(config, run_dir).items():
@@ -136,6 +147,27 @@ def check(config: RecipeConfig) -> list[Stage]:
                     f", which stage {producer} makes: include {producer} in --stages" if producer else ""))
         made |= _outputs_of(stage, config, run_dir)
     return chosen
+
+
+def _check_data(config: RecipeConfig, names: set[str]) -> None:
+    """--data, --prompts and --architecture: every metadata line and image header read, and evolution refused on
+    your own data (its candidates are scored by the scene evaluators) unless the BK-SDM rule is asked for."""
+    from snapfusion.data.folder import ImageCaptionFolder, read_prompts
+
+    if config.architecture not in ARCHITECTURES:
+        raise InputError(f"--architecture {config.architecture!r}: unknown (known: {', '.join(ARCHITECTURES)})")
+    if config.prompts:
+        read_prompts(config.prompts)
+    if not config.data_folder:
+        return
+    images = len(ImageCaptionFolder(config.data_folder, config.scale.common.image_size))
+    if "evolve" in names and config.architecture == "evolve":
+        raise InputError("--data: evolution scores its candidates with the shipped scene evaluators, which know "
+                         "nothing of your images; pass --architecture bk-sdm (BK-SDM's fixed block removal, no "
+                         "latency search) or leave evolve out of --stages")
+    if "train-prior" in names and images < 10:
+        raise InputError(f"--data {config.data_folder}: the layout prior needs at least 10 images, the folder has "
+                         f"{images}")
 
 
 def _outputs_of(stage: Stage, config: RecipeConfig, run_dir: Path) -> set[Path]:

@@ -104,14 +104,14 @@ class Scale:
                                                         latent_pool=16384))
     evolution: Evolution = field(default_factory=Evolution)
     kd: Train = field(default_factory=lambda: Train(steps=3086, batch=64, lr=1e-4, latent_pool=16384))
-    kd_feature_weight: float = 1.0  # BK-SDM feature KD: what brought the 20 % UNet to the base (session 5)
+    kd_feature_weight: float = 1.0  # BK-SDM feature KD: what brought the 20 % UNet to the base (docs/efficient_unet.md)
     v_teacher: Train = field(default_factory=lambda: Train(steps=2686, batch=64, lr=5e-5, latent_pool=16384))
     v_student: Train = field(default_factory=lambda: Train(steps=1048, batch=64, lr=1e-4, warmup=200, ema=0.999))
     distill: Train = field(default_factory=lambda: Train(steps=600, batch=32, lr=1e-4, warmup=200, ema=0.995,
                                                          latent_pool=8192))
     student_steps: int = 8          # the teacher runs 2x as many (16 -> 8)
     cfg_prob: float = 0.1           # SnapFusion §4: L_cfg with p = 0.1, else L_vani
-    feature_weight: float = 0.5     # the distillation's feature term (docs/step_distillation.md, session 7)
+    feature_weight: float = 0.5     # the distillation's feature term (docs/step_distillation.md)
     decoder: Decoder = field(default_factory=Decoder)
     prior: Prior = field(default_factory=Prior)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -157,3 +157,10 @@ class RecipeConfig:
     max_minutes: float = 0.0         # > 0: stop this invocation after about this long (training stops at a checkpoint)
     stages: tuple[str, ...] = ()     # run only these (table order); empty: all
     scale: Scale = field(default_factory=lambda: SCALES["full"])
+    data_folder: str | None = None   # your own images (images + metadata.jsonl) in place of the built-in scenes
+    prompts: str | None = None       # the decoder's and own-data evaluation's prompts (a prompt file or an image
+                                     # folder); None: data_folder's captions, else the scenes'
+    architecture: str = "evolve"     # "evolve": Alg. 1 scored by the scene evaluators; "bk-sdm": BK-SDM's fixed rule
+
+
+ARCHITECTURES = ("evolve", "bk-sdm")

@@ -4,15 +4,15 @@ distillation, v-prediction teacher and student, and step distillation 16 -> 8.""
 
 from __future__ import annotations
 
-import zlib
+import json
 from pathlib import Path
 
 import torch
 
-from snapfusion.compress.core import (Budget, OutOfTime, StageResult, device_of, loop_config, resuming, stage_dir,
+from snapfusion.compress.core import (Budget, StageResult, device_of, loop_config, resuming, stage_dir,
                                       teacher_dir, teacher_part, training_result)
 from snapfusion.compress.settings import RecipeConfig
-from snapfusion.evolve.runs import clip_scorer, unet_config_of
+from snapfusion.evolve.runs import ChunkStopped, clip_scorer, unet_config_of
 
 # every stage's output, relative to the run folder (the next stages read them from here)
 TABLE = "bench-blocks/table.json"
@@ -25,7 +25,8 @@ STUDENT = "distill/final"
 
 
 def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
-    """The ``UNetTaskConfig`` of a UNet training stage: the teacher's frozen text tower and VAE encoder, scenes."""
+    """The ``UNetTaskConfig`` of a UNet training stage: the teacher's frozen text tower and VAE encoder, the scenes
+    or the recipe's image folder."""
     from snapfusion.data import SceneConfig
     from snapfusion.train.tasks import UNetTaskConfig
 
@@ -33,7 +34,8 @@ def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 
     return UNetTaskConfig(model=model, vae=str(teacher_part(config, "vae_encoder")),
                           text_encoder=str(teacher_part(config, "text_encoder")), image_size=c.image_size,
                           data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
-                          latent_pool=latent_pool, pool_workers=c.num_workers, seed=seed, **kd)
+                          latent_pool=latent_pool, pool_workers=c.num_workers, seed=seed,
+                          data_folder=config.data_folder, **kd)
 
 
 def export_final(run_dir: Path) -> Path | None:
@@ -94,40 +96,58 @@ def robust_train(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageRe
 
 
 def _chunk(config: RecipeConfig, budget: Budget, device: str):
-    """Evolution's robust-training chunk between two steps (the one loop, resumable): ``evolve.runs.training_chunk``
-    with the time budget as the loop's limit, ``OutOfTime`` when the budget stops it before its last step (so that the
-    step is redone, not scored on a shorter chunk), and each iteration's own scenes."""
-    from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
-    from snapfusion.models.unet import UNet
-    from snapfusion.train.loop import LoopConfig, train
-    from snapfusion.train.state import latest_checkpoint
+    """Evolution's robust-training chunk between two steps: ``evolve.runs.training_chunk`` with the time left as the
+    loop's limit (``ChunkStopped`` when it stops a chunk before its last step: the iteration is redone)."""
+    from snapfusion.evolve.robust import RobustConfig, RobustTaskConfig
+    from snapfusion.evolve.runs import ChunkConfig, training_chunk
 
     e, c = config.scale.evolution, config.scale.common
+    chunk = ChunkConfig(steps=e.chunk_steps, batch_size=e.chunk_batch, lr=e.chunk_lr, mixed_precision=c.mixed_precision,
+                        num_workers=c.num_workers)
+    return training_chunk(lambda unet_cfg, init: RobustTaskConfig(unet=unet_task(config, unet_cfg), init=init,
+                                                                  robust=RobustConfig()),
+                          chunk, device, time_left=budget.remaining_minutes)
 
-    def run(unet: UNet, folder: Path) -> UNet:
-        if e.chunk_steps <= 0:
-            return unet
-        init = folder.parent / "train_init"
-        if not (init / "config.json").is_file():
-            unet.save(init)
-        loop = LoopConfig(run_dir=str(folder), max_steps=e.chunk_steps, batch_size=e.chunk_batch, lr=e.chunk_lr,
-                          warmup_steps=0, ema_decay=0.0, mixed_precision=c.mixed_precision, log_every=25,
-                          sample_every=0, checkpoint_every=max(50, e.chunk_steps // 2),
-                          max_minutes=budget.remaining_minutes(), num_workers=c.num_workers)
-        # each iteration's chunk sees its own scenes (seed from the iteration folder's name)
-        task = RobustTaskConfig(unet=unet_task(config, unet.config, seed=2 + zlib.crc32(folder.parent.name.encode())),
-                                init=str(init), robust=RobustConfig())
-        with torch.enable_grad():  # the evolution around it runs under no_grad
-            result = train(loop, RobustTask(task), resume=resuming(folder))
-        if result["step"] < e.chunk_steps:
-            raise OutOfTime(f"evolution chunk {folder} stopped at step {result['step']}")
-        return UNet.load(latest_checkpoint(folder) / "model", device=device)
 
-    return run
+def fixed_rule(config: RecipeConfig, run_dir: Path) -> StageResult:
+    """BK-SDM's fixed-rule block removal (evolve/baselines.py) of the robust-trained UNet, written as one evolution
+    step so that evolve-apply replays it: no candidate is scored (no evaluators) and no latency budget is searched."""
+    from snapfusion.config import to_dict
+    from snapfusion.evolve.actions import Action, edited_unet
+    from snapfusion.evolve.baselines import bk_sdm
+    from snapfusion.evolve.evolution import LOG
+    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.robust import load_matching
+    from snapfusion.fileio import atomic_write_text
+    from snapfusion.models.unet import UNet
+
+    folder, table = stage_dir(run_dir, "evolve"), load_table(run_dir / TABLE)
+    unet = load_matching(UNet(unet_config_of(run_dir / ROBUST)), run_dir / ROBUST)
+    start_ms = predict_ms(unet.config, table)[0]
+    budget_ms = config.latency_budget * start_ms
+    _, removed = bk_sdm(unet.config)
+    records = []
+    for block in removed:
+        unet, _, _ = edited_unet(unet, Action("remove", block))
+        records.append({"iteration": 0, "type": "action", "op": "remove", "block": block, "applied": True,
+                        "rule": "bk-sdm", "latency_after_ms": predict_ms(unet.config, table)[0]})
+    final_ms = predict_ms(unet.config, table)[0]
+    records.append({"iteration": 0, "type": "step", "rule": "bk-sdm", "clip": None, "latency_ms": start_ms,
+                    "budget_ms": budget_ms, "over_budget": start_ms > budget_ms, "candidates": [],
+                    "latency_after_ms": final_ms, "config": to_dict(unet.config)})
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save(folder / "final")
+    atomic_write_text(folder / LOG, "".join(json.dumps(r) + "\n" for r in records))
+    return StageResult("done", {"log": str(folder / LOG), "unet": str(folder / "final")}, {
+        "rule": "bk-sdm", "removed": len(removed), "start_ms": start_ms, "budget_ms": budget_ms,
+        "final_ms": final_ms, "final_fraction": final_ms / start_ms, "within_budget": final_ms <= budget_ms},
+        f"BK-SDM fixed rule: {len(removed)} blocks removed, {final_ms / start_ms:.0%} of the teacher's latency "
+        f"(budget {config.latency_budget:.0%} not searched for)")
 
 
 def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """SnapFusion Alg. 1: remove the lowest-ΔCLIP/ΔLatency blocks while over the budget, add the best copies under."""
+    """SnapFusion Alg. 1: remove the lowest-ΔCLIP/ΔLatency blocks while over the budget, add the best copies under
+    (``architecture`` "bk-sdm": BK-SDM's fixed rule instead, ``fixed_rule``)."""
     from snapfusion.data import load_prompt_set
     from snapfusion.eval.evaluators import load_evaluators
     from snapfusion.evolve.actions import EvalConfig
@@ -138,6 +158,8 @@ def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     from snapfusion.loading import resolve_model
     from snapfusion.models.unet import UNet
 
+    if config.architecture == "bk-sdm":
+        return fixed_rule(config, run_dir)
     e, device, folder = config.scale.evolution, device_of(config), stage_dir(run_dir, "evolve")
     pipe = resolve_model(str(teacher_dir(config)), device=device)
     start = load_matching(UNet(unet_config_of(run_dir / ROBUST)), run_dir / ROBUST).to(device)
@@ -151,7 +173,7 @@ def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     try:
         with torch.no_grad():
             state = run_evolution(folder, start, pipe, records, scorer, table, cfg, _chunk(config, budget, device))
-    except OutOfTime as stop:
+    except ChunkStopped as stop:
         return StageResult("partial", note=str(stop))
     finished = state["done"] or state["iteration"] >= e.iterations
     metrics = {"iterations": state["iteration"], "converged": state["done"], "start_ms": state["start_ms"],
@@ -183,7 +205,7 @@ def evolve_apply(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageRe
 
 
 def kd_finetune(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """Fine-tune the evolved UNet: eps loss + output KD + feature KD from the teacher UNet (BK-SDM's, session 5)."""
+    """Fine-tune the evolved UNet: eps loss + output KD + feature KD from the teacher UNet (BK-SDM's)."""
     from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
     from snapfusion.train.loop import train
 
@@ -206,7 +228,7 @@ def _v_finetune(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, 
     c, folder = config.scale.common, stage_dir(run_dir, name)
     cfg = VFinetuneConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=source_unet),
                           image_size=c.image_size, data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
-                          latent_pool=s.latent_pool, pool_workers=c.num_workers)
+                          latent_pool=s.latent_pool, pool_workers=c.num_workers, data_folder=config.data_folder)
     finetune_v(loop_config(config, folder, s, budget, seed=seed), cfg, resume=resuming(folder))
     return training_result(folder, s, {"unet": str(folder / "final")})
 
@@ -232,7 +254,7 @@ def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
                         student_unet=str(run_dir / V_STUDENT), student_steps=config.scale.student_steps,
                         cfg_prob=config.scale.cfg_prob, guidance_range=(2.0, 14.0), ori_weight=0.2,
                         image_size=c.image_size, data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
-                        latent_pool=s.latent_pool, pool_workers=c.num_workers,
+                        latent_pool=s.latent_pool, pool_workers=c.num_workers, data_folder=config.data_folder,
                         feature_weight=config.scale.feature_weight)
     distill_steps(loop_config(config, folder, s, budget, seed=5), cfg, resume=resuming(folder))
     return training_result(folder, s, {"unet": str(run_dir / STUDENT)})

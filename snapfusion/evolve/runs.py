@@ -67,10 +67,18 @@ class ChunkConfig:
     num_workers: int = 4
 
 
-def training_chunk(task_config: Callable[[object, str], object], chunk: ChunkConfig, device: str):
+class ChunkStopped(Exception):
+    """A training chunk stopped by its time limit before its last step (a checkpoint is kept: rerun to go on)."""
+
+
+def training_chunk(task_config: Callable[[object, str], object], chunk: ChunkConfig, device: str,
+                   time_left: Callable[[], float] | None = None):
     """The evolution's robust-training chunk: the one loop, started from the current UNet, resumable.
 
-    ``task_config(unet_config, init_folder)`` builds the ``RobustTaskConfig`` of a chunk."""
+    ``task_config(unet_config, init_folder)`` builds the ``RobustTaskConfig`` of a chunk. The chunk of iteration k
+    (run dir ``iter_k/train``) sees its own scenes: the data seed is the task's plus a hash of the iteration's folder
+    name. ``time_left()``: minutes left for the chunk as the loop's limit (0: none); a chunk that it stops before its
+    last step raises ``ChunkStopped``, so that the evolution redoes that iteration rather than score a short chunk."""
     import torch
 
     from snapfusion.evolve.robust import RobustTask
@@ -87,14 +95,17 @@ def training_chunk(task_config: Callable[[object, str], object], chunk: ChunkCon
         cfg = loop_config(run_dir=str(run_dir), max_steps=chunk.steps, batch_size=chunk.batch_size, lr=chunk.lr,
                           warmup_steps=0, ema_decay=0.0, mixed_precision=chunk.mixed_precision, log_every=25,
                           sample_every=0, checkpoint_every=max(50, chunk.steps // 2), seed=chunk.seed,
-                          num_workers=chunk.num_workers)
+                          num_workers=chunk.num_workers, max_minutes=time_left() if time_left else 0.0)
         task_cfg = task_config(unet.config, str(init))
-        # each chunk (its own run dir) sees new scenes, not the first steps x batch of the stream again
+        # each iteration's chunk sees new scenes, not the first steps x batch of the stream again
         task_cfg = dataclasses.replace(task_cfg, unet=dataclasses.replace(
-            task_cfg.unet, seed=task_cfg.unet.seed + zlib.crc32(run_dir.name.encode())))
+            task_cfg.unet, seed=task_cfg.unet.seed + zlib.crc32(run_dir.parent.name.encode())))
         task = RobustTask(task_cfg)
         with torch.enable_grad():  # the evolution around it runs under no_grad
-            train(cfg, task, resume=ckpt_io.latest_checkpoint(run_dir) is not None if run_dir.exists() else False)
+            result = train(cfg, task, resume=ckpt_io.latest_checkpoint(run_dir) is not None if run_dir.exists()
+                           else False)
+        if result["step"] < chunk.steps:
+            raise ChunkStopped(f"evolution chunk {run_dir} stopped at step {result['step']} of {chunk.steps}")
         return UNet.load(ckpt_io.latest_checkpoint(run_dir) / "model", device=device)
 
     return run
