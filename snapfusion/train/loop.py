@@ -52,7 +52,7 @@ class LoopConfig:
 
 
 class Task(Protocol):
-    """What a training stage supplies to the loop (see snapfusion/train/tasks.py and the stages it lists)."""
+    """What a training stage supplies to the loop (e.g. train/unet.py, distill/tasks.py, decoder/task.py)."""
 
     name: str
     # optional ``compiles = True``: the loss calls the trained module itself with one fixed graph, so --compile can
