@@ -65,10 +65,15 @@ def test_one_preset_table_for_bench_and_cli():
     from snapfusion import fast
     from snapfusion.bench import PRESETS
     from snapfusion.cli import export as commands
-    from snapfusion.models.presets import ARCHITECTURES, architecture
+    from snapfusion.cli import options
+    from snapfusion.evolve.runs import unet_preset
+    from snapfusion.models.presets import ALIASES, ARCHITECTURES, architecture
 
-    assert PRESETS == ARCHITECTURES == commands.ARCHITECTURES
+    assert PRESETS == ARCHITECTURES == options.ARCHITECTURES
     assert commands.SDPA == fast.SDPA
+    # bench-blocks reads the same table (its old names are aliases of it)
+    assert unet_preset("snapfusion") == architecture("snapfusion")[1]
+    assert all(unet_preset(old) == architecture(new)[1] for old, new in ALIASES.items())
     text, unet, decoder = architecture("snapfusion-guidance")
     assert unet.guidance_embed and not architecture("snapfusion")[1].guidance_embed
     assert decoder == architecture("snapfusion")[2] and text == architecture("sd15")[0]

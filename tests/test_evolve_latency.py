@@ -7,7 +7,7 @@ import torch
 
 from snapfusion.cli import main
 from snapfusion.errors import SnapFusionError
-from snapfusion.evolve.latency import (BenchConfig, block_sides, load_table, measure_table, predict_ms, save_table,
+from snapfusion.evolve.latency import (TableConfig, block_sides, load_table, measure_table, predict_ms, save_table,
                                        signatures)
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import block_names, copy_block, remove_block, sd15, tiny_sd15
@@ -39,7 +39,7 @@ def test_sides_and_signatures_of_sd15():
 def test_measured_table_has_every_block_and_piece(tmp_path):
     torch.manual_seed(0)
     unet = UNet(tiny_sd15())
-    table = measure_table(unet, BenchConfig(size=64, warmup=1, repeats=2))
+    table = measure_table(unet, TableConfig(size=64, warmup=1, repeats=2))
     assert list(table["blocks"]) == list(block_names(unet.config))
     assert set(table["pieces"]) == {"conv_in", "time_embedding", "down.0.resample", "down.1.resample",
                                     "down.2.resample", "up.0.resample", "up.1.resample", "up.2.resample", "head",
@@ -100,18 +100,18 @@ def test_separate_whole_frees_the_whole_runner_before_the_parts(monkeypatch):
 
     monkeypatch.setattr(latency, "_runner", spy)
     torch.manual_seed(0)
-    table = measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1, separate_whole=True))
+    table = measure_table(UNet(tiny_sd15()), TableConfig(size=64, warmup=1, repeats=1, separate_whole=True))
     assert whole and alive_at_parts and not any(alive_at_parts)
     assert list(table["blocks"]) == list(block_names(tiny_sd15())) and table["whole_ms"] > 0
     whole.clear(), alive_at_parts.clear()
-    measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1))  # default: all in one round robin
+    measure_table(UNet(tiny_sd15()), TableConfig(size=64, warmup=1, repeats=1))  # default: all in one round robin
     assert not any(alive_at_parts) and whole  # the whole is built last, after every part
 
 
 def test_onnxruntime_backend_times_blocks(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    table = measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1, backend="onnxruntime"))
+    table = measure_table(UNet(tiny_sd15()), TableConfig(size=64, warmup=1, repeats=1, backend="onnxruntime"))
     assert len(table["blocks"]) == len(block_names(tiny_sd15())) and table["whole_ms"] > 0
 
 
@@ -141,4 +141,4 @@ def test_skip_concat_piece_writes_every_skip_concatenation():
 
 def test_cuda_graph_timing_needs_cuda_and_torch():
     with pytest.raises(SnapFusionError, match="cuda-graphs"):
-        measure_table(UNet(tiny_sd15()), BenchConfig(size=64, warmup=1, repeats=1, cuda_graphs=True))
+        measure_table(UNet(tiny_sd15()), TableConfig(size=64, warmup=1, repeats=1, cuda_graphs=True))

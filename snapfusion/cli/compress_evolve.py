@@ -11,7 +11,7 @@ from snapfusion.cli import options, types
 from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_model
 from snapfusion.validation import MAX_BATCH, MAX_EVAL_BATCH, MAX_IMAGES
-from snapfusion.evolve.runs import (UNET_PRESETS, ChunkConfig, clip_scorer, frozen_parts, start_folder,
+from snapfusion.evolve.runs import (ChunkConfig, clip_scorer, frozen_parts, start_folder,
                                     training_chunk, unet_config_of, unet_preset)
 
 
@@ -93,7 +93,7 @@ def check_block_importance(a: argparse.Namespace) -> None:
 def cmd_bench_blocks(a: argparse.Namespace) -> None:
     import torch
 
-    from snapfusion.evolve.latency import BenchConfig, measure_table, save_table
+    from snapfusion.evolve.latency import TableConfig, measure_table, save_table
 
     torch.set_grad_enabled(False)
     if a.threads:
@@ -101,7 +101,7 @@ def cmd_bench_blocks(a: argparse.Namespace) -> None:
     device = options.device(a.device)
     unet, source = _unet_of(a.model, a.preset)
     inner = a.inner or (10 if device.startswith("cuda") else 1)
-    cfg = BenchConfig(size=a.size, batch=a.batch, warmup=a.warmup, repeats=a.repeats, inner=inner,
+    cfg = TableConfig(size=a.size, batch=a.batch, warmup=a.warmup, repeats=a.repeats, inner=inner,
                       backend=a.backend, dtype=a.dtype, clock=a.clock, cuda_graphs=a.cuda_graphs,
                       separate_whole=a.separate_whole)
     table = measure_table(unet, cfg, device=device, meta={"model": source})
@@ -369,7 +369,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench-blocks", help="per-block latency lookup table of a UNet (JSON)",
                        epilog="example: snapfusion bench-blocks --preset base --device cpu --out base_cpu.json")
     b.add_argument("--model", default=None, help="'base', a pipeline folder or a UNet folder")
-    b.add_argument("--preset", default=None, help=f"a UNet preset at random weights: {', '.join(UNET_PRESETS)}")
+    b.add_argument("--preset", default=None, help="a UNet preset at random weights: "
+                   f"{', '.join(options.ARCHITECTURES)} (as bench --preset)")
     options.add_device(b, "cpu")
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="the runtime the blocks are timed in (default %(default)s)")

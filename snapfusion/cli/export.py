@@ -121,9 +121,7 @@ def cmd_convert_sd(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}")
 
 
-# snapfusion.models.presets.ARCHITECTURES and snapfusion.fast.SDPA, spelled out so that --help imports no torch
-# (tests/test_bench.py checks they agree)
-ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-guidance")
+# snapfusion.fast.SDPA, spelled out so that --help imports no torch (tests/test_bench.py checks they agree)
 SDPA = ("default", "flash", "efficient", "cudnn", "math", "tuned")
 
 
@@ -157,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="per-component latency (median/min/max), peak memory, FLOPs, compute floor",
                        epilog="example: snapfusion bench --preset snapfusion --device cuda --dtype fp16 --steps 8")
     b.add_argument("--model", default=None, help="a pipeline (torch) or an ONNX export folder (onnxruntime)")
-    b.add_argument("--preset", choices=list(ARCHITECTURES), default=None,
+    b.add_argument("--preset", choices=list(options.ARCHITECTURES), default=None,
                    help="random-weight architecture instead of --model")
     options.add_device(b, "cpu")
     b.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",

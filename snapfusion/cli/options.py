@@ -12,6 +12,10 @@ from snapfusion.loading import resolve_device, resolve_dtype
 from snapfusion.validation import check_training
 
 DTYPES = ["fp32", "fp16", "bf16"]
+# snapfusion.models.presets.ARCHITECTURES (+ ALIASES), spelled out so that --help imports no torch
+# (tests/test_bench.py checks they agree)
+ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-snapfusion",
+                 "tiny-guidance")
 SAMPLERS = ["ddim", "dpmpp_2m"]
 
 

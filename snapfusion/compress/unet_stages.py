@@ -55,13 +55,13 @@ def export_final(run_dir: Path) -> Path | None:
 
 def latency_table(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """bench-blocks: the teacher UNet's per-block latency on the target device (batch 2: one image with CFG)."""
-    from snapfusion.evolve.latency import BenchConfig, measure_table, predict_ms, save_table
+    from snapfusion.evolve.latency import TableConfig, measure_table, predict_ms, save_table
     from snapfusion.models.unet import UNet
 
     s, device = config.scale.latency, device_of(config)
     cuda = device.startswith("cuda")
     threads = 0 if cuda else s.threads
-    bench = BenchConfig(size=config.scale.common.image_size, batch=2, warmup=s.warmup, repeats=s.repeats,
+    bench = TableConfig(size=config.scale.common.image_size, batch=2, warmup=s.warmup, repeats=s.repeats,
                         inner=10 if cuda else 1, dtype="fp16" if cuda else "fp32",
                         clock="cpu" if threads == 1 else "wall", cuda_graphs=cuda and s.cuda_graphs)
     unet = UNet.load(teacher_part(config, "unet"), dtype=torch.float32)

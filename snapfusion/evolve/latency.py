@@ -35,8 +35,8 @@ CONTEXT_LEN = 77  # CLIP text length (the pipeline's context)
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """How a table is measured."""
+class TableConfig:
+    """How a per-block latency lookup table is measured (``snapfusion.bench.BenchConfig`` times whole pipelines)."""
 
     size: int = 512                 # image side in pixels; the latent side is size // 8
     batch: int = 2                  # UNet batch: 2 = one image with classifier-free guidance (cond + uncond)
@@ -195,7 +195,7 @@ class OrtRunner:
         self.session.run(None, self.feed)
 
 
-def _runner(module: nn.Module, inputs: tuple, cfg: BenchConfig, tmp: Path, name: str, device: torch.device):
+def _runner(module: nn.Module, inputs: tuple, cfg: TableConfig, tmp: Path, name: str, device: torch.device):
     if cfg.backend == "torch":
         return CudaGraphRunner(module, inputs) if cfg.cuda_graphs else lambda: module(*inputs)
     providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
@@ -203,7 +203,7 @@ def _runner(module: nn.Module, inputs: tuple, cfg: BenchConfig, tmp: Path, name:
 
 
 @torch.no_grad()
-def measure_table(unet: UNet, cfg: BenchConfig, *, device: torch.device | str = "cpu",
+def measure_table(unet: UNet, cfg: TableConfig, *, device: torch.device | str = "cpu",
                   meta: dict | None = None, progress: Callable[[str, float], None] | None = None) -> dict:
     """Time every block and piece of ``unet`` in place, and the whole forward; returns the table (JSON-ready)."""
     from snapfusion.config import to_dict

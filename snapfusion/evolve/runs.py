@@ -1,4 +1,4 @@
-"""Building blocks of the robust-training and evolution runs: UNet presets, a pipeline's frozen parts, the start
+"""Building blocks of the robust-training and evolution runs: a preset's UNet, a pipeline's frozen parts, the start
 UNet's config, the task config, the resumable robust-training chunk of Alg. 1 and the CLIP scorer."""
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ from typing import Callable
 from snapfusion.errors import SnapFusionError
 from snapfusion.loading import model_folder
 
-UNET_PRESETS = ("base", "sd15", "snapfusion", "tiny_sd15", "tiny_snapfusion")
-
 
 def unet_preset(name: str):
-    """A UNet config by preset name (random weights are fine for latency)."""
-    from snapfusion.models import presets, unet_config
+    """The UNet config of a named architecture (``snapfusion.models.presets``; random weights are fine for latency)."""
+    from snapfusion.errors import ConfigError
+    from snapfusion.models.presets import ARCHITECTURES, architecture
 
-    table = {"base": presets.base_unet, "sd15": unet_config.sd15, "snapfusion": unet_config.snapfusion,
-             "tiny_sd15": unet_config.tiny_sd15, "tiny_snapfusion": unet_config.tiny_snapfusion}
-    if name not in table:
-        raise SnapFusionError(f"unknown --preset {name!r} (known: {sorted(table)})")
-    return table[name]()
+    try:
+        return architecture(name)[1]
+    except ConfigError:
+        raise SnapFusionError(f"unknown --preset {name!r} (known: {', '.join(ARCHITECTURES)})") from None
 
 
 def frozen_parts(model: str, vae: str | None = None, text_encoder: str | None = None) -> tuple[str, str]:

@@ -49,13 +49,19 @@ def architecture(name: str) -> tuple[TextEncoderConfig, UNetConfig, AutoencoderC
                                     base_autoencoder().with_halved_decoder()),
         "tiny": lambda: (TextEncoderConfig.tiny(), dataclasses.replace(unet_config.tiny_sd15(), context_dim=32),
                          AutoencoderConfig.tiny()),
+        "tiny-snapfusion": lambda: (TextEncoderConfig.tiny(), dataclasses.replace(unet_config.tiny_snapfusion(),
+                                                                                  context_dim=32),
+                                    AutoencoderConfig.tiny()),
         "tiny-guidance": lambda: (TextEncoderConfig.tiny(),
                                   dataclasses.replace(unet_config.tiny_snapfusion(), guidance_embed=True),
                                   AutoencoderConfig.tiny()),
     }
+    name = ALIASES.get(name, name)
     if name not in table:
         raise ConfigError(f"preset {name!r} is not one of {list(ARCHITECTURES)}")
     return table[name]()
 
 
-ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-guidance")
+ARCHITECTURES = ("sd15", "snapfusion", "snapfusion-guidance", "base", "base-snapfusion", "tiny", "tiny-snapfusion",
+                 "tiny-guidance")
+ALIASES = {"tiny_sd15": "tiny", "tiny_snapfusion": "tiny-snapfusion"}  # the names bench-blocks took before
