@@ -37,13 +37,15 @@ class ClipEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab, width)
         self.position_embedding = nn.Embedding(positions, width)
-        self.register_buffer("position_ids", torch.arange(positions).expand((1, -1)), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] > self.position_embedding.weight.shape[0]:
             raise ValueError(f"{input_ids.shape[-1]} tokens, more than the {self.position_embedding.weight.shape[0]} "
                              "positions of the text tower")
-        return self.token_embedding(input_ids) + self.position_embedding(self.position_ids[:, :input_ids.shape[-1]])
+        # transformers keeps these ids in a non-persistent buffer; made here, a model built on the meta device and
+        # given its saved tensors is complete
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]  # (1, T)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
 
 
 class ClipAttention(nn.Module):

@@ -21,7 +21,8 @@ from torch import nn
 from snapfusion.config import load_json
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.clip_text import ClipTextModel
-from snapfusion.weights import WEIGHTS_STEM, load_into, load_safetensors, read_config, resolve_weights, save_pretrained
+from snapfusion.weights import (WEIGHTS_STEM, build_loaded, load_safetensors, read_config, resolve_weights,
+                                save_pretrained)
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -332,11 +333,9 @@ def load_transformers_text_encoder(folder: str | os.PathLike, *, device: str | t
 
 
 def _build(config: TextEncoderConfig, state: dict[str, torch.Tensor], source: str) -> TextEncoder:
-    model = TextEncoder(config)
     state = dict(state)
     position_ids = state.pop(POSITION_IDS_KEY, None)  # non-persistent buffer in current transformers
     if position_ids is not None and not torch.equal(position_ids.long().flatten(),
                                                     torch.arange(config.max_positions)):
         raise WeightsError(f"{source}: '{POSITION_IDS_KEY}' is not 0..{config.max_positions - 1}")
-    load_into(model, state, source=source)
-    return model
+    return build_loaded(lambda: TextEncoder(config), state, source=source)
