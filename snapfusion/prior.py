@@ -37,7 +37,7 @@ from torch import nn
 from snapfusion.config import save_json
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.fileio import atomic_write_text, clean_trash
-from snapfusion.weights import build_loaded, load_safetensors, read_config, resolve_weights, save_pretrained, \
+from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained, \
     save_safetensors, WEIGHTS_STEM
 
 KIND = "layout_prior"
@@ -106,8 +106,8 @@ class LayoutPrior(nn.Module):
     def load(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> "LayoutPrior":
         """Load a prior saved by ``save``; it runs in fp32 whatever the pipeline's dtype (it is tiny)."""
         config = read_config(folder, LayoutPriorConfig, kind=KIND)
-        model = build_loaded(lambda: cls(config), load_safetensors(resolve_weights(folder, WEIGHTS_STEM)),
-                             source=str(folder))
+        model = cls(config)
+        load_into(model, load_safetensors(resolve_weights(folder, WEIGHTS_STEM)), source=str(folder))
         return model.to(device).eval().requires_grad_(False)
 
 

@@ -230,7 +230,7 @@ def build_loaded(build: Callable[[], torch.nn.Module], state: Mapping[str, torch
     """``build()`` made on the meta device and given ``state``'s tensors: the same module as building it, casting
     its floating tensors to ``dtype`` and ``load_into``, without the random initialisation that loading overwrites.
     The checks are ``load_into``'s; a tensor the state does not hold (a non-persistent buffer) is an error."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         module = build()
     own = module.state_dict()
     _check_state(own, state, source)
@@ -241,6 +241,19 @@ def build_loaded(build: Callable[[], torch.nn.Module], state: Mapping[str, torch
     if left:
         raise WeightsError(f"{source}: '{left[0]}' is not among the saved tensors ({len(left)} in all)")
     return module
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Makes ``torch.nn.init`` calls no-ops. On meta tensors they have nothing to fill, yet some (``normal_``) run
+    through torch's Python references, whose first use imports torch._dynamo and sympy (about a second on a 2-core
+    CPU); so does arithmetic on meta tensors, hence a module whose constructor computes on its tensors (the layout
+    prior's ``randn(...) * 0.02``) is better built plainly and ``load_into``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def _check_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str) -> None:
