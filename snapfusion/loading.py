@@ -57,7 +57,6 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
     """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
     from snapfusion.config import load_json
     from snapfusion.pipeline import INDEX, Pipeline
-    from snapfusion.sd15 import load_sd
 
     if name is None:
         shipped = [m for m in DEFAULT_MODELS if (EMBEDDED / m / INDEX).is_file()]
@@ -78,6 +77,8 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
         raise WeightsError(f"model not found: {path} (expected 'base', 'snapfusion' or a path)")
     if (path / INDEX).is_file() and load_json(path / INDEX).get("kind") == "pipeline":
         return Pipeline.load(path, device=device)
+    from snapfusion.sd15 import load_sd  # the diffusers and single-file converters load only when needed
+
     return load_sd(path, device=device)
 
 
