@@ -1,0 +1,171 @@
+"""Start-up cost of ``snapfusion generate`` on this machine, in fresh processes: (a) importing the command line,
+(b) ``snapfusion.load()``, (c) the first image (text -> PNG) and a second one (steady state), (d) the whole
+``python -m snapfusion.cli generate ... --out`` process. Several source trees (e.g. before/after a change) are
+measured in the same invocation, runs alternating between them so that other load on the machine hits all alike.
+
+    python scripts/bench_startup.py --runs 5 --tree before=/tmp/before --tree after=.
+
+Writes results/cpu_startup/startup.json (every run, medians, after/before ratios) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red apple to the left of a cat on a blue background"
+
+# (b) and (c) in one fresh process: torch import, snapfusion.load(), two images saved as PNG, timed apart
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import snapfusion
+pipe = snapfusion.load()
+t2 = time.perf_counter()
+prompt, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with torch.no_grad():
+    pipe(prompt, seed=seed).images[0].save(out)
+    t3 = time.perf_counter()
+    pipe(prompt, seed=seed).images[0].save(out)
+    t4 = time.perf_counter()
+print(json.dumps({"torch_import_s": t1 - t0, "load_s": t2 - t1, "first_image_s": t3 - t2, "second_image_s": t4 - t3}))
+"""
+IMPORT = ("import time; t = time.perf_counter(); import snapfusion.cli.main; "
+          "print(time.perf_counter() - t)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tree", action="append", default=None, metavar="LABEL=PATH",
+                   help="a source tree to measure (its snapfusion package is imported through PYTHONPATH); "
+                        "repeat for several (default: this checkout, labelled 'current')")
+    p.add_argument("--runs", type=int, default=5, help="fresh processes per measurement and tree (default 5)")
+    p.add_argument("--prompt", default=PROMPT, help="the prompt (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the children (default: unset)")
+    p.add_argument("--out", default=str(ROOT / "results" / "cpu_startup" / "startup.json"))
+    return p.parse_args(argv)
+
+
+def _env(tree: Path, threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, str]:
+    """Wall seconds of a fresh process and its stdout; a failure stops the benchmark with its stderr."""
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if done.returncode:
+        sys.exit(f"bench_startup: {' '.join(cmd[:4])} ... failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return wall, done.stdout
+
+
+def _sha(path: Path) -> str:
+    """Hash of the decoded pixels (PNG text chunks may differ between versions)."""
+    from PIL import Image
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(Image.open(path)).tobytes()).hexdigest()[:16]
+
+
+def measure_once(tree: Path, a: argparse.Namespace, tmp: Path, label: str) -> dict:
+    """One run of every measurement for one tree."""
+    env = _env(tree, a.threads)
+    row: dict = {}
+    wall, out = _run([sys.executable, "-c", IMPORT], env, str(tmp))
+    row["cli_import_s"], row["cli_import_process_s"] = float(out.strip().splitlines()[-1]), wall
+    png = tmp / f"{label}_api.png"
+    wall, out = _run([sys.executable, "-c", CHILD, a.prompt, str(a.seed), str(png)], env, str(tmp))
+    row.update(json.loads(out.strip().splitlines()[-1]))
+    row["api_process_s"] = wall
+    cli_png = tmp / f"{label}_cli.png"
+    wall, out = _run([sys.executable, "-m", "snapfusion.cli", "generate", a.prompt, "--seed", str(a.seed), "--out",
+                      str(cli_png), "--quiet"], env, str(tmp))
+    row["generate_process_s"] = wall
+    row["generate_reported"] = out.strip().splitlines()[-1]
+    row["api_pixels"], row["cli_pixels"] = _sha(png), _sha(cli_png)
+    return row
+
+
+METRICS = (("cli_import_s", "import snapfusion.cli.main (in process)"),
+           ("cli_import_process_s", "python -c 'import snapfusion.cli.main' (process)"),
+           ("torch_import_s", "import torch"),
+           ("load_s", "snapfusion.load() (after torch)"),
+           ("first_image_s", "first image, text -> PNG"),
+           ("second_image_s", "second image (steady state)"),
+           ("generate_process_s", "whole `python -m snapfusion.cli generate` process"))
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    medians = {label: {k: statistics.median(r[k] for r in rows) for k, _ in METRICS} for label, rows in runs.items()}
+    labels = list(runs)
+    ratios = {}
+    if len(labels) >= 2:
+        base = medians[labels[0]]
+        ratios = {label: {k: medians[label][k] / base[k] for k, _ in METRICS} for label in labels[1:]}
+    pixels = {label: sorted({r["cli_pixels"] for r in rows} | {r["api_pixels"] for r in rows})
+              for label, rows in runs.items()}
+    return {"medians": medians, "ratios_to_first": ratios, "pixel_hashes": pixels,
+            "identical_images": len({h for hs in pixels.values() for h in hs}) == 1}
+
+
+def table(summary: dict) -> str:
+    labels = list(summary["medians"])
+    head = "| median of runs, seconds | " + " | ".join(labels) + (" | ratio |" if len(labels) == 2 else " |")
+    lines = [head, "|" + "---|" * (len(labels) + 1 + (len(labels) == 2))]
+    for k, name in METRICS:
+        vals = " | ".join(f"{summary['medians'][lab][k]:.2f}" for lab in labels)
+        ratio = f" | {summary['ratios_to_first'][labels[1]][k]:.2f} |" if len(labels) == 2 else " |"
+        lines.append(f"| {name} | {vals}{ratio}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    trees = {}
+    for spec in a.tree or [f"current={ROOT}"]:
+        label, _, path = spec.partition("=")
+        if not path or not (Path(path) / "snapfusion" / "__init__.py").is_file():
+            sys.exit(f"bench_startup: --tree must be LABEL=PATH of a source tree with snapfusion/, got {spec!r}")
+        trees[label] = Path(path).resolve()
+    runs: dict[str, list[dict]] = {label: [] for label in trees}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(a.runs):
+            for label, tree in (trees.items() if i % 2 == 0 else reversed(trees.items())):  # alternate the order
+                runs[label].append(measure_once(tree, a, Path(tmp), label))
+                print(f"run {i + 1}/{a.runs} {label}: " + ", ".join(
+                    f"{k} {runs[label][-1][k]:.2f}" for k, _ in METRICS), file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    result = {"command": "python scripts/bench_startup.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "trees": {k: str(v) for k, v in trees.items()}, "prompt": a.prompt, "seed": a.seed, "runs": a.runs,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                          "OMP_NUM_THREADS": a.threads},
+              **summary, "all_runs": runs}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(summary))
+    print(f"identical images across trees and runs: {summary['identical_images']}; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
