@@ -234,8 +234,10 @@ def build_loaded(build: Callable[[], torch.nn.Module], state: Mapping[str, torch
         module = build()
     own = module.state_dict()
     _check_state(own, state, source)
-    values = {k: state[k].to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, device=device)
-              for k, t in own.items()}
+    # always a fresh tensor from torch's allocator, as load_into's copy gives: kernels may take other paths (and
+    # round differently) on a tensor that views a file buffer at an unaligned address
+    values = {k: state[k].to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, device=device,
+                             copy=True, memory_format=torch.contiguous_format) for k, t in own.items()}
     module.load_state_dict(values, assign=True)
     left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if left:
