@@ -107,9 +107,12 @@ def test_clip_text_tower_equals_transformers(act, rows):
     cfg = TextEncoderConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, projection_dim=32,
                             hidden_act=act, vocab_rows=rows)
     ours = TextEncoder(cfg).eval()
+    after_ours = torch.rand(4)
+    torch.manual_seed(0)
     theirs = transformers.CLIPTextModel(clip_text_config(cfg)).eval()
-    assert list(theirs.state_dict()) == list(ours.text_model.state_dict())
-    theirs.load_state_dict(ours.text_model.state_dict())
+    assert torch.equal(torch.rand(4), after_ours)  # the same random draws, in the same order
+    mine, their_state = ours.text_model.state_dict(), theirs.state_dict()
+    assert list(their_state) == list(mine) and all(torch.equal(their_state[k], v) for k, v in mine.items())
     bos, eos = (1, rows - 1) if rows else (49406, 49407)  # compact rows: the tower sees rows, not CLIP ids
     ids = torch.randint(2, eos, (3, 77))
     ids[:, 0] = bos

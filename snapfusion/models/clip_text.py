@@ -133,22 +133,26 @@ class ClipTextModel(nn.Module):
 
 @torch.no_grad()
 def init_clip_weights(model: ClipTextModel, factor: float = 1.0) -> None:
-    """transformers' CLIP initialisation (its ``_init_weights``): the same distributions, not the same draws."""
-    layers = len(model.encoder.layers)
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02 * factor)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, ClipAttention):
-            width = module.q_proj.in_features
-            for proj in (module.q_proj, module.k_proj, module.v_proj):
-                nn.init.normal_(proj.weight, std=width ** -0.5 * (2 * layers) ** -0.5 * factor)
-            nn.init.normal_(module.out_proj.weight, std=width ** -0.5 * factor)
-        elif isinstance(module, ClipMLP):
-            width = module.fc1.in_features
-            nn.init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
-            nn.init.normal_(module.fc2.weight, std=width ** -0.5 * (2 * layers) ** -0.5 * factor)
-        if isinstance(module, nn.Linear):
-            nn.init.zeros_(module.bias)
+    """transformers' CLIP initialisation draw for draw, so a seeded model is the same as theirs: its generic pass
+    (every Linear and Embedding at std 0.02) and then CLIP's ``_init_weights``, module by module in post-order."""
+    emb, layers = model.embeddings, model.encoder.layers
+    for table in (emb.token_embedding, emb.position_embedding, emb.token_embedding, emb.position_embedding):
+        nn.init.normal_(table.weight, std=0.02 * factor)  # the generic pass, then CLIPTextEmbeddings'
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        width = attn.q_proj.in_features
+        in_std = width ** -0.5 * (2 * len(layers)) ** -0.5 * factor
+        for lin in (attn.k_proj, attn.v_proj, attn.q_proj, attn.out_proj):  # the generic pass, children in order
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        for lin, std in ((attn.q_proj, in_std), (attn.k_proj, in_std), (attn.v_proj, in_std),
+                         (attn.out_proj, width ** -0.5 * factor)):
+            nn.init.normal_(lin.weight, std=std)
+        for lin in (mlp.fc1, mlp.fc2):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.normal_(mlp.fc1.weight, std=(2 * width) ** -0.5 * factor)
+        nn.init.normal_(mlp.fc2.weight, std=in_std)
+    for norm in [m for m in model.modules() if isinstance(m, nn.LayerNorm)]:
+        nn.init.ones_(norm.weight)
+        nn.init.zeros_(norm.bias)
