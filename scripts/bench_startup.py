@@ -1,7 +1,8 @@
 """Start-up cost of ``snapfusion generate`` on this machine, in fresh processes: (a) importing the command line,
 (b) ``snapfusion.load()``, (c) the first image (text -> PNG) and a second one (steady state), (d) the whole
-``python -m snapfusion.cli generate ... --out`` process. Several source trees (e.g. before/after a change) are
-measured in the same invocation, runs alternating between them so that other load on the machine hits all alike.
+``python -m snapfusion.cli generate ... --out`` process, in wall and in CPU seconds (user + system over all
+threads: it moves less than wall time when other jobs share the machine). Several source trees (e.g. before and
+after a change) are measured in one invocation, runs alternating between them so that other load hits all alike.
 
     python scripts/bench_startup.py --runs 5 --tree before=/tmp/before --tree after=.
 
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,19 +30,22 @@ PROMPT = "a red apple to the left of a cat on a blue background"
 # (b) and (c) in one fresh process: torch import, snapfusion.load(), two images saved as PNG, timed apart
 CHILD = r"""
 import json, sys, time
-t0 = time.perf_counter()
+clock = lambda: (time.perf_counter(), time.process_time())
+t0 = clock()
 import torch
-t1 = time.perf_counter()
+t1 = clock()
 import snapfusion
 pipe = snapfusion.load()
-t2 = time.perf_counter()
+t2 = clock()
 prompt, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with torch.no_grad():
     pipe(prompt, seed=seed).images[0].save(out)
-    t3 = time.perf_counter()
+    t3 = clock()
     pipe(prompt, seed=seed).images[0].save(out)
-    t4 = time.perf_counter()
-print(json.dumps({"torch_import_s": t1 - t0, "load_s": t2 - t1, "first_image_s": t3 - t2, "second_image_s": t4 - t3}))
+    t4 = clock()
+names = ("torch_import", "load", "first_image", "second_image")
+spans = list(zip(names, (t0, t1, t2, t3), (t1, t2, t3, t4)))
+print(json.dumps({**{f"{n}_s": b[0] - a[0] for n, a, b in spans}, **{f"{n}_cpu_s": b[1] - a[1] for n, a, b in spans}}))
 """
 IMPORT = ("import time; t = time.perf_counter(); import snapfusion.cli.main; "
           "print(time.perf_counter() - t)")
@@ -66,14 +71,16 @@ def _env(tree: Path, threads: int | None) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, str]:
-    """Wall seconds of a fresh process and its stdout; a failure stops the benchmark with its stderr."""
+def _run(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, float, str]:
+    """Wall and CPU (user + system) seconds of a fresh process, and its stdout; a failure stops the benchmark."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         sys.exit(f"bench_startup: {' '.join(cmd[:4])} ... failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return wall, done.stdout
+    return wall, after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime, done.stdout
 
 
 def _sha(path: Path) -> str:
@@ -88,16 +95,16 @@ def measure_once(tree: Path, a: argparse.Namespace, tmp: Path, label: str) -> di
     """One run of every measurement for one tree."""
     env = _env(tree, a.threads)
     row: dict = {}
-    wall, out = _run([sys.executable, "-c", IMPORT], env, str(tmp))
+    wall, cpu, out = _run([sys.executable, "-c", IMPORT], env, str(tmp))
     row["cli_import_s"], row["cli_import_process_s"] = float(out.strip().splitlines()[-1]), wall
     png = tmp / f"{label}_api.png"
-    wall, out = _run([sys.executable, "-c", CHILD, a.prompt, str(a.seed), str(png)], env, str(tmp))
+    wall, cpu, out = _run([sys.executable, "-c", CHILD, a.prompt, str(a.seed), str(png)], env, str(tmp))
     row.update(json.loads(out.strip().splitlines()[-1]))
     row["api_process_s"] = wall
     cli_png = tmp / f"{label}_cli.png"
-    wall, out = _run([sys.executable, "-m", "snapfusion.cli", "generate", a.prompt, "--seed", str(a.seed), "--out",
-                      str(cli_png), "--quiet"], env, str(tmp))
-    row["generate_process_s"] = wall
+    wall, cpu, out = _run([sys.executable, "-m", "snapfusion.cli", "generate", a.prompt, "--seed", str(a.seed),
+                           "--out", str(cli_png), "--quiet"], env, str(tmp))
+    row["generate_process_s"], row["generate_process_cpu_s"] = wall, cpu
     row["generate_reported"] = out.strip().splitlines()[-1]
     row["api_pixels"], row["cli_pixels"] = _sha(png), _sha(cli_png)
     return row
@@ -109,7 +116,12 @@ METRICS = (("cli_import_s", "import snapfusion.cli.main (in process)"),
            ("load_s", "snapfusion.load() (after torch)"),
            ("first_image_s", "first image, text -> PNG"),
            ("second_image_s", "second image (steady state)"),
-           ("generate_process_s", "whole `python -m snapfusion.cli generate` process"))
+           ("generate_process_s", "whole `python -m snapfusion.cli generate` process"),
+           ("torch_import_cpu_s", "CPU time: import torch"),
+           ("load_cpu_s", "CPU time: snapfusion.load()"),
+           ("first_image_cpu_s", "CPU time: first image"),
+           ("second_image_cpu_s", "CPU time: second image"),
+           ("generate_process_cpu_s", "CPU time: whole generate process"))
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
