@@ -125,26 +125,34 @@ METRICS = (("cli_import_s", "import snapfusion.cli.main (in process)"),
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    medians = {label: {k: statistics.median(r[k] for r in rows) for k, _ in METRICS} for label, rows in runs.items()}
-    labels = list(runs)
-    ratios = {}
-    if len(labels) >= 2:
-        base = medians[labels[0]]
-        ratios = {label: {k: medians[label][k] / base[k] for k, _ in METRICS} for label in labels[1:]}
+    """Medians and minimums (the least disturbed run) per tree, and their ratios to the first tree's."""
+    out: dict = {}
+    for stat, fn in (("medians", statistics.median), ("minimums", min)):
+        out[stat] = {label: {k: fn(r[k] for r in rows) for k, _ in METRICS} for label, rows in runs.items()}
+        first = out[stat][next(iter(runs))]
+        out[f"{stat}_ratio_to_first"] = {label: {k: v[k] / first[k] for k, _ in METRICS}
+                                         for label, v in list(out[stat].items())[1:]}
     pixels = {label: sorted({r["cli_pixels"] for r in rows} | {r["api_pixels"] for r in rows})
               for label, rows in runs.items()}
-    return {"medians": medians, "ratios_to_first": ratios, "pixel_hashes": pixels,
-            "identical_images": len({h for hs in pixels.values() for h in hs}) == 1}
+    return {**out, "pixel_hashes": pixels, "identical_images": len({h for hs in pixels.values() for h in hs}) == 1}
 
 
 def table(summary: dict) -> str:
+    """Markdown: median and minimum of every measurement per tree, with ratios to the first tree when there are 2."""
     labels = list(summary["medians"])
-    head = "| median of runs, seconds | " + " | ".join(labels) + (" | ratio |" if len(labels) == 2 else " |")
-    lines = [head, "|" + "---|" * (len(labels) + 1 + (len(labels) == 2))]
+    two = len(labels) == 2
+    cols = [f"{lab} {stat}" for stat in ("median", "min") for lab in labels]
+    if two:
+        cols.insert(2, "ratio")
+        cols.append("ratio")
+    lines = ["| seconds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for k, name in METRICS:
-        vals = " | ".join(f"{summary['medians'][lab][k]:.2f}" for lab in labels)
-        ratio = f" | {summary['ratios_to_first'][labels[1]][k]:.2f} |" if len(labels) == 2 else " |"
-        lines.append(f"| {name} | {vals}{ratio}")
+        cells = []
+        for stat in ("medians", "minimums"):
+            cells += [f"{summary[stat][lab][k]:.2f}" for lab in labels]
+            if two:
+                cells.append(f"{summary[f'{stat}_ratio_to_first'][labels[1]][k]:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
