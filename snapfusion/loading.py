@@ -96,7 +96,6 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
     """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
     from snapfusion.config import load_json
     from snapfusion.pipeline import INDEX, Pipeline
-    from snapfusion.sd15 import load_sd
 
     name = check_model(name)
     if name in DEFAULT_MODELS:
@@ -104,6 +103,8 @@ def resolve_model(name: str | None, *, device: str = "cpu"):
     path = Path(name)
     if (path / INDEX).is_file() and load_json(path / INDEX).get("kind") == "pipeline":
         return Pipeline.load(path, device=device)
+    from snapfusion.sd15 import load_sd  # the diffusers and single-file converters load only when needed
+
     return load_sd(path, device=device)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -218,6 +218,48 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "weights") -> None:
     """Copy ``state`` into ``module`` key by key; missing/unexpected keys and shape mismatches raise, naming the key."""
     own = module.state_dict()
+    _check_state(own, state, source)
+    with torch.no_grad():
+        for k, target in own.items():
+            target.copy_(state[k].to(dtype=target.dtype, device=target.device))
+
+
+def build_loaded(build: Callable[[], torch.nn.Module], state: Mapping[str, torch.Tensor], *,
+                 source: str = "weights", device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """``build()`` made on the meta device and given ``state``'s tensors: the same module as building it, casting
+    its floating tensors to ``dtype`` and ``load_into``, without the random initialisation that loading overwrites.
+    The checks are ``load_into``'s; a tensor the state does not hold (a non-persistent buffer) is an error."""
+    with torch.device("meta"), _SkipInit():
+        module = build()
+    own = module.state_dict()
+    _check_state(own, state, source)
+    # always a fresh tensor from torch's allocator, as load_into's copy gives: kernels may take other paths (and
+    # round differently) on a tensor that views a file buffer at an unaligned address
+    values = {k: state[k].to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, device=device,
+                             copy=True, memory_format=torch.contiguous_format) for k, t in own.items()}
+    module.load_state_dict(values, assign=True)
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise WeightsError(f"{source}: '{left[0]}' is not among the saved tensors ({len(left)} in all)")
+    return module
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Makes ``torch.nn.init`` calls no-ops. On meta tensors they have nothing to fill, yet some (``normal_``) run
+    through torch's Python references, whose first use imports torch._dynamo and sympy (about a second on a 2-core
+    CPU); so does arithmetic on meta tensors, hence a module whose constructor computes on its tensors (the layout
+    prior's ``randn(...) * 0.02``) is better built plainly and ``load_into``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def _check_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``WeightsError`` for the first missing or unexpected key, scale-less int8 tensor or shape mismatch."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
@@ -232,9 +274,6 @@ def load_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, sou
             raise WeightsError(
                 f"{source}: shape mismatch for '{k}': file has {tuple(value.shape)}, model expects {tuple(target.shape)}"
             )
-    with torch.no_grad():
-        for k, target in own.items():
-            target.copy_(state[k].to(dtype=target.dtype, device=target.device))
 
 
 CONFIG_NAME = "config.json"

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from snapfusion.convert.text_keys import load_ldm_text_encoder, text_from_ldm, text_to_ldm
 from snapfusion.errors import ConfigError, WeightsError
 from snapfusion.models.text import (POSITION_IDS_KEY, TOKENIZER_DIR, TextEncoder, TextEncoderConfig, Tokenizer,
-                                    config_from_transformers, load_text_encoder, load_transformers_text_encoder,
-                                    save_text_encoder, skip_layers)
+                                    clip_text_config, config_from_transformers, load_text_encoder,
+                                    load_transformers_text_encoder, save_text_encoder, skip_layers)
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,7 +133,9 @@ def test_text_encoder_save_load_round_trip(tmp_path, tok):
 
 def test_load_transformers_folders(tmp_path, tok):
     model, ids = _tiny_encoder(1), tok(["an astronaut riding a horse"])
-    model.text_model.save_pretrained(tmp_path / "v5")  # transformers 5 writes keys without "text_model."
+    theirs = transformers.CLIPTextModel(clip_text_config(model.config))
+    theirs.load_state_dict(model.text_model.state_dict())
+    theirs.save_pretrained(tmp_path / "v5")  # transformers 5 writes keys without "text_model."
     old = tmp_path / "old"  # the layout of SD-v1.5's text_encoder/: "text_model." prefix and position_ids
     old.mkdir()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -23,7 +23,8 @@ from torch import nn
 
 from snapfusion.errors import ConfigError
 from snapfusion.models.layers import Attention, Downsample, ResnetBlock, Upsample
-from snapfusion.weights import load_into, load_safetensors, read_config, resolve_weights, save_pretrained, WEIGHTS_STEM
+from snapfusion.weights import (WEIGHTS_STEM, build_loaded, load_safetensors, read_config, resolve_weights,
+                                save_pretrained)
 
 NORM_EPS = 1e-6  # every GroupNorm of the VAE (diffusers Encoder/Decoder: resnet_eps=1e-6)
 
@@ -268,10 +269,8 @@ def load_autoencoder(folder: str | os.PathLike, cls: type[nn.Module] = Autoencod
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a model saved by ``save_autoencoder``; ``cls`` (AutoencoderKL, Encoder or Decoder) must match the kind."""
     config = read_config(folder, AutoencoderConfig, kind=KINDS[cls])
-    model = cls(config).to(dtype=dtype)
     state = load_safetensors(resolve_weights(folder, WEIGHTS_STEM), device="cpu")
-    load_into(model, state, source=str(folder))
-    return model.to(device)
+    return build_loaded(lambda: cls(config), state, source=str(folder), dtype=dtype).to(device)
 
 
 def parameter_count(module: nn.Module) -> int:

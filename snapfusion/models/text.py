@@ -1,5 +1,5 @@
 """CLIP text side of SD-v1.5: the BPE tokenizer (vocabulary shipped in snapfusion/assets/tokenizer) and the
-text tower (transformers' ``CLIPTextModel``, built from a config, never from a hub).
+text tower (transformers' ``CLIPTextModel`` in plain torch, clip_text.py, built from a config, never from a hub).
 
 The encoder's output is ``last_hidden_state`` (B, 77, D), the cross-attention context SD-v1.5 uses. Its state-dict
 names are transformers' ``CLIPTextModel`` names (``text_model.encoder.layers.0.self_attn.q_proj.weight`` ...), so
@@ -20,7 +20,9 @@ from torch import nn
 
 from snapfusion.config import load_json
 from snapfusion.errors import ConfigError, WeightsError
-from snapfusion.weights import WEIGHTS_STEM, load_into, load_safetensors, read_config, resolve_weights, save_pretrained
+from snapfusion.models.clip_text import ClipTextModel
+from snapfusion.weights import (WEIGHTS_STEM, build_loaded, load_safetensors, read_config, resolve_weights,
+                                save_pretrained)
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -236,11 +238,13 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
-        from transformers import CLIPTextModel
-
         self.config = config
-        # keys text_model.embeddings.*, text_model.encoder.layers.*: the names in CLIPTextModel files on disk
-        self.text_model = CLIPTextModel(clip_text_config(config))
+        # keys text_model.embeddings.*, text_model.encoder.layers.*: the names in CLIPTextModel files on disk; the
+        # tower is ours (clip_text.py), equal to transformers' bit for bit, so loading a model does not import it
+        self.text_model = ClipTextModel(
+            vocab=config.vocab_rows or config.vocab_size, width=config.hidden_size, layers=config.num_layers,
+            heads=config.num_heads, hidden=config.intermediate_size, positions=config.max_positions,
+            act=config.hidden_act, eps=config.layer_norm_eps, eos_token_id=2 if config.vocab_rows else 49407)
         if config.vocab_rows:
             self.register_buffer("token_map", torch.zeros(config.vocab_size, dtype=torch.int32))
 
@@ -329,11 +333,9 @@ def load_transformers_text_encoder(folder: str | os.PathLike, *, device: str | t
 
 
 def _build(config: TextEncoderConfig, state: dict[str, torch.Tensor], source: str) -> TextEncoder:
-    model = TextEncoder(config)
     state = dict(state)
     position_ids = state.pop(POSITION_IDS_KEY, None)  # non-persistent buffer in current transformers
     if position_ids is not None and not torch.equal(position_ids.long().flatten(),
                                                     torch.arange(config.max_positions)):
         raise WeightsError(f"{source}: '{POSITION_IDS_KEY}' is not 0..{config.max_positions - 1}")
-    load_into(model, state, source=source)
-    return model
+    return build_loaded(lambda: TextEncoder(config), state, source=source)

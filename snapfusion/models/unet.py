@@ -19,7 +19,8 @@ from snapfusion.models.unet_config import (  # noqa: F401  (re-exported: the UNe
     BlockPlan, StageConfig, UNetConfig, block_names, copy_block, plan_blocks, remove_block, sd15, snapfusion,
     tiny_sd15, tiny_snapfusion,
 )
-from snapfusion.weights import WEIGHTS_STEM, load_into, load_safetensors, read_config, resolve_weights, save_pretrained
+from snapfusion.weights import (WEIGHTS_STEM, build_loaded, load_safetensors, read_config, resolve_weights,
+                                save_pretrained)
 
 KIND = "unet"
 SkipSpec = Collection[str] | Mapping[str, torch.Tensor] | None
@@ -242,13 +243,7 @@ class UNet(nn.Module):
         """Load a folder written by ``save``; every key and shape must match its config."""
         config = read_config(folder, UNetConfig, kind=KIND)
         state = load_safetensors(resolve_weights(folder, WEIGHTS_STEM), device=device)
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device=device)
-        if dtype is not None:
-            model = model.to(dtype)
-        load_into(model, state, source=str(folder))
-        return model
+        return build_loaded(lambda: cls(config), state, source=str(folder), device=device, dtype=dtype)
 
 
 def num_parameters(model: nn.Module) -> int:
