@@ -243,7 +243,11 @@ def train_prior(encode_text: Callable[[list[str]], torch.Tensor], captions: list
         torch.manual_seed(train.seed)
         prior = LayoutPrior(config)
     opt = torch.optim.AdamW(prior.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=0.05)
+    if train.steps < 3:  # OneCycleLR needs a phase of at least one step on each side: a constant rate instead
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    else:  # 5 % warm-up, at least 2 steps of it, at most half the run (same as 5 % from 40 steps on)
+        warmup = min(0.5, max(0.05, 2 / train.steps))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps, pct_start=warmup)
     mean_target = targets[:n_train].mean(0, keepdim=True)
 
     def mse(part: slice) -> float:  # the prior has no dropout or batch statistics: no mode switch needed

@@ -148,6 +148,17 @@ def test_train_prior_refuses_a_diverged_run():
                     PriorTrainConfig(steps=3, batch_size=4, eval_every=1), progress=lambda _: None)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 20, 39])
+def test_train_prior_runs_any_step_count(steps):
+    """Short runs (the CLI takes --steps >= 1) train with a rate schedule that exists: OneCycleLR's 5 % warm-up
+    would be a zero-length phase below 40 steps."""
+    torch.manual_seed(0)
+    captions = [f"c{i}" for i in range(20)]
+    prior, report = train_prior(lambda b: torch.randn(len(b), 77, 32), captions, torch.randn(20, 4, 2, 2), CFG,
+                                PriorTrainConfig(steps=steps, batch_size=4, eval_every=1), progress=lambda _: None)
+    assert 1 <= report["kept_step"] <= steps and all(torch.isfinite(p).all() for p in prior.parameters())
+
+
 def test_build_targets_caches_chunks_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
     import snapfusion.data.dataset as dataset
 

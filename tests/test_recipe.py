@@ -37,9 +37,15 @@ def _args(teacher, run_dir, *more):
 
 @pytest.fixture(scope="module")
 def run(teacher, tmp_path_factory):
-    """The whole tiny recipe, run once in one call."""
+    """The whole tiny recipe, run once in one call, at the tests' one torch thread (the tests compare other runs with
+    it bit for bit, and a module-scoped fixture runs before the function-scoped ``one_thread``)."""
     run_dir = tmp_path_factory.mktemp("recipe") / "run"
-    assert main(_args(teacher, run_dir)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(teacher, run_dir)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return run_dir
 
 
