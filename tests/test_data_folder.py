@@ -42,6 +42,23 @@ def test_folder_items_are_resized_center_cropped_uint8(tmp_path):
     assert batch["image"].shape == (2, 3, 16, 16) and batch["caption"] == ["a red thing", "a blue thing"]
 
 
+def test_the_training_stream_visits_every_image_once_per_pass_in_a_seeded_order(tmp_path):
+    from snapfusion.train.data import FolderStream
+
+    rows = [{"file_name": f"{i}.png", "text": f"image {i}"} for i in range(7)]
+    folder = _folder(tmp_path / "f", rows)
+    stream = FolderStream(str(folder), size=16, seed=3)
+    passes = [[stream.caption(e * 7 + j) for j in range(7)] for e in range(3)]
+    assert all(sorted(p) == sorted(r["text"] for r in rows) for p in passes)  # each image once per pass
+    assert len({tuple(p) for p in passes}) == 3  # each pass in its own order
+    assert [stream.caption(i) for i in range(7)] == passes[0]  # deterministic
+    other = FolderStream(str(folder), size=16, seed=4)
+    assert [other.caption(i) for i in range(7)] != passes[0]  # another seed, another order
+    plain = FolderStream(str(folder), size=16)  # no seed: the folder's order (latent pools, held-out grids)
+    assert [plain.caption(i) for i in range(9)] == [f"image {i % 7}" for i in range(9)]
+    assert torch.equal(stream[0]["image"], plain[stream.index(0)]["image"])
+
+
 def test_load_image_modes(tmp_path):
     Image.new("L", (20, 10), 128).save(tmp_path / "g.png")
     Image.new("RGBA", (10, 20), (0, 255, 0, 10)).save(tmp_path / "c.png")
@@ -173,6 +190,7 @@ def test_train_unet_trains_on_an_image_folder(tmp_path, unet_parts):
 
 def test_the_unet_data_reads_the_folders_images_and_captions(tmp_path, unet_parts):
     from snapfusion.models.presets import base_unet
+    from snapfusion.train.data import epoch_order
     from snapfusion.train.unet import UNetTask, UNetTaskConfig
 
     folder = _scenes_folder(tmp_path / "images", count=3)
@@ -181,13 +199,18 @@ def test_the_unet_data_reads_the_folders_images_and_captions(tmp_path, unet_part
                                        image_size=32, latent_pool=pool, pool_workers=0, data_folder=str(folder),
                                        uncond_prob=0.0))
         batch = task.collate([task.dataset()[i] for i in range(4)])
-        want = ["a red disc", "a blue disc", "a green disc", "a red disc"] if not pool else \
-            ["a red disc", "a blue disc", "a red disc", "a blue disc"]
-        assert [c.split(" on ")[0] for c in batch["caption"]] == want  # cycled over the folder (or the pool)
+        folder_order = ["a red disc", "a blue disc", "a green disc"]
+        n = pool or 3  # every pass visits each image (of the pool) once, in the pass's own seeded order
+        want = [folder_order[epoch_order(n, task.cfg.seed, i // n)[i % n]] for i in range(4)]
+        got = [c.split(" on ")[0] for c in batch["caption"]]
+        assert got == want and sorted(got[:n]) == sorted(folder_order[:n])
         x0 = task.data.latents(batch, torch.Generator().manual_seed(0))
         assert x0.shape == (4, 4, 4, 4) and bool(torch.isfinite(x0).all())
         if not pool:
-            assert batch["image"].shape == (4, 3, 32, 32) and int(batch["image"][0, 0, 16, 16]) > 200  # red center
+            channel = {"a red disc": 0, "a green disc": 1, "a blue disc": 2}[got[0]]  # the image matches its caption
+            center = batch["image"][0, :, 16, 16].tolist()
+            assert batch["image"].shape == (4, 3, 32, 32) and center[channel] > 190
+            assert all(v < 100 for c, v in enumerate(center) if c != channel)
 
 
 def test_distill_trains_on_an_image_folder(tmp_path, tiny_pipeline):

@@ -2,7 +2,8 @@
 and the frozen VAE encoder and text tower that turn a UNet stage's batch into latents and contexts.
 
 Every stage reads items ``{"image": uint8 (3, H, W), "caption": str}`` from ``training_images``: the procedural
-scene stream, or an image-caption folder (snapfusion/data/folder.py) cycled endlessly when ``data_folder`` is set.
+scene stream, or, when ``data_folder`` is set, an image-caption folder (snapfusion/data/folder.py): every image
+once per pass, in a seeded order per pass.
 """
 
 from __future__ import annotations
@@ -43,27 +44,43 @@ def crop_items(items: list[dict], crop: int | None) -> list[dict]:
     return out
 
 
-class FolderStream(Dataset):
-    """An image-caption folder as an endless stream: item i is image i mod N, resized and center-cropped to
-    ``size``."""
+@functools.lru_cache(maxsize=8)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A seeded permutation of range(n) for one pass over a folder: each epoch visits every image once, in its own
+    order, the same in every process and DataLoader worker."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{epoch}".encode()))
+    return tuple(torch.randperm(n, generator=g).tolist())
 
-    def __init__(self, folder: str, size: int, length: int = STREAM_LENGTH):
-        self.folder, self.length = ImageCaptionFolder(folder, size), length
+
+class FolderStream(Dataset):
+    """An image-caption folder as an endless stream, resized and center-cropped to ``size``: with ``seed``, item i
+    is image ``epoch_order(N, seed, i // N)[i % N]`` (every image once per pass, shuffled per pass); without, image
+    i mod N (the folder's order: latent pools and held-out grids)."""
+
+    def __init__(self, folder: str, size: int, length: int = STREAM_LENGTH, seed: int | None = None):
+        self.folder, self.length, self.seed = ImageCaptionFolder(folder, size), length, seed
 
     def __len__(self) -> int:
         return self.length
 
+    def index(self, i: int) -> int:
+        """The folder image that stream item ``i`` is."""
+        epoch, j = divmod(i, len(self.folder))
+        return j if self.seed is None else epoch_order(len(self.folder), self.seed, epoch)[j]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.folder[i % len(self.folder)]
+        return self.folder[self.index(i)]
 
     def caption(self, i: int) -> str:
-        return self.folder.rows[i % len(self.folder)][1]
+        return self.folder.rows[self.index(i)][1]
 
 
-def training_images(folder: str | None, size: int, seed: int, length: int, data: SceneConfig) -> Dataset:
-    """The training images of a stage: ``folder``'s (cycled) when given, else the scene stream (seed, data)."""
+def training_images(folder: str | None, size: int, seed: int, length: int, data: SceneConfig, *,
+                    shuffle: bool = True) -> Dataset:
+    """The training images of a stage: ``folder``'s (every image once per pass, in a ``seed``ed order per pass;
+    ``shuffle=False``: the folder's order) when given, else the scene stream (seed, data)."""
     if folder:
-        return FolderStream(folder, size, length)
+        return FolderStream(folder, size, length, seed if shuffle else None)
     return SceneDataset("train", size, seed, length, data)
 
 
@@ -86,9 +103,12 @@ def pooled_caption(i: int, pool: int, seed: int, data: SceneConfig) -> tuple[int
     return j, caption(scene, np.random.default_rng([seed, 0, j, epoch]), data.caption_p_omit)
 
 
-def pooled_folder_caption(i: int, pool: int, stream: FolderStream) -> tuple[int, str]:
-    """Stream item i over a pool of the folder's first ``pool`` images (cycled): index i mod pool and its caption."""
-    return i % pool, stream.caption(i % pool)
+def pooled_folder_caption(i: int, pool: int, stream: FolderStream, seed: int) -> tuple[int, str]:
+    """Stream item i over a pool of the folder's first ``pool`` images: each pass visits the pool in its own seeded
+    order; the pool index and its caption (``stream`` in the folder's order, as the pool was encoded)."""
+    epoch, j = divmod(i, pool)
+    k = epoch_order(pool, seed, epoch)[j]
+    return k, stream.caption(k)
 
 
 class PooledCaptions(Dataset):
@@ -120,7 +140,7 @@ class LatentPool:
         rank, world = _rank_and_world()
         share = -(-count // world)
         folder = cfg.data_folder
-        ds = Subset(training_images(folder, size, cfg.seed, count, cfg.data),
+        ds = Subset(training_images(folder, size, cfg.seed, count, cfg.data, shuffle=False),
                     range(min(count, rank * share), min(count, (rank + 1) * share)))
         loader = DataLoader(ds, batch_size=64, num_workers=cfg.pool_workers, collate_fn=collate_images(folder))
         means, stds = [], []
@@ -185,7 +205,7 @@ class LatentData:
         self.cfg = cfg
         if cfg.data_folder:  # captions of pooled images: the folder's own (a bad folder fails here, before the models)
             stream = FolderStream(cfg.data_folder, cfg.image_size)
-            self.caption_of = functools.partial(pooled_folder_caption, stream=stream)
+            self.caption_of = functools.partial(pooled_folder_caption, stream=stream, seed=cfg.seed)
         else:  # a fresh paraphrase of the pooled scene's caption each pass
             self.caption_of = functools.partial(pooled_caption, seed=cfg.seed, data=cfg.data)
         self.tokenizer = Tokenizer()
