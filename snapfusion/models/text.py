@@ -257,7 +257,7 @@ class TextEncoder(nn.Module):
         """Mask (like ``input_ids``) of ids outside a compact vocabulary (all False for the full embedding)."""
         if not self.config.vocab_rows:
             return torch.zeros_like(input_ids, dtype=torch.bool)
-        return self.token_map[input_ids] == 0
+        return (self.token_map[input_ids.to(self.token_map.device)] == 0).to(input_ids.device)  # ids from the CPU
 
 
 def compact_vocabulary(model: TextEncoder, keep: Sequence[int]) -> TextEncoder:
