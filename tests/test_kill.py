@@ -38,11 +38,13 @@ def _steps_logged(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _window(run_dir: Path, kind: str, logged: int) -> bool:
-    """True once the run is inside the write window ``kind`` (or, for "random", has trained a new step)."""
+def _window(run_dir: Path, kind: str, logged: int, log: Path) -> bool:
+    """True once the run is inside the write window ``kind`` (or, for "random", has said where it starts and
+    trained a new step)."""
     ckpts = run_dir / "checkpoints"
     if kind == "random":
-        return _steps_logged(run_dir) > logged
+        return _steps_logged(run_dir) > logged and ("resuming at step" in log.read_text() or
+                                                    "starting" in log.read_text())
     if kind == "checkpoint":  # files written, about to be published (the slow-save sleep)
         return any((p / "state.json").is_file() for p in ckpts.glob("step_*.tmp-*"))
     if kind == "prune":  # an old checkpoint moved aside, not yet deleted
@@ -52,9 +54,9 @@ def _window(run_dir: Path, kind: str, logged: int) -> bool:
     raise ValueError(kind)
 
 
-def _kill_at(proc: subprocess.Popen, run_dir: Path, kind: str, delay: float, logged: int) -> str:
+def _kill_at(proc: subprocess.Popen, run_dir: Path, kind: str, delay: float, logged: int, log: Path) -> str:
     deadline = time.time() + 120
-    while not _window(run_dir, kind, logged):
+    while not _window(run_dir, kind, logged, log):
         if proc.poll() is not None:
             return "finished"
         if time.time() > deadline:
@@ -123,7 +125,7 @@ def test_kill_nine_and_resume(tmp_path):
             finals.add(max_steps)
         else:
             outcome = _kill_at(proc, run_dir, kind, rng.uniform(0, 0.6 if kind == "random" else 0.3),
-                               _steps_logged(run_dir))
+                               _steps_logged(run_dir), log)
         text = log.read_text()
         if before is not None:  # the launch resumed from the newest complete checkpoint
             assert f"resuming at step {int(before.name[5:])}" in text, text[-2000:]
