@@ -142,16 +142,31 @@ def _floors(cfg: SuiteConfig, peak: float) -> dict[str, dict]:
     return out
 
 
-def latency_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None] = print) -> dict:
-    """The lever rows of the SnapFusion preset and the anchor rows, in one process, in this order."""
+def _start(suite: str, cfg: SuiteConfig, on_row, log) -> tuple:
+    """A suite's device, dtype, result dict (its "rows" filled as rows finish, each reported to ``on_row`` with the
+    whole result so far) and row runner."""
     from snapfusion.loading import resolve_dtype
 
     dev, dtype = torch.device(cfg.device), resolve_dtype(cfg.dtype)
-    peak = matmul_peak(dev, dtype)
-    result = {"suite": "latency", "config": dataclasses.asdict(cfg), "environment": _versions(dev),
-              "matmul_peak_tflops": peak / 1e12, "floors": _floors(cfg, peak), "rows": []}
+    result = {"suite": suite, "config": dataclasses.asdict(cfg), "environment": _versions(dev), "rows": []}
     rows = _Rows(cfg, on_row and (lambda r: on_row({**result, "rows": r})), log)
     result["rows"] = rows.rows
+    return dev, dtype, result, rows
+
+
+def _channels_last_preset(cfg: SuiteConfig, dev, dtype) -> Pipeline:
+    """The suite's preset pipeline at random weights, UNet and decoder channels-last."""
+    pipe = preset_pipeline(cfg.preset, device=dev, size=cfg.size).to(dev, dtype)
+    for m in (pipe.unet, pipe.decoder):
+        m.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def latency_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None] = print) -> dict:
+    """The lever rows of the SnapFusion preset and the anchor rows, in one process, in this order."""
+    dev, dtype, result, rows = _start("latency", cfg, on_row, log)
+    peak = matmul_peak(dev, dtype)
+    result.update(matmul_peak_tflops=peak / 1e12, floors=_floors(cfg, peak))
     t = dict(steps=cfg.steps, guidance=cfg.guidance, size=cfg.size, runs=cfg.runs, warmup=cfg.warmup)
     key = f"{cfg.preset}@{cfg.steps}"
     pipe = preset_pipeline(cfg.preset, device=dev, size=cfg.size).to(dev, dtype)
@@ -252,15 +267,8 @@ def throughput_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None
     """Images/s and peak memory of our SnapFusion preset (all levers, compiled with automatic dynamic shapes) and of
     diffusers' pipeline at 50 steps, at each batch size."""
     from snapfusion.bench.anchor import diffusers_pipeline, speed_up
-    from snapfusion.loading import resolve_dtype
-
-    dev, dtype = torch.device(cfg.device), resolve_dtype(cfg.dtype)
-    result = {"suite": "throughput", "config": dataclasses.asdict(cfg), "environment": _versions(dev), "rows": []}
-    rows = _Rows(cfg, on_row and (lambda r: on_row({**result, "rows": r})), log)
-    result["rows"] = rows.rows
-    pipe = preset_pipeline(cfg.preset, device=dev, size=cfg.size).to(dev, dtype)
-    for m in (pipe.unet, pipe.decoder):
-        m.to(memory_format=torch.channels_last)
+    dev, dtype, result, rows = _start("throughput", cfg, on_row, log)
+    pipe = _channels_last_preset(cfg, dev, dtype)
     if cfg.compile:
         compile_pipeline(pipe, dynamic=None)
     options = _options(graph=True, compile=cfg.compile, cache_uncond=True, channels_last=True, dynamic=None)
@@ -321,15 +329,8 @@ def kernel_breakdown(pipe: Pipeline, *, steps: int, guidance: float, size: int) 
 def profile_suite(cfg: SuiteConfig, *, on_row=None, log: Callable[[str], None] = print) -> dict:
     """Where the time of the SnapFusion preset goes: kernel categories, eager and compiled (no graphs, so the
     profiler sees each kernel; graph replay runs the same kernels without the gaps)."""
-    from snapfusion.loading import resolve_dtype
-
-    dev, dtype = torch.device(cfg.device), resolve_dtype(cfg.dtype)
-    result = {"suite": "profile", "config": dataclasses.asdict(cfg), "environment": _versions(dev), "rows": []}
-    rows = _Rows(cfg, on_row and (lambda r: on_row({**result, "rows": r})), log)
-    result["rows"] = rows.rows
-    pipe = preset_pipeline(cfg.preset, device=dev, size=cfg.size).to(dev, dtype)
-    for m in (pipe.unet, pipe.decoder):
-        m.to(memory_format=torch.channels_last)
+    dev, dtype, result, rows = _start("profile", cfg, on_row, log)
+    pipe = _channels_last_preset(cfg, dev, dtype)
     probe = dict(steps=cfg.steps, guidance=cfg.guidance, size=cfg.size)
     pipe.fast = FastGenerate(_options(cache_uncond=True, channels_last=True))
     rows("kernels, eager, channels-last", "profile", lambda: kernel_breakdown(pipe, **probe))
