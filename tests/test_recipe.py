@@ -73,11 +73,13 @@ def test_every_stage_writes_an_output_that_loads(run, teacher):
     assert len(steps) == 2 and all(r["latency_after_ms"] < r["latency_ms"] for r in steps)  # over budget: removals
     evolved = UNet.load(run / "evolve-apply/unet")
     assert evolved.config == UNet.load(run / "evolve/final").config != teacher_unet.config
-    kd = UNet.load(run / "kd-finetune/final")
-    assert kd.config == evolved.config and not torch.equal(kd.conv_out.weight, evolved.conv_out.weight)
+    kd = UNet.load(run / "kd-finetune/final")  # fine-tuned with KD straight to v: no v-student stage
+    assert kd.config.prediction_type == "v_prediction" and evolved.config.prediction_type == "epsilon"
+    assert kd.config.down == evolved.config.down and not torch.equal(kd.conv_out.weight, evolved.conv_out.weight)
+    assert not (run / "v-student").exists() and not (run / "distill-guidance").exists()
     assert UNet.load(run / "v-teacher/final").config.prediction_type == "v_prediction"
     student = UNet.load(run / "distill/final")
-    assert student.config == UNet.load(run / "v-student/final").config
+    assert student.config == kd.config
     assert student.config.prediction_type == "v_prediction" and student.config.down == evolved.config.down
     reduced = load_decoder(run / "reduce-decoder/decoder")
     teacher_widths = load_decoder(teacher / "vae_decoder").config.decoder_widths
@@ -98,7 +100,8 @@ def test_every_stage_writes_an_output_that_loads(run, teacher):
 @pytest.mark.slow
 def test_manifest_has_every_stage_done_with_hashes_and_times(run, teacher):
     data = _manifest(run)
-    assert list(data["stages"]) == list(STAGE_NAMES)
+    assert list(data["stages"]) == [n for n in STAGE_NAMES if n not in ("v-student", "distill-guidance",
+                                                                        "distill-half")]
     assert data["recipe"]["teacher"] == str(teacher) and data["recipe"]["scale"]["name"] == "tiny"
     assert json.loads((run / "recipe.json").read_text()) == data["recipe"]
     for name, entry in data["stages"].items():
@@ -139,7 +142,7 @@ def test_time_limited_calls_resume_to_the_models_of_one_call(run, teacher, tmp_p
     stages = _manifest(dst)["stages"]
     assert all(e["status"] == "done" for e in stages.values())
     assert stages["robust-train"]["invocations"] == 2 and stages["evolve"]["invocations"] == 2  # 2 steps, 2 iterations
-    assert len(results) >= len(STAGE_NAMES)
+    assert len(results) >= len(stages)
     # resumed in chunks = one straight run, bit for bit
     for folder in ("evolve-apply/unet", "distill/final", "distill-decoder/final", "train-prior/prior"):
         _same_tensors(_weights(dst / folder), _weights(run / folder))
@@ -150,7 +153,7 @@ def test_a_rerun_skips_done_stages_and_redoes_those_whose_inputs_changed(run, te
     before = _manifest(run)["stages"]
     assert main(_args(teacher, run)) == 0
     out = capsys.readouterr().out
-    assert "recipe config" in out and out.count("inputs unchanged: skipped") == len(STAGE_NAMES)
+    assert "recipe config" in out and out.count("inputs unchanged: skipped") == len(before)
     assert _manifest(run)["stages"] == before
     # the prior made again from the same inputs is the same file: assemble, which reads it, stays done
     shutil.rmtree(run / "train-prior")
@@ -170,8 +173,8 @@ def test_stages_runs_only_the_named_stages(teacher, tmp_path, capsys):
     run_dir = tmp_path / "part"
     assert main(_args(teacher, run_dir, "--stages", "reduce-decoder, decoder-latents")) == 0
     assert list(_manifest(run_dir)["stages"]) == ["reduce-decoder", "decoder-latents"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["decoder-latents", "manifest.json", "recipe.json",
-                                                         "reduce-decoder"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".manifest.lock", "decoder-latents", "manifest.json",
+                                                         "recipe.json", "reduce-decoder"]
     assert main(_args(teacher, run_dir, "--stages", "distill-decoder")) == 0
     assert _manifest(run_dir)["stages"]["distill-decoder"]["status"] == "done"
     capsys.readouterr()
@@ -216,6 +219,50 @@ def test_bad_options_are_one_line_errors_before_any_work(teacher, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_given_architecture_decoder_and_prior_and_a_frontier_student(run, teacher, tmp_path, capsys):
+    """--architecture LOG replays an evolution found earlier (no robust training, no search); --decoder and --prior
+    reuse parts; --ship distill-half assembles the n/2-step student; two processes with disjoint --stages share one
+    run folder and its manifest."""
+    import os
+    import subprocess
+    import sys
+
+    log = run / "evolve/evolve.jsonl"
+    run_dir = tmp_path / "given"
+    given = ["--architecture", str(log), "--decoder", str(run / "distill-decoder/final"), "--prior",
+             str(run / "train-prior/prior")]
+    base = [sys.executable, "-m", "snapfusion.cli", *_args(teacher, run_dir, *given)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([*base, "--stages", "bench-blocks,evolve,evolve-apply,kd-finetune"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.run([*base, "--stages", "v-teacher"], env=env, capture_output=True, text=True, timeout=600)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0 and second.returncode == 0, out[-2000:] + second.stderr[-2000:]
+    stages = _manifest(run_dir)["stages"]
+    assert set(stages) == {"bench-blocks", "evolve", "evolve-apply", "kd-finetune", "v-teacher"}  # none lost
+    assert stages["evolve"]["metrics"]["rule"] == "given log" and stages["evolve"]["inputs"]["log"]["path"] == str(log)
+    assert UNet.load(run_dir / "evolve-apply/unet").config == UNet.load(run / "evolve-apply/unet").config
+    assert not (run_dir / "robust-train").exists()
+    assert main(_args(teacher, run_dir, *given, "--ship", "distill-half")) == 0
+    out = capsys.readouterr().out
+    ran = set(_manifest(run_dir)["stages"])
+    assert ran == {"bench-blocks", "evolve", "evolve-apply", "kd-finetune", "v-teacher", "distill", "distill-half",
+                   "assemble", "eval"}, ran
+    assert out.count("inputs unchanged: skipped") == 5
+    pipe = Pipeline.load(run_dir / "assemble/pipeline")
+    assert pipe.config.steps == 4 and pipe.decoder.config == load_decoder(run / "distill-decoder/final").config
+    _same_tensors(pipe.prior.state_dict(), LayoutPrior.load(run / "train-prior/prior").state_dict())
+    half = json.loads((run_dir / "distill-half/run_config.json").read_text())
+    assert half["task"]["student_steps"] == 4 and half["task"]["source"]["teacher_unet"].endswith("distill/final")
+    for extra, message in ((["--architecture", str(tmp_path / "nope.jsonl")], "no such evolution log"),
+                           (["--decoder", str(tmp_path)], "no config.json there"),
+                           (["--ship", "bogus"], "invalid choice")):
+        assert main(_args(teacher, tmp_path / "never", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
 
 
 @pytest.mark.slow
@@ -267,14 +314,15 @@ def test_the_recipe_on_your_own_images(teacher, tmp_path, capsys):
     run_dir = tmp_path / "own"
     assert main(_args(teacher, run_dir, "--data", str(data), "--architecture", "bk-sdm")) == 0
     stages = _manifest(run_dir)["stages"]
-    assert list(stages) == list(STAGE_NAMES) and all(e["status"] == "done" for e in stages.values())
+    assert list(stages) == [n for n in STAGE_NAMES if n not in ("v-student", "distill-guidance", "distill-half")]
+    assert all(e["status"] == "done" for e in stages.values())
     digest = sha256_path(data / "metadata.jsonl")
-    for name in ("robust-train", "evolve", "kd-finetune", "v-teacher", "v-student", "distill", "train-prior", "eval"):
+    for name in ("robust-train", "evolve", "kd-finetune", "v-teacher", "distill", "train-prior", "eval"):
         assert stages[name]["inputs"]["data"]["sha256"] == digest, name
     for name in ("decoder-latents", "distill-decoder"):  # their prompts: the folder's captions
         assert stages[name]["inputs"]["prompts"]["sha256"] == digest, name
     assert _manifest(run_dir)["recipe"]["data_folder"] == str(data)
-    for name in ("robust-train", "kd-finetune", "v-teacher", "v-student", "distill"):
+    for name in ("robust-train", "kd-finetune", "v-teacher", "distill"):
         assert json.dumps(str(data)) in (run_dir / name / "run_config.json").read_text(), name  # trained on it
     # the architecture: BK-SDM's fixed rule, replayed on the teacher's weights
     assert stages["evolve"]["metrics"]["rule"] == "bk-sdm" and stages["evolve"]["metrics"]["removed"] == 14

@@ -15,7 +15,8 @@ def _config(a: argparse.Namespace):
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages else ()
     return recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
                          latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages,
-                         data_folder=a.data, prompts=a.prompts, architecture=a.architecture)
+                         data_folder=a.data, prompts=a.prompts, architecture=a.architecture, decoder=a.decoder,
+                         prior=a.prior, ship=a.ship)
 
 
 def check_compress(a: argparse.Namespace) -> None:
@@ -73,9 +74,19 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--prompts", default=None, metavar="FILE", help="the decoder's teacher latents (and the own-data "
                    "evaluation) from these prompts: a text file, a .jsonl or an image folder (default: --data's "
                    "captions, else scene captions)")
-    c.add_argument("--architecture", choices=["evolve", "bk-sdm"], default="evolve", help="evolve: SnapFusion "
+    c.add_argument("--architecture", default="evolve", metavar="evolve|bk-sdm|LOG.jsonl", help="evolve: SnapFusion "
                    "Alg. 1 to --latency-budget, scored by the scene evaluators; bk-sdm: BK-SDM's fixed removal of one "
-                   "layer per stage (no scoring, no budget search) (default %(default)s)")
+                   "layer per stage (no scoring, no budget search); an evolution log (evolve.jsonl) found earlier: "
+                   "replayed on the teacher's weights, no robust training, no search (default %(default)s)")
+    c.add_argument("--decoder", default=None, metavar="FOLDER", help="use this distilled decoder (e.g. one an "
+                   "earlier run made from the same teacher decoder) instead of the three decoder stages")
+    c.add_argument("--prior", default=None, metavar="FOLDER|teacher", help="use this layout prior ('teacher': the "
+                   "teacher's own prior/, valid because the student reads the teacher's text tower) instead of "
+                   "train-prior")
+    c.add_argument("--ship", choices=["distill", "distill-guidance", "distill-half"], default="distill",
+                   help="the student assembled: distill (n steps, two UNet calls per guided step), distill-guidance "
+                   "(the guidance scale embedded: one call per step) or distill-half (n/2 steps); the stage it names "
+                   "then runs in the chain (default %(default)s)")
     c.set_defaults(func=cmd_compress, check=check_compress)
 
 

@@ -3,6 +3,7 @@ GPU-minutes, status and metrics. Written atomically (a temporary file, fsync, th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -67,6 +68,26 @@ def read(run_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def locked(run_dir: str | os.PathLike):
+    """Hold an exclusive lock on the run folder's manifest (POSIX ``flock``; elsewhere nothing): two compress
+    processes on one run folder with disjoint ``--stages`` (the teacher's v fine-tune beside the student's) never
+    lose each other's entries."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per run folder
+        yield
+        return
+    path = Path(run_dir) / ".manifest.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write(run_dir: str | os.PathLike, data: dict[str, Any]) -> None:
     """Replace the manifest atomically: a reader sees the old or the new file, never a part."""
     atomic_write_text(Path(run_dir) / MANIFEST, json.dumps({**data, "updated": now()}, indent=1) + "\n")
@@ -91,11 +112,12 @@ def record(run_dir: str | os.PathLike, stage: str, entry: dict[str, Any], *, acc
     those of the stage's earlier invocations from the same inputs; ``new_invocation``: count one more."""
     if entry["status"] not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {entry['status']!r}")
-    data = read(run_dir)
-    old = (data["stages"].get(stage) or {}) if accumulate else {}
-    entry = {**entry, "wall_s": round(old.get("wall_s", 0.0) + entry["wall_s"], 2),
-             "gpu_minutes": round(old.get("gpu_minutes", 0.0) + entry["gpu_minutes"], 3),
-             "invocations": old.get("invocations", 0) + (1 if new_invocation else 0)}
-    data["stages"][stage] = entry
-    write(run_dir, data)
+    with locked(run_dir):
+        data = read(run_dir)
+        old = (data["stages"].get(stage) or {}) if accumulate else {}
+        entry = {**entry, "wall_s": round(old.get("wall_s", 0.0) + entry["wall_s"], 2),
+                 "gpu_minutes": round(old.get("gpu_minutes", 0.0) + entry["gpu_minutes"], 3),
+                 "invocations": old.get("invocations", 0) + (1 if new_invocation else 0)}
+        data["stages"][stage] = entry
+        write(run_dir, data)
     return entry

@@ -12,7 +12,7 @@ import torch
 from snapfusion.compress.core import (Budget, StageResult, device_of, loop_config, prompt_source, resuming, stage_dir,
                                       teacher_dir, teacher_part, training_result)
 from snapfusion.compress.settings import RecipeConfig
-from snapfusion.compress.unet_stages import STUDENT, TABLE
+from snapfusion.compress.unet_stages import TABLE
 
 REDUCED = "reduce-decoder/decoder"
 LATENTS = "decoder-latents/latents.safetensors"
@@ -20,6 +20,29 @@ DECODER = "distill-decoder/final"
 PRIOR = "train-prior/prior"
 PIPELINE = "assemble/pipeline"
 DATA_SEED = 5  # the prompt stream of the decoder's latents (distill-decoder's default)
+
+
+def shipped_unet(config: RecipeConfig, run_dir: Path) -> Path:
+    """The UNet folder the pipeline is assembled from (``--ship``)."""
+    return Path(run_dir) / config.ship / "final"
+
+
+def shipped_steps(config: RecipeConfig) -> int:
+    """The shipped UNet's sampling steps: n, or n/2 for the halved student."""
+    n = config.scale.student_steps
+    return n // 2 if config.ship == "distill-half" else n
+
+
+def decoder_of(config: RecipeConfig, run_dir: Path) -> Path:
+    """The decoder assembled: ``--decoder`` or the distilled one."""
+    return Path(config.decoder) if config.decoder else Path(run_dir) / DECODER
+
+
+def prior_of(config: RecipeConfig, run_dir: Path) -> Path | None:
+    """The layout prior assembled: ``--prior`` ('teacher': the teacher's prior/), or the trained one."""
+    if config.prior == "teacher":
+        return teacher_dir(config) / "prior"
+    return Path(config.prior) if config.prior else Path(run_dir) / PRIOR
 
 
 def _latent_source(config: RecipeConfig):
@@ -105,12 +128,13 @@ def assemble(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult
     from snapfusion.prior import LayoutPrior
 
     teacher = Pipeline.load(teacher_dir(config))
-    pipe_cfg = dataclasses.replace(teacher.config, name="snapfusion", steps=config.scale.student_steps, sampler="ddim",
+    pipe_cfg = dataclasses.replace(teacher.config, name="snapfusion", steps=shipped_steps(config), sampler="ddim",
                                    timestep_spacing="trailing")
-    unet = UNet.load(run_dir / STUDENT)
-    pipe = Pipeline(load_text_encoder(teacher_part(config, "text_encoder")), unet, load_decoder(run_dir / DECODER),
-                    pipe_cfg, encoder=load_autoencoder(teacher_part(config, "vae_encoder"), Encoder),
-                    prior=LayoutPrior.load(run_dir / PRIOR))
+    unet = UNet.load(shipped_unet(config, run_dir))
+    pipe = Pipeline(load_text_encoder(teacher_part(config, "text_encoder")), unet,
+                    load_decoder(decoder_of(config, run_dir)), pipe_cfg,
+                    encoder=load_autoencoder(teacher_part(config, "vae_encoder"), Encoder),
+                    prior=LayoutPrior.load(prior_of(config, run_dir)))
     out = pipe.save(run_dir / PIPELINE, dtype=torch.float16)
     table = load_table(run_dir / TABLE)
     ms, teacher_ms = predict_ms(unet.config, table)[0], predict_ms(teacher.unet.config, table)[0]
@@ -155,7 +179,7 @@ def evaluate_own_data(config: RecipeConfig, run_dir: Path, budget: Budget) -> St
     captions = read_prompts(prompt_source(config))[: e.prompts]
     prompts = [p for p in captions for _ in range(e.seeds_per_prompt)]
     seeds = [s for _ in captions for s in range(e.seeds_per_prompt)]
-    runs = {"student": (run_dir / PIPELINE, config.scale.student_steps)}
+    runs = {"student": (run_dir / PIPELINE, shipped_steps(config))}
     if e.teacher_steps:
         runs["teacher"] = (teacher_dir(config), e.teacher_steps)
     images, metrics, outputs = {}, {"evaluation": OWN_DATA}, {}
@@ -194,7 +218,7 @@ def evaluate(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult
     from snapfusion.pipeline import Pipeline, to_pil
 
     e, device, folder = config.scale.evaluation, device_of(config), stage_dir(run_dir, "eval")
-    runs = {"student": (run_dir / PIPELINE, config.scale.student_steps)}
+    runs = {"student": (run_dir / PIPELINE, shipped_steps(config))}
     if e.teacher_steps:
         runs["teacher"] = (teacher_dir(config), e.teacher_steps)
     metrics, outputs = {}, {}

@@ -24,7 +24,7 @@ from snapfusion.compress import pipeline_stages as ps
 from snapfusion.compress import unet_stages as us
 from snapfusion.compress.core import (Budget, StageResult, data_inputs, device_of, gpu_count, teacher_dir, teacher_part,
                                       world)
-from snapfusion.compress.settings import ARCHITECTURES, RecipeConfig, scale_preset
+from snapfusion.compress.settings import ARCHITECTURES, SHIPPABLE, RecipeConfig, scale_preset
 from snapfusion.config import format_config, save_json, to_dict
 from snapfusion.errors import InputError, WeightsError
 from snapfusion.fileio import trash
@@ -66,8 +66,7 @@ STAGES: tuple[Stage, ...] = (
                      "device": device_of(c).split(":")[0]}, False, "§3.1 latency lookup table"),
     Stage("robust-train", us.robust_train, lambda c, r: {"teacher_unet": _t(c, "unet"), **_frozen(c)},
           lambda c: _common(c, "robust"), True, "§3.1 robust training"),
-    Stage("evolve", us.evolve, lambda c, r: {"table": r / us.TABLE, "start": r / us.ROBUST, "teacher": teacher_dir(c),
-                                            **data_inputs(c)},
+    Stage("evolve", us.evolve, lambda c, r: _evolve_inputs(c, r),
           lambda c: {**_common(c, "evolution"), "latency_budget": c.latency_budget, "architecture": c.architecture},
           False, "§3.1 architecture evolution (Alg. 1)"),
     Stage("evolve-apply", us.evolve_apply, lambda c, r: {"log": r / "evolve" / "evolve.jsonl", "table": r / us.TABLE,
@@ -80,10 +79,20 @@ STAGES: tuple[Stage, ...] = (
           lambda c: _common(c, "v_teacher"), True, "§4 v-prediction fine-tuning (teacher)"),
     Stage("v-student", us.v_student, lambda c, r: {"unet": r / us.KD, "teacher": teacher_dir(c), **data_inputs(c)},
           lambda c: _common(c, "v_student"), True, "§4 v-prediction fine-tuning (student)"),
-    Stage("distill", us.distill, lambda c, r: {"teacher_unet": r / us.V_TEACHER, "student_unet": r / us.V_STUDENT,
-                                              "teacher": teacher_dir(c), **data_inputs(c)},
+    Stage("distill", us.distill, lambda c, r: {"teacher_unet": r / us.V_TEACHER,
+                                              "student_unet": r / us.distill_student(c), "teacher": teacher_dir(c),
+                                              **data_inputs(c)},
           lambda c: _common(c, "distill", "student_steps", "cfg_prob", "feature_weight"), True,
           "§4 step distillation 16 -> 8 (vanilla + CFG-aware)"),
+    Stage("distill-guidance", us.distill_guidance,
+          lambda c, r: {"teacher_unet": r / us.V_TEACHER, "student_unet": r / us.STUDENT, "teacher": teacher_dir(c),
+                        **data_inputs(c)},
+          lambda c: _common(c, "guidance_student", "guidance_range", "student_steps"), True,
+          "guidance-embedded student, one UNet call per step (Meng et al. 2023; not in the paper)"),
+    Stage("distill-half", us.distill_half, lambda c, r: {"teacher_unet": r / us.STUDENT, "teacher": teacher_dir(c),
+                                                        **data_inputs(c)},
+          lambda c: _common(c, "half", "student_steps", "cfg_prob", "feature_weight"), True,
+          "§4 step distillation again, n -> n/2"),
     Stage("reduce-decoder", ps.reduce_decoder, lambda c, r: {"teacher_decoder": _t(c, "vae_decoder")},
           lambda c: {"ratio": c.scale.decoder.ratio}, False, "§3.2 decoder channel reduction"),
     Stage("decoder-latents", ps.decoder_latents, lambda c, r: {"teacher": teacher_dir(c),
@@ -97,13 +106,38 @@ STAGES: tuple[Stage, ...] = (
           lambda c: {"prior": to_dict(c.scale.prior), "num_emoji": c.scale.common.num_emoji}, False,
           "layout prior (not in the paper)"),
     Stage("assemble", ps.assemble,
-          lambda c, r: {"unet": r / us.STUDENT, "decoder": r / ps.DECODER, "prior": r / ps.PRIOR, "table": r / us.TABLE,
-                        "teacher": teacher_dir(c)},
-          lambda c: {"student_steps": c.scale.student_steps}, False, "the SnapFusion pipeline"),
+          lambda c, r: {"unet": ps.shipped_unet(c, r), "decoder": ps.decoder_of(c, r), "prior": ps.prior_of(c, r),
+                        "table": r / us.TABLE, "teacher": teacher_dir(c)},
+          lambda c: {"student_steps": ps.shipped_steps(c)}, False, "the SnapFusion pipeline"),
     Stage("eval", ps.evaluate, lambda c, r: {"pipeline": r / ps.PIPELINE, "teacher": teacher_dir(c), **_own_data(c)},
-          lambda c: _common(c, "evaluation", "student_steps"), False, "§5 evaluation"),
+          lambda c: {**_common(c, "evaluation"), "student_steps": ps.shipped_steps(c)}, False, "§5 evaluation"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _evolve_inputs(config: RecipeConfig, run_dir: Path) -> dict[str, Path]:
+    """Evolution reads the latency table, the robust-trained start and the teacher; a given log only the log, the
+    table and the teacher UNet."""
+    if us.is_log(config.architecture):
+        return {"log": Path(config.architecture), "table": run_dir / us.TABLE, "teacher_unet": _t(config, "unet")}
+    return {"table": run_dir / us.TABLE, "start": run_dir / us.ROBUST, "teacher": teacher_dir(config),
+            **data_inputs(config)}
+
+
+def unneeded(config: RecipeConfig) -> set[str]:
+    """Stages the default chain leaves out for this config: robust training with a given architecture, the decoder
+    stages with a given decoder, the prior with a given prior, v-student when the KD fine-tune already predicts v,
+    and the frontier students that are not the one shipped."""
+    out = {"distill-guidance", "distill-half"} - {config.ship}
+    if us.is_log(config.architecture):
+        out.add("robust-train")
+    if config.decoder:
+        out |= {"reduce-decoder", "decoder-latents", "distill-decoder"}
+    if config.prior:
+        out.add("train-prior")
+    if config.scale.kd_prediction == "v_prediction":
+        out.add("v-student")
+    return out
 
 
 def recipe_config(teacher: str, run_dir: str, *, scale: str = "full", num_emoji: int | None = -1,
@@ -136,7 +170,9 @@ def check(config: RecipeConfig) -> list[Stage]:
         if not (teacher_part(config, part) / "config.json").is_file():
             raise WeightsError(f"--teacher {config.teacher}: the pipeline has no {part}/ (the recipe trains in its "
                                "latent space: assemble it with its VAE encoder)")
-    chosen = [s for s in STAGES if not config.stages or s.name in config.stages]
+    skipped = unneeded(config)
+    chosen = [s for s in STAGES if s.name in config.stages] if config.stages else [
+        s for s in STAGES if s.name not in skipped]
     _check_data(config, {s.name for s in chosen})
     run_dir, made = Path(config.run_dir), set()
     for stage in chosen:
@@ -154,14 +190,25 @@ def _check_data(config: RecipeConfig, names: set[str]) -> None:
     your own data (its candidates are scored by the scene evaluators) unless the BK-SDM rule is asked for."""
     from snapfusion.data.folder import ImageCaptionFolder, read_prompts
 
-    if config.architecture not in ARCHITECTURES:
-        raise InputError(f"--architecture {config.architecture!r}: unknown (known: {', '.join(ARCHITECTURES)})")
+    if us.is_log(config.architecture):
+        if not Path(config.architecture).is_file():
+            raise InputError(f"--architecture {config.architecture}: no such evolution log")
+    elif config.architecture not in ARCHITECTURES:
+        raise InputError(f"--architecture {config.architecture!r}: unknown (known: {', '.join(ARCHITECTURES)}, or an "
+                         "evolution log .jsonl)")
+    if config.ship not in SHIPPABLE:
+        raise InputError(f"--ship {config.ship!r}: unknown (known: {', '.join(SHIPPABLE)})")
+    given = {"--decoder": config.decoder and Path(config.decoder),
+             "--prior": config.prior and ps.prior_of(config, Path(config.run_dir))}
+    for name, path in given.items():
+        if path and not (path / "config.json").is_file():
+            raise InputError(f"{name} {path}: no config.json there (a {name[2:]} folder)")
     if config.prompts:
         read_prompts(config.prompts)
     if not config.data_folder:
         return
     images = len(ImageCaptionFolder(config.data_folder, config.scale.common.image_size))
-    if "evolve" in names and config.architecture == "evolve":
+    if "evolve" in names and config.architecture == "evolve":  # a given log or bk-sdm is not scored
         raise InputError("--data: evolution scores its candidates with the shipped scene evaluators, which know "
                          "nothing of your images; pass --architecture bk-sdm (BK-SDM's fixed block removal, no "
                          "latency search) or leave evolve out of --stages")
@@ -240,8 +287,8 @@ def run_recipe(config: RecipeConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         print(f"[compress] recipe config:\n{format_config(config)}", flush=True)
         save_json(config, run_dir / "recipe.json")
-        data = mf.read(run_dir)
-        mf.write(run_dir, {**data, "recipe": to_dict(config)})
+        with mf.locked(run_dir):
+            mf.write(run_dir, {**mf.read(run_dir), "recipe": to_dict(config)})
     cache: dict[Path, str] = {}
     ran = False
     for i, stage in enumerate(chosen):

@@ -103,12 +103,19 @@ class Scale:
     robust: Train = field(default_factory=lambda: Train(steps=450, batch=64, lr=5e-5, warmup=200, ema=0.0,
                                                         latent_pool=16384))
     evolution: Evolution = field(default_factory=Evolution)
-    kd: Train = field(default_factory=lambda: Train(steps=3086, batch=64, lr=1e-4, latent_pool=16384))
+    kd: Train = field(default_factory=lambda: Train(steps=1800, batch=64, lr=1e-4, warmup=100, latent_pool=16384))
     kd_feature_weight: float = 1.0  # BK-SDM feature KD: what brought the 20 % UNet to the base (docs/efficient_unet.md)
-    v_teacher: Train = field(default_factory=lambda: Train(steps=2686, batch=64, lr=5e-5, latent_pool=16384))
+    kd_prediction: str = "v_prediction"  # kd-finetune trains the student to v directly (v-student is then not run);
+                                         # "epsilon": eps with KD, then v-student (the paper's order)
+    v_teacher: Train = field(default_factory=lambda: Train(steps=1500, batch=64, lr=5e-5, latent_pool=16384))
     v_student: Train = field(default_factory=lambda: Train(steps=1048, batch=64, lr=1e-4, warmup=200, ema=0.999))
     distill: Train = field(default_factory=lambda: Train(steps=600, batch=32, lr=1e-4, warmup=200, ema=0.995,
                                                          latent_pool=8192))
+    guidance_student: Train = field(default_factory=lambda: Train(steps=500, batch=32, lr=1e-4, warmup=100,
+                                                                  ema=0.995, latent_pool=8192))
+    guidance_range: tuple[float, float] = (1.0, 14.0)   # the guidance-embedded student's w ~ U[1, 14]
+    half: Train = field(default_factory=lambda: Train(steps=400, batch=32, lr=1e-4, warmup=100, ema=0.995,
+                                                      latent_pool=8192))
     student_steps: int = 8          # the teacher runs 2x as many (16 -> 8)
     cfg_prob: float = 0.1           # SnapFusion §4: L_cfg with p = 0.1, else L_vani
     feature_weight: float = 0.5     # the distillation's feature term (docs/step_distillation.md)
@@ -128,7 +135,7 @@ def _tiny() -> Scale:
         robust=replace(few, ema=0.0),
         evolution=Evolution(iterations=2, actions_per_step=2, num_prompts=2, eval_steps=2, eval_batch=2,
                             guidance=3.0, chunk_steps=1, chunk_batch=2, chunk_lr=1e-3),
-        kd=few, v_teacher=few, v_student=few, distill=few,
+        kd=few, v_teacher=few, v_student=few, distill=few, guidance_student=few, half=few,
         decoder=Decoder(latents=4, latent_steps=2, latent_batch=4, train=few),
         prior=Prior(scenes=20, steps=4, batch=8, eval_every=2, encode_size=32, calibrate=4),
         evaluation=Evaluation(prompts=2, seeds_per_prompt=1, guidance=3.0, teacher_steps=2, batch=2),
@@ -160,7 +167,13 @@ class RecipeConfig:
     data_folder: str | None = None   # your own images (images + metadata.jsonl) in place of the built-in scenes
     prompts: str | None = None       # the decoder's and own-data evaluation's prompts (a prompt file or an image
                                      # folder); None: data_folder's captions, else the scenes'
-    architecture: str = "evolve"     # "evolve": Alg. 1 scored by the scene evaluators; "bk-sdm": BK-SDM's fixed rule
+    architecture: str = "evolve"     # "evolve": Alg. 1 scored by the scene evaluators; "bk-sdm": BK-SDM's fixed rule;
+                                     # or an evolution log (.jsonl) found earlier, replayed on the teacher's weights
+    decoder: str | None = None       # a distilled decoder folder to use instead of the three decoder stages
+    prior: str | None = None         # a layout prior folder ("teacher": the teacher's prior/) instead of train-prior
+    ship: str = "distill"            # the UNet assembled: distill (n steps, two calls per step with guidance),
+                                     # distill-guidance (guidance embedded: one call) or distill-half (n/2 steps)
 
 
 ARCHITECTURES = ("evolve", "bk-sdm")
+SHIPPABLE = ("distill", "distill-guidance", "distill-half")

@@ -22,6 +22,18 @@ KD = "kd-finetune/final"
 V_TEACHER = "v-teacher/final"
 V_STUDENT = "v-student/final"
 STUDENT = "distill/final"
+GUIDANCE_STUDENT = "distill-guidance/final"
+HALF_STUDENT = "distill-half/final"
+
+
+def is_log(architecture: str) -> bool:
+    """True when ``--architecture`` names an evolution log to replay rather than a way to find one."""
+    return architecture.endswith(".jsonl")
+
+
+def distill_student(config: RecipeConfig) -> str:
+    """The distillation's start: the KD fine-tune itself when it already predicts v, else its v fine-tune."""
+    return KD if config.scale.kd_prediction == "v_prediction" else V_STUDENT
 
 
 def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
@@ -145,6 +157,32 @@ def fixed_rule(config: RecipeConfig, run_dir: Path) -> StageResult:
         f"(budget {config.latency_budget:.0%} not searched for)")
 
 
+def given_log(config: RecipeConfig, run_dir: Path) -> StageResult:
+    """An architecture found earlier (``--architecture LOG.jsonl``): the log is checked by replaying it on the teacher
+    UNet and kept as this run's evolution log; no robust training, no scoring."""
+    import shutil
+
+    from snapfusion.evolve.evolution import LOG, read_log, replay
+    from snapfusion.evolve.latency import load_table, predict_ms
+    from snapfusion.evolve.robust import load_matching
+    from snapfusion.models.unet import UNet
+
+    folder, init = stage_dir(run_dir, "evolve"), teacher_part(config, "unet")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config.architecture, folder / (LOG + ".tmp"))
+    (folder / (LOG + ".tmp")).replace(folder / LOG)
+    start = load_matching(UNet(unet_config_of(init)), init)
+    model, n = replay(read_log(folder), start)
+    model.save(folder / "final")
+    table = load_table(run_dir / TABLE)
+    start_ms, final_ms = predict_ms(start.config, table)[0], predict_ms(model.config, table)[0]
+    return StageResult("done", {"log": str(folder / LOG), "unet": str(folder / "final")}, {
+        "rule": "given log", "actions": n, "start_ms": start_ms, "final_ms": final_ms,
+        "final_fraction": final_ms / start_ms, "within_budget": final_ms <= config.latency_budget * start_ms},
+        f"architecture replayed from {config.architecture}: {final_ms / start_ms:.0%} of the teacher's latency on "
+        "this table (no search)")
+
+
 def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """SnapFusion Alg. 1: remove the lowest-ΔCLIP/ΔLatency blocks while over the budget, add the best copies under
     (``architecture`` "bk-sdm": BK-SDM's fixed rule instead, ``fixed_rule``)."""
@@ -160,6 +198,8 @@ def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
 
     if config.architecture == "bk-sdm":
         return fixed_rule(config, run_dir)
+    if is_log(config.architecture):
+        return given_log(config, run_dir)
     e, device, folder = config.scale.evolution, device_of(config), stage_dir(run_dir, "evolve")
     pipe = resolve_model(str(teacher_dir(config)), device=device)
     start = load_matching(UNet(unet_config_of(run_dir / ROBUST)), run_dir / ROBUST).to(device)
@@ -205,11 +245,15 @@ def evolve_apply(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageRe
 
 
 def kd_finetune(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """Fine-tune the evolved UNet: eps loss + output KD + feature KD from the teacher UNet (BK-SDM's)."""
+    """Fine-tune the evolved UNet with output KD + feature KD from the teacher UNet (BK-SDM's): to v-prediction
+    directly (``kd_prediction`` "v_prediction", the implied eps against the teacher's), or with the eps loss."""
     from snapfusion.evolve.robust import RobustConfig, RobustTask, RobustTaskConfig
     from snapfusion.train.loop import train
 
     s, folder, init = config.scale.kd, stage_dir(run_dir, "kd-finetune"), run_dir / EVOLVED
+    if config.scale.kd_prediction == "v_prediction":
+        return _v_finetune(config, run_dir, budget, "kd-finetune", str(init), seed=2, train=s,
+                           kd_unet=str(teacher_part(config, "unet")), kd_feature_weight=config.scale.kd_feature_weight)
     unet = unet_task(config, unet_config_of(init), latent_pool=s.latent_pool, kd_unet=str(teacher_part(config, "unet")),
                      kd_weight=1.0, kd_feature_weight=config.scale.kd_feature_weight)
     task = RobustTaskConfig(unet=unet, init=str(init), robust=RobustConfig(1.0, 1.0))
@@ -219,16 +263,16 @@ def kd_finetune(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageRes
 
 
 def _v_finetune(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, source_unet: str | None,
-                seed: int) -> StageResult:
+                seed: int, train=None, **kd) -> StageResult:
     from snapfusion.data import SceneConfig
     from snapfusion.distill.stages import finetune_v
     from snapfusion.distill.tasks import ModelSource, VFinetuneConfig
 
-    s = config.scale.v_teacher if source_unet is None else config.scale.v_student
+    s = train or (config.scale.v_teacher if source_unet is None else config.scale.v_student)
     c, folder = config.scale.common, stage_dir(run_dir, name)
     cfg = VFinetuneConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=source_unet),
                           image_size=c.image_size, data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
-                          latent_pool=s.latent_pool, pool_workers=c.num_workers, data_folder=config.data_folder)
+                          latent_pool=s.latent_pool, pool_workers=c.num_workers, data_folder=config.data_folder, **kd)
     finetune_v(loop_config(config, folder, s, budget, seed=seed), cfg, resume=resuming(folder))
     return training_result(folder, s, {"unet": str(folder / "final")})
 
@@ -243,18 +287,39 @@ def v_student(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResul
     return _v_finetune(config, run_dir, budget, "v-student", str(run_dir / KD), seed=4)
 
 
-def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """SnapFusion §4: direct step distillation 16 -> 8, vanilla and CFG-aware losses mixed, L_ori, the feature term."""
+def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, *, teacher_unet: str,
+             student_unet: str, seed: int, **options) -> StageResult:
     from snapfusion.data import SceneConfig
     from snapfusion.distill.stages import distill_steps
     from snapfusion.distill.tasks import DistillConfig, ModelSource
 
-    s, c, folder = config.scale.distill, config.scale.common, stage_dir(run_dir, "distill")
-    cfg = DistillConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=str(run_dir / V_TEACHER)),
-                        student_unet=str(run_dir / V_STUDENT), student_steps=config.scale.student_steps,
-                        cfg_prob=config.scale.cfg_prob, guidance_range=(2.0, 14.0), ori_weight=0.2,
-                        image_size=c.image_size, data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
+    c, folder = config.scale.common, stage_dir(run_dir, name)
+    settings = dict(student_steps=config.scale.student_steps, cfg_prob=config.scale.cfg_prob,
+                    guidance_range=(2.0, 14.0), ori_weight=0.2, feature_weight=config.scale.feature_weight)
+    cfg = DistillConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=str(run_dir / teacher_unet)),
+                        student_unet=str(run_dir / student_unet), image_size=c.image_size,
+                        data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
                         latent_pool=s.latent_pool, pool_workers=c.num_workers, data_folder=config.data_folder,
-                        feature_weight=config.scale.feature_weight)
-    distill_steps(loop_config(config, folder, s, budget, seed=5), cfg, resume=resuming(folder))
-    return training_result(folder, s, {"unet": str(run_dir / STUDENT)})
+                        **{**settings, **options})
+    distill_steps(loop_config(config, folder, s, budget, seed=seed), cfg, resume=resuming(folder))
+    return training_result(folder, s, {"unet": str(folder / "final")})
+
+
+def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """SnapFusion §4: direct step distillation 16 -> 8, vanilla and CFG-aware losses mixed, L_ori, the feature term."""
+    return _distill(config, run_dir, budget, "distill", config.scale.distill, teacher_unet=V_TEACHER,
+                    student_unet=distill_student(config), seed=5)
+
+
+def distill_guidance(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """The guidance-embedded student (Meng et al. 2023): the distilled student given w as an input, trained so that
+    one call at w does two guided steps of the v teacher (one UNet call per step instead of two)."""
+    return _distill(config, run_dir, budget, "distill-guidance", config.scale.guidance_student,
+                    teacher_unet=V_TEACHER, student_unet=STUDENT, seed=7, guidance_embed=True, cfg_prob=1.0,
+                    guidance_range=config.scale.guidance_range, ori_weight=0.0, feature_weight=0.0)
+
+
+def distill_half(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
+    """Half the steps again (8 -> 4): the distilled student is the teacher of its own n/2-step copy."""
+    return _distill(config, run_dir, budget, "distill-half", config.scale.half, teacher_unet=STUDENT,
+                    student_unet=STUDENT, seed=8, student_steps=config.scale.student_steps // 2)
