@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.prior import start_shift
 from snapfusion.sampling import Denoiser, cfg_mix, guided, sample_ddim
+from snapfusion.validation import check_negative_prompt_fits
 
 SDPA = ("default", "flash", "efficient", "cudnn", "math", "tuned")
 MAX_RUNNERS = 2  # runners (static buffers and graphs) kept per pipeline: each holds its graphs' memory
@@ -246,6 +247,7 @@ class Runner:
         self.schedule = _on_device(pipe.schedule, dev)
         self.scale = None if guidance == 1.0 else float(guidance)
         self.embedded = bool(getattr(pipe.unet.config, "guidance_embed", False))
+        check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embedded, model=pipe.config.name)
         down = pipe.decoder.config.downscale
         self.ids = torch.full((batch, pipe.tokenizer.max_length), pipe.tokenizer.eos_id, dtype=torch.long,
                               device=dev)  # (B, 77)

@@ -29,7 +29,7 @@ from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, sa
 from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.prior import LayoutPrior, start_shift
-from snapfusion.sampling import Denoiser, guided, initial_noise, sample_ddim, sample_dpmpp_2m
+from snapfusion.sampling import Denoiser, ModelFn, Scale, guided, initial_noise, sample_ddim, sample_dpmpp_2m
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, dpm_timesteps
 from snapfusion.validation import MAX_PROMPT_CHARS  # noqa: F401  (re-exported)
 
@@ -212,10 +212,35 @@ class Pipeline:
         ids = self.tokenizer(list(prompts)).to(self.device)
         return self.text_encoder(ids).to(self.dtype)
 
-    def denoiser(self, skip=None) -> Denoiser:
-        """The schedule wrapper around the UNet (optionally with blocks skipped by name)."""
-        network = (lambda z, t, c: self.unet(z, t, c, skip=skip)) if skip else self.unet
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the UNet takes the guidance scale as an input (one call per step, no unconditional pass)."""
+        return bool(getattr(self.unet.config, "guidance_embed", False))
+
+    def denoiser(self, skip=None, *, guidance: Scale = None) -> Denoiser:
+        """The schedule wrapper around the UNet (optionally with blocks skipped by name). ``guidance`` (a scalar or
+        (B,)): the scale a guidance-embedded UNet takes as its input; required there, refused elsewhere."""
+        if self.embeds_guidance != (guidance is not None):
+            raise ConfigError(f"{self.config.name}: " + ("its UNet embeds the guidance scale: pass guidance= (one "
+                              "call per step, no cond/uncond mix)" if self.embeds_guidance else
+                              "guidance= is for guidance-embedded UNets; mix cond and uncond with sampling.guided"))
+        if guidance is None:
+            network = (lambda z, t, c: self.unet(z, t, c, skip=skip)) if skip else self.unet
+        else:
+            w = torch.as_tensor(guidance, dtype=torch.float32, device=self.device)  # () or (B,), fp32 as fast.py's
+
+            def network(z, t, c):
+                return self.unet(z, t, c, skip=skip, guidance=w.expand(z.shape[0]) if w.ndim == 0 else w)
         return Denoiser(network, self.schedule, self.unet.config.prediction_type, input_dtype=self.dtype)
+
+    def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Scale, skip=None) -> ModelFn:
+        """The sampler's model function at guidance ``guidance`` (a scalar or (B,)): classifier-free guidance over
+        cond and uncond (``sampling.guided``), or, for a guidance-embedded UNet, one call on cond with w as its input
+        (``uncond`` unused; w = 1 is an input too)."""
+        if self.embeds_guidance:
+            denoiser = self.denoiser(skip, guidance=1.0 if guidance is None else guidance)
+            return lambda z, t: denoiser(z, t, cond)
+        return guided(self.denoiser(skip), cond, uncond, guidance)
 
     def timesteps(self, steps: int, sampler: Sampler) -> torch.Tensor:
         T = self.schedule.num_train_timesteps
@@ -252,6 +277,7 @@ class Pipeline:
         first timestep's noise level (``snapfusion.prior``); False, or no prior: from the noise alone."""
         cfg = self.config
         prompts = check_prompts(prompts)
+        validation.check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embeds_guidance, model=cfg.name)
         seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(prompts):
             raise SnapFusionError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -272,7 +298,8 @@ class Pipeline:
         dev = self.device
         t0 = time.perf_counter()
         cond = self.encode_text(prompts)  # (B, 77, D)
-        uncond = self.encode_text([negative_prompt])[:1] if guidance != 1.0 else None  # (1, 77, D)
+        plain_cfg = guidance != 1.0 and not self.embeds_guidance
+        uncond = self.encode_text([negative_prompt])[:1] if plain_cfg else None  # (1, 77, D)
         _sync(dev)
         t1 = time.perf_counter()
         down = self.decoder.config.downscale
@@ -281,7 +308,7 @@ class Pipeline:
         if use_prior and self.prior is not None:  # the forward process's share of the prompt's coarse layout
             abar = float(self.schedule.alphas_cumprod[int(timesteps[0])])
             z = z + start_shift(self.prior, cond, shape[1:], abar).to(z)
-        model_fn = guided(self.denoiser(skip), cond, uncond, None if guidance == 1.0 else guidance)
+        model_fn = self.model_fn(cond, uncond, guidance, skip)
         run = sample_ddim if sampler == "ddim" else sample_dpmpp_2m
         latents = run(model_fn, z, timesteps, self.schedule, callback=callback)
         _sync(dev)

@@ -159,6 +159,15 @@ def truncation_warning(tokenizer, text: str, *, name: str = "prompt") -> str | N
     return f"the {name.replace('_', ' ')} is longer than CLIP's {tokenizer.max_length - 2} tokens; the rest is dropped"
 
 
+def check_negative_prompt_fits(negative_prompt: str | None, *, embeds_guidance: bool, model: str) -> str:
+    """The negative prompt, unless ``model``'s UNet embeds the guidance scale: it runs one call per step and has no
+    unconditional pass for a negative prompt to replace (``InputError``)."""
+    if embeds_guidance and negative_prompt:
+        raise InputError(f"negative prompts need two UNet calls per step; {model} embeds the guidance scale (one "
+                         "call) and cannot use one")
+    return "" if negative_prompt is None else negative_prompt
+
+
 def used_negative_prompt(negative_prompt: str | None, guidance: float) -> str:
     """The negative prompt as the sampler uses it: blank at guidance 1 (no unconditional pass), for metadata."""
     return "" if negative_prompt is None or guidance == 1.0 else negative_prompt

@@ -251,6 +251,8 @@ def _training() -> list[Case]:
         Case("distill/cfg-prob-2", ["distill", "--run-dir", "{tmp}/run", "--cfg-prob", "2"], "--cfg-prob"),
         Case("distill/guidance-range-reversed", ["distill", "--run-dir", "{tmp}/run", "--guidance-min", "9",
                                                  "--guidance-max", "2"], "--guidance"),
+        Case("distill/guidance-embed-with-feature-weight", ["distill", "--run-dir", "{tmp}/run", "--guidance-embed",
+                                                             "--feature-weight", "0.5"], "--guidance-embed"),
         Case("distill-decoder/ratio-0", ["distill-decoder", "--run-dir", "{tmp}/run", "--ratio", "0"], "--ratio"),
         Case("robust-train/p-res-2", ["robust-train", "--run-dir", "{tmp}/run", "--p-res", "2"], "--p-res"),
     ]

@@ -34,6 +34,9 @@ def check_finetune_v(a: argparse.Namespace) -> None:
 
 def check_distill(a: argparse.Namespace) -> None:
     """distill's cross-option checks: the loop, the teacher pipeline, the guidance range."""
+    if a.guidance_embed and a.feature_weight > 0:
+        raise InputError("--feature-weight with --guidance-embed: the teacher's conditional stage outputs are not the "
+                         "target of a guided student")
     options.check_train_options(a)
     options.data_folder(a, a.image_size)
     _source(a)
@@ -64,7 +67,8 @@ def cmd_distill(a: argparse.Namespace) -> None:
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
-                        pool_workers=max(1, a.num_workers), feature_weight=a.feature_weight)
+                        pool_workers=max(1, a.num_workers), feature_weight=a.feature_weight,
+                        guidance_embed=a.guidance_embed)
     final = distill_steps(options.loop_config(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 
@@ -119,4 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="> 0: also match the teacher's stage outputs "
                    "at the student's input, rescaled to this fraction of L_dstl like L_ori (a variant, not the "
                    "paper's; needs equal stage widths; default %(default)s: off)")
+    p.add_argument("--guidance-embed", action="store_true",
+                   help="train a guidance-embedded student (Meng et al. 2023): w is a UNet input, one call per "
+                   "sampling step; every iteration CFG-aware (--cfg-prob unused), no L_ori (--ori-weight unused)")
     p.set_defaults(func=cmd_distill, check=check_distill)

@@ -9,7 +9,8 @@ import sys
 from snapfusion.cli import options, types
 from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
-from snapfusion.validation import MAX_EVAL_BATCH, MAX_SEED, truncation_warning, used_negative_prompt
+from snapfusion.validation import (MAX_EVAL_BATCH, MAX_SEED, check_negative_prompt_fits, truncation_warning,
+                                   used_negative_prompt)
 
 
 def _ort_pipeline(model: str | None, device: str):
@@ -66,6 +67,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
         # channels-last, cached negative prompt; CUDA graphs from the second call with the same settings on
         accelerate(pipe, FastOptions(compile=a.compile))
+    check_negative_prompt_fits(a.negative_prompt, embeds_guidance=bool(getattr(pipe.unet.config, "guidance_embed",
+                                                                                 False)), model=pipe.config.name)
     _warn_unreadable(pipe, a.prompt, a.negative_prompt)
     prompts = [a.prompt] * a.num_images
     seeds = [(a.seed + i) % (MAX_SEED + 1) for i in range(a.num_images)]

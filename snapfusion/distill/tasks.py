@@ -109,6 +109,8 @@ class DistillConfig:
                                        # at (z_t, t, c), r = stopgrad(mean L_dstl / mean L_feat) (a variant, not the
                                        # paper's; docs/step_distillation.md)
     data_folder: str | None = None     # your own images (images + metadata.jsonl) instead of the scenes
+    guidance_embed: bool = False       # a guidance-embedded student (Meng et al. 2023): w is a UNet input, one call
+                                       # per step; every iteration CFG-aware, no L_ori (docs/step_distillation.md)
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -120,6 +122,9 @@ class DistillConfig:
             raise ConfigError(f"ori_weight (gamma) must be >= 0, got {self.ori_weight}")
         if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
             raise ConfigError(f"--feature-weight must be a finite number >= 0, got {self.feature_weight}")
+        if self.guidance_embed and self.feature_weight > 0:
+            raise ConfigError("--feature-weight with --guidance-embed: the teacher's conditional stage outputs are "
+                              "not the target of a guided student")
 
 
 def _data_config(source: ModelSource, model: UNetConfig, cfg: VFinetuneConfig | DistillConfig, **kd) -> UNetTaskConfig:
@@ -266,7 +271,13 @@ class DistillTask:
         self.cfg = cfg
         self.teacher = UNet.load(cfg.source.unet_folder()).eval().requires_grad_(False)
         self.student_folder = Path(cfg.student_unet) if cfg.student_unet else cfg.source.unet_folder()
-        self.student_config = read_config(self.student_folder, UNetConfig, kind=UNET_KIND)
+        source_config = read_config(self.student_folder, UNetConfig, kind=UNET_KIND)
+        if self.teacher.config.guidance_embed:
+            raise ConfigError(f"the teacher {cfg.source.unet_folder()} embeds the guidance scale: distillation needs "
+                              "a teacher with classifier-free guidance (cond and uncond passes)")
+        if source_config.guidance_embed and not cfg.guidance_embed:
+            raise ConfigError(f"the student {self.student_folder} embeds the guidance scale: pass --guidance-embed")
+        self.student_config = dataclasses.replace(source_config, guidance_embed=cfg.guidance_embed)
         if self.student_config.context_dim != self.teacher.config.context_dim:
             raise ConfigError(f"student context_dim {self.student_config.context_dim} != teacher's "
                               f"{self.teacher.config.context_dim} ({self.student_folder})")
@@ -283,7 +294,8 @@ class DistillTask:
                 "teacher_grid": self.grid.teacher.tolist()}
 
     def build(self) -> nn.Module:
-        return UNet.load(self.student_folder)
+        source = UNet.load(self.student_folder)
+        return with_guidance_embedding(source) if self.cfg.guidance_embed else source
 
     def dataset(self):
         return self.data.dataset()
@@ -311,12 +323,14 @@ class DistillTask:
         t, t_mid, t_end = self.grid.sample(B, generator)  # (B,) each: student step t -> t_end
         eps = self.noising.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
+        teacher = Denoiser(_outside_autocast(self.teacher.to(x0.device)), self.schedule,
+                           self.teacher.config.prediction_type)
+        if c.guidance_embed:
+            return self._embedded_loss(model, teacher, z, t, t_mid, t_end, cond, uncond, generator)
         cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
         tap = _Tap(model, keep_features=c.feature_weight > 0)
         student = Denoiser(tap, self.schedule, self.student_config.prediction_type)
-        teacher = Denoiser(_outside_autocast(self.teacher.to(x0.device)), self.schedule,
-                           self.teacher.config.prediction_type)
         l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, t, t_mid,
                               t_end, self.schedule)
         l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
@@ -332,12 +346,39 @@ class DistillTask:
             logs["l_feat"] = l_feat.mean().item()
         return total, logs
 
+    def _embedded_loss(self, model, teacher, z, t, t_mid, t_end, cond, uncond, generator):
+        """L_cfg of a guidance-embedded student: w ~ U[guidance_range] per sample; the teacher's two guided DDIM
+        steps (cond and uncond) against ONE student call on the cond batch with w as its input. No L_ori: the
+        student's output at w is the guided prediction, not the data's v."""
+        w = guidance_scales(z.shape[0], *self.cfg.guidance_range, generator).to(z.device)  # (B,)
+        student = Denoiser(lambda zz, tt, ctx: model(zz, tt, ctx, guidance=w), self.schedule,
+                           self.student_config.prediction_type)
+        l_dstl = distill_loss(lambda zz, tt: student(zz, tt, cond), guided(teacher, cond, uncond, w), z, t, t_mid,
+                              t_end, self.schedule)
+        return l_dstl, {"cfg_aware": 1.0, "l_dstl": l_dstl.mean().item()}
+
     def sample_grid(self, model, path: Path) -> None:
         unet = unwrap(model)
         teacher = self.teacher.to(next(unet.parameters()).device)
         n = self.cfg.student_steps
         self.sampler.compare([(f"teacher@{2 * n}", teacher, 2 * n), (f"teacher@{n}", teacher, n),
                               (f"student@{n}", unet, n)], path)
+
+
+def with_guidance_embedding(source: UNet) -> UNet:
+    """``source`` as a guidance-embedded UNet (``guidance_embed=True``): the same weights and a new
+    ``guidance_embedding`` whose last linear is zero, so that its output is exactly zero and the UNet starts as
+    ``source``'s conditional prediction for every w. A source that already embeds guidance is returned as is."""
+    if source.config.guidance_embed:
+        return source
+    model = UNet(dataclasses.replace(source.config, guidance_embed=True)).to(next(source.parameters()).dtype)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("guidance_embedding.") for k in missing):
+        raise WeightsError(f"guidance embedding: unexpected keys {unexpected[:1]} or missing {missing[:1]}")
+    with torch.no_grad():
+        model.guidance_embedding.linear_2.weight.zero_()
+        model.guidance_embedding.linear_2.bias.zero_()
+    return model
 
 
 def _outside_autocast(network):

@@ -52,6 +52,15 @@ class ExportConfig:
         return self.min_psnr or psnr, self.max_rel_diff or rel
 
 
+def refuse_guidance_embed(pipe, fmt: str) -> None:
+    """``ConfigError`` for a guidance-embedded UNet: the exported graphs and pipelines take (z, t, context) and mix
+    cond and uncond themselves; a UNet with the guidance scale as an input has no such interface in ``fmt``."""
+    if getattr(pipe.unet.config, "guidance_embed", False):
+        raise ConfigError(f"{fmt} export of {pipe.config.name}: its UNet embeds the guidance scale (an extra input "
+                          "this export's (z, t, context) UNet interface and guidance loop do not have); run it with "
+                          "the PyTorch backend")
+
+
 class UNetGraph(nn.Module):
     """The UNet with a fp32 timestep input: (z (B, 4, h, w), t (B,) float, context (B, 77, D)) -> eps or v."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from snapfusion.errors import SnapFusionError
-from snapfusion.export.components import (PRIOR, TEXT, UNET, ExportConfig, Graph, graphs,
+from snapfusion.export.components import (PRIOR, TEXT, UNET, ExportConfig, Graph, graphs, refuse_guidance_embed,
                                          traceable_attention)
 from snapfusion.export.onnx_export import write_manifest
 
@@ -76,6 +76,7 @@ def _quantize_int8(ct, model):
 def export_coreml(pipe, out: str | Path, cfg: ExportConfig) -> Path:
     """Write ``pipe``'s networks as ``text_encoder.mlpackage``, ``unet.mlpackage``, ``vae_decoder.mlpackage`` (and
     ``prior.mlpackage`` where it has a layout prior)."""
+    refuse_guidance_embed(pipe, "Core ML")
     ct = _coremltools()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

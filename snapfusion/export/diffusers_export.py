@@ -23,6 +23,7 @@ from snapfusion.config import to_dict
 from snapfusion.convert.unet_keys import diffusers_config_from_ours, ours_to_custom, ours_to_diffusers
 from snapfusion.convert.vae_keys import config_to_diffusers, vae_to_diffusers
 from snapfusion.errors import ConfigError
+from snapfusion.export.components import refuse_guidance_embed
 from snapfusion.models.autoencoder import Decoder, Encoder
 from snapfusion.models.text import EMBEDDING_KEY, TextEncoder, clip_text_config
 from snapfusion.models.unet_config import UNetConfig, plan_blocks
@@ -196,6 +197,7 @@ def _unet(pipe) -> tuple[list, dict, dict, bool]:
 
 def export_diffusers(pipe, out: str | Path, *, dtype: torch.dtype | None = None) -> DiffusersExport:
     """Write ``pipe`` as a diffusers pipeline folder at ``out`` (weights in ``dtype``, default: as they are)."""
+    refuse_guidance_embed(pipe, "diffusers")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unet_entry, unet_cfg, unet_state, unet_custom = _unet(pipe)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from snapfusion.config import save_json, to_dict
-from snapfusion.export.components import PRIOR, UNET, ExportConfig, Graph, graphs, traceable_attention
+from snapfusion.export.components import (PRIOR, UNET, ExportConfig, Graph, graphs, refuse_guidance_embed,
+                                          traceable_attention)
 
 KIND = "onnx-pipeline"
 MANIFEST = "export.json"
@@ -85,6 +86,7 @@ def _save(model, path: Path) -> None:
 def export_onnx(pipe, out: str | Path, cfg: ExportConfig) -> Path:
     """Write ``pipe``'s text encoder, UNet, decoder (and layout prior) as ONNX graphs plus ``export.json``; return
     the folder."""
+    refuse_guidance_embed(pipe, "ONNX")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = pipe.eval()

@@ -144,7 +144,7 @@ def create_app(engine: Engine, token: str | None = None, *, timeout: float = 120
             raise ApiError(429, str(err), kind="rate_limit_error",
                            headers={"Retry-After": str(err.retry_after)}) from None
         except InputError as err:
-            raise ApiError(400, str(err), param="model" if str(err).startswith("model ") else "size") from None
+            raise ApiError(400, str(err), param=_param(err)) from None
         result = await _wait(engine, job, request, timeout)
         return JSONResponse({
             "created": int(time.time()), "model": job.model,
@@ -153,6 +153,12 @@ def create_app(engine: Engine, token: str | None = None, *, timeout: float = 120
             "settings": result.settings, "timings": {k: round(v, 4) for k, v in result.timings.items()}})
 
     return app
+
+
+def _param(err: InputError) -> str:
+    """The request field a model-dependent ``InputError`` is about: the model, a negative prompt, else the size."""
+    text = str(err)
+    return "model" if text.startswith("model ") else "negative_prompt" if text.startswith("negative ") else "size"
 
 
 async def _wait(engine: Engine, job, request, timeout: float):
@@ -173,8 +179,8 @@ async def _wait(engine: Engine, job, request, timeout: float):
                            "included); try again, or fewer images", kind="timeout_error")
     try:
         return waiting.result()
-    except InputError as err:  # a size off a model's grid, found once the model loaded
-        raise ApiError(400, str(err), param="size") from None
+    except InputError as err:  # a size off a model's grid or a negative prompt it cannot use, found once it loaded
+        raise ApiError(400, str(err), param=_param(err)) from None
     except Cancelled as err:
         raise ApiError(503, str(err), kind="server_error") from None
     except SnapFusionError as err:  # e.g. a model's files missing, or sampling diverged: one line, no trace
