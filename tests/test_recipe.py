@@ -257,6 +257,15 @@ def test_a_given_architecture_decoder_and_prior_and_a_frontier_student(run, teac
     _same_tensors(pipe.prior.state_dict(), LayoutPrior.load(run / "train-prior/prior").state_dict())
     half = json.loads((run_dir / "distill-half/run_config.json").read_text())
     assert half["task"]["student_steps"] == 4 and half["task"]["source"]["teacher_unet"].endswith("distill/final")
+    # the guidance-embedded student: assembled in place of the halved one, one UNet call per step
+    assert main(_args(teacher, run_dir, *given, "--ship", "distill-guidance")) == 0
+    capsys.readouterr()
+    pipe = Pipeline.load(run_dir / "assemble/pipeline")
+    assert pipe.unet.config.guidance_embed and pipe.config.steps == 8
+    assert pipe("a red circle on a blue background", seed=0).images[0].size == (64, 64)
+    stages = _manifest(run_dir)["stages"]
+    assert stages["assemble"]["inputs"]["unet"]["path"].endswith("distill-guidance/final")
+    assert stages["eval"]["metrics"]["student"]["steps"] == 8
     for extra, message in ((["--architecture", str(tmp_path / "nope.jsonl")], "no such evolution log"),
                            (["--decoder", str(tmp_path)], "no config.json there"),
                            (["--ship", "bogus"], "invalid choice")):
