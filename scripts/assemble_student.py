@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--unet", required=True, help="the distilled student UNet folder (v-prediction)")
     p.add_argument("--base", default=str(EMBEDDED / "base"), help="pipeline whose text encoder the student uses")
     p.add_argument("--decoder", default=str(EMBEDDED / "parts" / "vae_decoder_half"))
+    p.add_argument("--prior", default=str(EMBEDDED / "base" / "prior"),
+                   help="the layout prior on the same text tower (default: the base's, shared); 'none': no prior")
     p.add_argument("--out", default=str(EMBEDDED / "snapfusion"))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -40,6 +42,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     where = {"text_encoder": part_folder(base, "text_encoder"), "vae_decoder": decoder,
              "vae_encoder": part_folder(base, "vae_encoder")}  # the student trains in base's latent space
+    if a.prior != "none":  # the prior reads the text tower's states, which the student shares with the base
+        where["prior"] = Path(a.prior)
     rel = {k: Path(os.path.relpath(v.resolve(), out.resolve())).as_posix() for k, v in where.items()
            if (v / "config.json").is_file()}
     pipe.save(out, dtype=torch.float16, shared=rel, unet_int8=not a.fp16)

@@ -1,5 +1,6 @@
 """Model resolution, in one place for the Python API, the CLI and the server: an embedded model name ('snapfusion',
-'base'), one of our pipeline folders, a diffusers SD-v1.x folder or a single-file SD checkpoint -> a ``Pipeline``.
+'snapfusion-cfg', 'base'), one of our pipeline folders, a diffusers SD-v1.x folder or a single-file SD checkpoint ->
+a ``Pipeline``.
 
 Nothing is downloaded: every name resolves to local files, and a missing file is a one-line ``WeightsError``.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 from snapfusion.errors import ConfigError, InputError, WeightsError
 
 EMBEDDED = Path(__file__).parent / "assets" / "models"
-DEFAULT_MODELS = ("snapfusion", "base")  # the first one shipped is the default
+DEFAULT_MODELS = ("snapfusion", "snapfusion-cfg", "base")  # the first one shipped is the default
 SHIPPED_DECODERS = {"half": EMBEDDED / "parts" / "vae_decoder_half"}  # distilled from base's decoder
 
 
@@ -49,7 +50,7 @@ def resolve_dtype(name, *, option: str = "dtype"):
 
 
 def model_folder(name: str) -> Path:
-    """The folder of an embedded model name ('base', 'snapfusion'), else ``name`` as a path."""
+    """The folder of an embedded model name (``DEFAULT_MODELS``), else ``name`` as a path."""
     return EMBEDDED / name if name in DEFAULT_MODELS else Path(name)
 
 
@@ -71,7 +72,8 @@ def check_model(name: str | None) -> str:
 
         if looks_like_hub_id(name):
             raise hub_id_error(name)
-        raise WeightsError(f"model not found: {name} (expected 'base', 'snapfusion' or a path)")
+        raise WeightsError(f"model not found: {name} (expected {', '.join(repr(m) for m in DEFAULT_MODELS)} or a "
+                           "path)")
     return name
 
 
@@ -93,7 +95,7 @@ def check_unet_folder(folder: str | None, *, option: str = "--unet") -> str | No
 
 
 def resolve_model(name: str | None, *, device: str = "cpu"):
-    """An embedded model name ('base', 'snapfusion'), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
+    """An embedded model name (``DEFAULT_MODELS``), our pipeline folder, a diffusers SD folder or an SD .safetensors."""
     from snapfusion.config import load_json
     from snapfusion.pipeline import INDEX, Pipeline
 

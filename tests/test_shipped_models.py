@@ -8,9 +8,9 @@ from snapfusion.weights import QSCALE_SUFFIX
 
 
 def test_the_shipped_default_is_the_8_step_student(tmp_path):
-    """`snapfusion generate` without --model runs the SnapFusion student: evolved v-prediction UNet stored as int8,
-    8 trailing DDIM steps, the 4-layer text tower and the halved decoder shared, not copied (the base ships the tower's
-    1-layer cut: its UNet reads the first layer, the student's the last)."""
+    """`snapfusion generate` without --model runs the guidance-embedded SnapFusion student: evolved v-prediction UNet
+    stored as int8, 8 trailing DDIM steps, one UNet call per step; the base's text tower and prior and the halved
+    decoder shared, not copied. `snapfusion-cfg` is the same student with classifier-free guidance."""
     from PIL import Image
 
     from snapfusion.loading import EMBEDDED, SHIPPED_DECODERS, resolve_model
@@ -23,9 +23,13 @@ def test_the_shipped_default_is_the_8_step_student(tmp_path):
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(pipe.unet) < 0.8 * n(base.unet)  # evolved: blocks removed
     folder = EMBEDDED / "snapfusion"
-    assert part_folder(folder, "text_encoder") == (EMBEDDED / "parts" / "text_encoder").resolve()
-    assert (pipe.text_encoder.config.num_layers, base.text_encoder.config.num_layers) == (4, 1)
-    assert part_folder(folder, "vae_decoder") == SHIPPED_DECODERS["half"].resolve()
+    assert pipe.unet.config.guidance_embed and not base.unet.config.guidance_embed
+    for name in ("snapfusion", "snapfusion-cfg"):
+        assert part_folder(EMBEDDED / name, "text_encoder") == (EMBEDDED / "base" / "text_encoder").resolve()
+        assert part_folder(EMBEDDED / name, "prior") == (EMBEDDED / "base" / "prior").resolve()
+        assert part_folder(EMBEDDED / name, "vae_decoder") == SHIPPED_DECODERS["half"].resolve()
+    cfg = resolve_model("snapfusion-cfg")
+    assert cfg.config.steps == 8 and not cfg.unet.config.guidance_embed and cfg.unet.config.down == pipe.unet.config.down
     raw = {}
     for f in sorted((folder / "unet").glob("*.safetensors")):  # the files as stored, before dequantizing
         raw.update(_load_file(f, "cpu"))
@@ -37,10 +41,11 @@ def test_the_shipped_default_is_the_8_step_student(tmp_path):
 
 
 def test_shipped_models_fit_the_size_limits():
-    """All shipped weights (models and evaluators) under 90 MB, every file under 16 MiB."""
+    """All shipped weights (three models, the shared decoder and the evaluators) under 105 MB, every file under
+    16 MiB."""
     from snapfusion.loading import EMBEDDED
 
     assets = EMBEDDED.parent
     files = [f for d in (EMBEDDED, assets / "evaluators") for f in d.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in files) < 90e6
+    assert sum(f.stat().st_size for f in files) < 105e6
     assert max(f.stat().st_size for f in files) < 16 * 1024 * 1024

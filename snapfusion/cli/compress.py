@@ -61,7 +61,9 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
                    help="stop after about this long, training at a "
                    "checkpoint, and say what is left (default 0: no limit)")
     c.add_argument("--stages", default=None, help=f"comma-separated stages to run, in recipe order: "
-                   f"{','.join(STAGE_NAMES)} (default: all)")
+                   f"{','.join(STAGE_NAMES)} (default: the chain these options need: every stage but those a given "
+                   f"--architecture log, --decoder or --prior replaces, v-student, and the students --ship does not "
+                   f"name)")
     c.add_argument("--scale", choices=["full", "tiny"], default="full", help="full: the step counts behind the "
                    "shipped student; tiny: a few steps everywhere at 64 px (a CPU check of the chain)")
     c.add_argument("--num-emoji", type=_num_emoji, default=-1,

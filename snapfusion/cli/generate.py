@@ -155,8 +155,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="text -> PNG with the embedded model or a local SD-v1.5",
                        epilog='example: snapfusion generate "a red apple left of a cat on a blue background"')
     g.add_argument("prompt", type=types.prompt("prompt", allow_empty=False), help="what to draw")
-    g.add_argument("--model", default=None, help="'base', 'snapfusion', a pipeline folder, a diffusers SD folder "
-                   "or an SD .safetensors file (default: the embedded SnapFusion model, else base)")
+    g.add_argument("--model", default=None, help="'snapfusion' (guidance embedded: one UNet call per step, no negative "
+                   "prompt), 'snapfusion-cfg' (two calls per step, negative prompts), 'base', a pipeline folder, a "
+                   "diffusers SD folder or an SD .safetensors file (default: the embedded SnapFusion model)")
     g.add_argument("-o", "--out", default="snapfusion.png", type=types.output_image(),
                    help="output image, .png, .jpg or .webp, with the settings in its metadata (a grid if "
                    "--num-images > 1)")

@@ -34,8 +34,8 @@ def register(sub) -> None:
                        "/v1/images/generations; needs pip install 'snapfusion[serve]')")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     v.add_argument("--port", type=int, default=7860, help="TCP port (default %(default)s)")
-    v.add_argument("--model", default=None, help="the default model: 'snapfusion', 'base' or a pipeline folder "
-                   "(default: the embedded SnapFusion model); requests may name 'snapfusion' or 'base' too")
+    v.add_argument("--model", default=None, help="the default model: 'snapfusion', 'snapfusion-cfg', 'base' or a "
+                   "pipeline folder (default: the embedded SnapFusion model); requests may name any embedded model")
     v.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     v.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     v.add_argument("--preload", action="store_true", help="load every model at start (default: the default model "
