@@ -81,6 +81,8 @@ def _generate() -> list[Case]:
         ("model-truncated-weights", g + ["--model", "{tmp}/trunc.safetensors"], "trunc.safetensors"),
         ("model-bad-index", g + ["--model", "{tmp}/badmodel"], "badmodel"),
         ("model-empty-folder", g + ["--model", "{tmp}/empty"], "empty"),
+        # the default model embeds the guidance scale: known once its config is read, refused before any image
+        ("negative-with-guidance-embedded-default", g + ["--negative-prompt", "a dog"], "negative prompt"),
     ]
     return ([Case(f"generate/{i}", a, e) for i, a, e in rows]
             + [Case(f"generate/{i}", a, e, loads=True) for i, a, e in loads])
@@ -395,6 +397,14 @@ def _more() -> list[Case]:
          "noteacher"),
         ("compress/num-emoji-0", ["compress", "--run-dir", "{tmp}/sf", "--num-emoji", "0"], "--num-emoji"),
         ("compress/device-unknown", ["compress", "--run-dir", "{tmp}/sf", "--device", "tpu"], "--device"),
+        ("compress/architecture-unknown", ["compress", "--run-dir", "{tmp}/sf", "--architecture", "random"],
+         "--architecture"),
+        ("compress/architecture-log-missing", ["compress", "--run-dir", "{tmp}/sf", "--architecture",
+                                               "{tmp}/none.jsonl"], "none.jsonl"),
+        ("compress/decoder-missing", ["compress", "--run-dir", "{tmp}/sf", "--decoder", "{tmp}/nodecoder"],
+         "nodecoder"),
+        ("compress/prior-missing", ["compress", "--run-dir", "{tmp}/sf", "--prior", "{tmp}/noprior"], "noprior"),
+        ("compress/ship-unknown", ["compress", "--run-dir", "{tmp}/sf", "--ship", "distill-3"], "--ship"),
     ]
     return [Case(i, a, x) for i, a, x in rows]
 
