@@ -23,7 +23,9 @@ SLOW = "0.8"  # seconds the save path sleeps inside a write window when the kill
 
 
 def _launch(run_dir: Path, max_steps: int, log: Path, slow: bool) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # unbuffered: a kill -9 must not take the lines the run already printed (where it resumes) with it
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
     env.pop(ckpt_io.SLOW_SAVE_ENV, None)
     if slow:
         env[ckpt_io.SLOW_SAVE_ENV] = SLOW
@@ -38,25 +40,33 @@ def _steps_logged(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _window(run_dir: Path, kind: str, logged: int, log: Path) -> bool:
-    """True once the run is inside the write window ``kind`` (or, for "random", has said where it starts and
-    trained a new step)."""
+def _window_paths(run_dir: Path, kind: str) -> set[Path]:
+    """The paths that show a run inside the write window ``kind``."""
     ckpts = run_dir / "checkpoints"
-    if kind == "random":
-        return _steps_logged(run_dir) > logged and ("resuming at step" in log.read_text() or
-                                                    "starting" in log.read_text())
     if kind == "checkpoint":  # files written, about to be published (the slow-save sleep)
-        return any((p / "state.json").is_file() for p in ckpts.glob("step_*.tmp-*"))
+        return {p for p in ckpts.glob("step_*.tmp-*") if (p / "state.json").is_file()}
     if kind == "prune":  # an old checkpoint moved aside, not yet deleted
-        return any(ckpts.glob(".trash-step_*"))
+        return set(ckpts.glob(".trash-step_*"))
     if kind == "final":  # final/'s replacement written, not yet renamed into place
-        return any((p / "step.json").is_file() for p in run_dir.glob("final.tmp-*"))
+        return {p for p in run_dir.glob("final.tmp-*") if (p / "step.json").is_file()}
     raise ValueError(kind)
 
 
-def _kill_at(proc: subprocess.Popen, run_dir: Path, kind: str, delay: float, logged: int, log: Path) -> str:
+def _window(run_dir: Path, kind: str, logged: int, log: Path, stale: set[Path]) -> bool:
+    """True once the run has said where it starts and is inside the write window ``kind`` (a path of that window
+    that a killed earlier launch left behind does not count), or, for "random", has trained a new step."""
+    text = log.read_text()
+    if "resuming at step" not in text and "starting" not in text:
+        return False
+    if kind == "random":
+        return _steps_logged(run_dir) > logged
+    return bool(_window_paths(run_dir, kind) - stale)
+
+
+def _kill_at(proc: subprocess.Popen, run_dir: Path, kind: str, delay: float, logged: int, log: Path,
+             stale: set[Path]) -> str:
     deadline = time.time() + 120
-    while not _window(run_dir, kind, logged, log):
+    while not _window(run_dir, kind, logged, log, stale):
         if proc.poll() is not None:
             return "finished"
         if time.time() > deadline:
@@ -115,6 +125,7 @@ def test_kill_nine_and_resume(tmp_path):
     figures = []
     for i, (kind, max_steps) in enumerate(plan):
         before = ckpt_io.latest_checkpoint(run_dir) if run_dir.exists() else None
+        stale = _window_paths(run_dir, kind) if kind not in (None, "random") else set()
         log = tmp_path / f"launch_{i}.log"
         proc = _launch(run_dir, max_steps, log, slow=kind not in (None, "random"))
         if kind == "final":
@@ -125,7 +136,7 @@ def test_kill_nine_and_resume(tmp_path):
             finals.add(max_steps)
         else:
             outcome = _kill_at(proc, run_dir, kind, rng.uniform(0, 0.6 if kind == "random" else 0.3),
-                               _steps_logged(run_dir), log)
+                               _steps_logged(run_dir), log, stale)
         text = log.read_text()
         if before is not None:  # the launch resumed from the newest complete checkpoint
             assert f"resuming at step {int(before.name[5:])}" in text, text[-2000:]
