@@ -246,7 +246,7 @@ class Runner:
         self.timesteps = timesteps.to(dev)
         self.schedule = _on_device(pipe.schedule, dev)
         self.scale = None if guidance == 1.0 else float(guidance)
-        self.embedded = bool(getattr(pipe.unet.config, "guidance_embed", False))
+        self.embedded = pipe.embeds_guidance
         check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embedded, model=pipe.config.name)
         down = pipe.decoder.config.downscale
         self.ids = torch.full((batch, pipe.tokenizer.max_length), pipe.tokenizer.eos_id, dtype=torch.long,

@@ -67,8 +67,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
         # channels-last, cached negative prompt; CUDA graphs from the second call with the same settings on
         accelerate(pipe, FastOptions(compile=a.compile))
-    check_negative_prompt_fits(a.negative_prompt, embeds_guidance=bool(getattr(pipe.unet.config, "guidance_embed",
-                                                                                 False)), model=pipe.config.name)
+    check_negative_prompt_fits(a.negative_prompt, embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
     _warn_unreadable(pipe, a.prompt, a.negative_prompt)
     prompts = [a.prompt] * a.num_images
     seeds = [(a.seed + i) % (MAX_SEED + 1) for i in range(a.num_images)]

@@ -22,8 +22,6 @@ KD = "kd-finetune/final"
 V_TEACHER = "v-teacher/final"
 V_STUDENT = "v-student/final"
 STUDENT = "distill/final"
-GUIDANCE_STUDENT = "distill-guidance/final"
-HALF_STUDENT = "distill-half/final"
 
 
 def is_log(architecture: str) -> bool:
@@ -160,17 +158,15 @@ def fixed_rule(config: RecipeConfig, run_dir: Path) -> StageResult:
 def given_log(config: RecipeConfig, run_dir: Path) -> StageResult:
     """An architecture found earlier (``--architecture LOG.jsonl``): the log is checked by replaying it on the teacher
     UNet and kept as this run's evolution log; no robust training, no scoring."""
-    import shutil
-
     from snapfusion.evolve.evolution import LOG, read_log, replay
     from snapfusion.evolve.latency import load_table, predict_ms
     from snapfusion.evolve.robust import load_matching
+    from snapfusion.fileio import atomic_write_bytes
     from snapfusion.models.unet import UNet
 
     folder, init = stage_dir(run_dir, "evolve"), teacher_part(config, "unet")
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config.architecture, folder / (LOG + ".tmp"))
-    (folder / (LOG + ".tmp")).replace(folder / LOG)
+    atomic_write_bytes(folder / LOG, Path(config.architecture).read_bytes())
     start = load_matching(UNet(unet_config_of(init)), init)
     model, n = replay(read_log(folder), start)
     model.save(folder / "final")

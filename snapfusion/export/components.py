@@ -55,7 +55,7 @@ class ExportConfig:
 def refuse_guidance_embed(pipe, fmt: str) -> None:
     """``ConfigError`` for a guidance-embedded UNet: the exported graphs and pipelines take (z, t, context) and mix
     cond and uncond themselves; a UNet with the guidance scale as an input has no such interface in ``fmt``."""
-    if getattr(pipe.unet.config, "guidance_embed", False):
+    if pipe.embeds_guidance:
         raise ConfigError(f"{fmt} export of {pipe.config.name}: its UNet embeds the guidance scale (an extra input "
                           "this export's (z, t, context) UNet interface and guidance loop do not have); run it with "
                           "the PyTorch backend")

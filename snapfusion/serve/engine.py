@@ -81,8 +81,7 @@ def resolve_settings(request: Request, pipe) -> dict:
     validation.check_side(height, name="height", multiple=factor)
     validation.check_side(width, name="width", multiple=factor)
     guidance = float(pick(request.guidance, cfg.guidance))
-    validation.check_negative_prompt_fits(request.negative_prompt, embeds_guidance=bool(
-        getattr(pipe.unet.config, "guidance_embed", False)), model=cfg.name)
+    validation.check_negative_prompt_fits(request.negative_prompt, embeds_guidance=pipe.embeds_guidance, model=cfg.name)
     return {"steps": pick(request.steps, cfg.steps), "guidance": guidance,
             "sampler": pick(request.sampler, cfg.sampler),
             "height": height, "width": width, "negative_prompt": request.negative_prompt if guidance != 1.0 else ""}
