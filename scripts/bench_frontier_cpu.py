@@ -10,19 +10,19 @@ timed runs, for slow rows).
 """
 
 import argparse
-import io
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from snapfusion.loading import resolve_model
-from snapfusion.pipeline import to_pil
 
-PROMPT = "a red apple to the left of a cat on a blue background"
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cpu_e2e import PROMPT, one_image  # noqa: E402  (the same timed unit: text -> PNG bytes)
 
 
 def parse_row(text: str) -> dict:
@@ -35,13 +35,6 @@ def parse_row(text: str) -> dict:
     sampler = parts[2] if len(parts) > 2 and parts[2] else None
     runs = int(parts[3]) if len(parts) > 3 and parts[3] else None
     return {"label": label, "model": parts[0], "steps": steps, "sampler": sampler, "runs": runs}
-
-
-def one_image(pipe, steps, sampler, seed: int) -> float:
-    t0 = time.perf_counter()
-    image = to_pil(pipe.generate([PROMPT], [seed], steps=steps, sampler=sampler))[0]
-    image.save(io.BytesIO(), format="PNG")  # the PNG encode is part of text -> PNG
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -57,12 +50,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     pipes = {r["label"]: resolve_model(r["model"]) for r in rows}
     for r in rows:  # warm-up, 2 steps: the same kernels
-        one_image(pipes[r["label"]], 2, r["sampler"], 0)
+        one_image(pipes[r["label"]], 2, 0, r["sampler"])
     times = {r["label"]: [] for r in rows}
     for k in range(a.runs):
         for r in rows:
             if k < min(a.runs, r["runs"] or a.runs):
-                times[r["label"]].append(one_image(pipes[r["label"]], r["steps"], r["sampler"], k))
+                times[r["label"]].append(one_image(pipes[r["label"]], r["steps"], k, r["sampler"]))
         print(k, {label: round(v[-1], 3) for label, v in times.items() if v}, flush=True)
     out = {"prompt": PROMPT, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"), "rows": []}
