@@ -38,7 +38,7 @@ def decoder_of(config: RecipeConfig, run_dir: Path) -> Path:
     return Path(config.decoder) if config.decoder else Path(run_dir) / DECODER
 
 
-def prior_of(config: RecipeConfig, run_dir: Path) -> Path | None:
+def prior_of(config: RecipeConfig, run_dir: Path) -> Path:
     """The layout prior assembled: ``--prior`` ('teacher': the teacher's prior/), or the trained one."""
     if config.prior == "teacher":
         return teacher_dir(config) / "prior"
