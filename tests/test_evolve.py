@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -299,3 +300,39 @@ def test_evolve_apply_replays_a_run_on_other_weights(tiny_pipeline, tmp_path, ca
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err, err
     assert not (tmp_path / "x").exists()
+
+
+def _step(k, start, end, budget_ms=20.0):
+    return {"iteration": k, "type": "step", "latency_ms": start, "latency_after_ms": end, "budget_ms": budget_ms}
+
+
+def _act(k, op, block):
+    return {"iteration": k, "type": "action", "op": op, "block": block, "applied": True}
+
+
+def test_a_log_cut_at_a_larger_budget_stops_where_that_search_would_have():
+    """within_budget: the first iteration that ends within the budget, then only the growing (add-only) iterations
+    that stay within it; the whole log at its own budget or below, or when it never gets within; the shipped 20 %
+    log passes through 56.9 % and 28.3 % of its start."""
+    from snapfusion.errors import SnapFusionError
+    from snapfusion.evolve.evolution import reached_fraction, within_budget
+
+    log = [_act(0, "remove", "a"), _step(0, 100, 70), _act(1, "remove", "b"), _step(1, 70, 40),
+           _act(2, "add", "c"), _step(2, 40, 45), _act(3, "remove", "d"), _step(3, 45, 15), _act(4, "add", "e"),
+           _step(4, 15, 19)]
+    def iterations(cut):
+        return sorted({r["iteration"] for r in cut})
+    assert iterations(within_budget(log, 0.8)) == [0]
+    assert iterations(within_budget(log, 0.5)) == [0, 1, 2]  # iteration 2 only adds and ends at 45 %
+    assert iterations(within_budget(log, 0.42)) == [0, 1]    # its add would end over 42 %
+    assert iterations(within_budget(log, 0.3)) == [0, 1, 2, 3, 4]
+    assert within_budget(log, 0.2) == log and within_budget(log, 0.05) == log  # own budget, and beyond reach
+    assert reached_fraction(within_budget(log, 0.42)) == pytest.approx(0.4)
+    assert reached_fraction(log) == pytest.approx(0.19)
+    shipped = read_log(Path(__file__).parents[1] / "results/unet_evolution/evolve_budget_0.2.jsonl")
+    assert [round(reached_fraction(within_budget(shipped, b)), 3) for b in (0.6, 0.35, 0.2)] == [0.569, 0.283, 0.199]
+    for bad, words in (([_act(0, "remove", "a")], "no step record"), ([{"type": "step", "iteration": 0}], "budget and latency")):
+        with pytest.raises(SnapFusionError, match=words):
+            within_budget(bad, 0.5)
+    with pytest.raises(SnapFusionError, match="latency"):
+        reached_fraction([{"type": "step", "iteration": 0}])

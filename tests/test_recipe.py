@@ -275,6 +275,35 @@ def test_a_given_architecture_decoder_and_prior_and_a_frontier_student(run, teac
 
 
 @pytest.mark.slow
+def test_a_log_cut_at_another_budget_and_a_shared_v_teacher(run, teacher, tmp_path, capsys):
+    """--architecture LOG at a larger --latency-budget replays the log only as far as that search would have gone;
+    --v-teacher reuses another run's v teacher (runs at several budgets share one), leaving out the v-teacher stage;
+    a budget the log never reaches, a missing or eps-predicting v teacher are one-line errors before any work."""
+    from snapfusion.evolve.evolution import replay, within_budget
+
+    log = run / "evolve/evolve.jsonl"
+    run_dir, v = tmp_path / "cut", run / "v-teacher/final"
+    given = ["--architecture", str(log), "--latency-budget", "1.0", "--v-teacher", str(v)]
+    assert main(_args(teacher, run_dir, *given, "--stages", "bench-blocks,evolve,evolve-apply,kd-finetune,distill")) == 0
+    capsys.readouterr()
+    want, _ = replay(within_budget(read_log(log), 1.0), UNet.load(teacher / "unet"))
+    assert UNet.load(run_dir / "evolve-apply/unet").config == want.config
+    assert read_log(run_dir / "evolve") == within_budget(read_log(log), 1.0)
+    stages = _manifest(run_dir)["stages"]
+    assert "v-teacher" not in stages and stages["evolve"]["metrics"]["iterations"] == 1
+    assert stages["distill"]["inputs"]["teacher_unet"]["path"] == str(v)
+    assert json.loads((run_dir / "distill/run_config.json").read_text())["task"]["source"]["teacher_unet"] == str(v)
+    for extra, message in ((["--architecture", str(log), "--latency-budget", "0.01"], "above --latency-budget 0.01"),
+                           (["--v-teacher", str(tmp_path)], "no config.json there"),
+                           (["--v-teacher", str(tmp_path / "none")], "stage distill needs"),
+                           (["--v-teacher", str(teacher / "unet")], "predicts epsilon, not v")):
+        assert main(_args(teacher, tmp_path / "never", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
 def test_two_processes_train_together_and_evolve_in_the_main_one(teacher, tmp_path):
     """As under ``accelerate launch``: torchrun with two CPU processes (gloo)."""
     import os

@@ -16,7 +16,7 @@ def _config(a: argparse.Namespace):
     return recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
                          latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages,
                          data_folder=a.data, prompts=a.prompts, architecture=a.architecture, decoder=a.decoder,
-                         prior=a.prior, ship=a.ship)
+                         prior=a.prior, v_teacher=a.v_teacher, ship=a.ship)
 
 
 def check_compress(a: argparse.Namespace) -> None:
@@ -85,6 +85,9 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--prior", default=None, metavar="FOLDER|teacher", help="use this layout prior ('teacher': the "
                    "teacher's own prior/, valid because the student reads the teacher's text tower) instead of "
                    "train-prior")
+    c.add_argument("--v-teacher", default=None, metavar="FOLDER", help="use this v-prediction teacher UNet (e.g. "
+                   "another run's v-teacher/final from the same teacher) instead of the v-teacher stage: runs at "
+                   "several latency budgets share one")
     c.add_argument("--ship", choices=["distill", "distill-guidance", "distill-half"], default="distill",
                    help="the student assembled: distill (n steps, two UNet calls per guided step), distill-guidance "
                    "(the guidance scale embedded: one call per step) or distill-half (n/2 steps); the stage it names "

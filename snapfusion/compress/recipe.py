@@ -79,13 +79,14 @@ STAGES: tuple[Stage, ...] = (
           lambda c: _common(c, "v_teacher"), True, "§4 v-prediction fine-tuning (teacher)"),
     Stage("v-student", us.v_student, lambda c, r: {"unet": r / us.KD, "teacher": teacher_dir(c), **data_inputs(c)},
           lambda c: _common(c, "v_student"), True, "§4 v-prediction fine-tuning (student)"),
-    Stage("distill", us.distill, lambda c, r: {"teacher_unet": r / us.V_TEACHER,
+    Stage("distill", us.distill, lambda c, r: {"teacher_unet": us.v_teacher_of(c, r),
                                               "student_unet": r / us.distill_student(c), "teacher": teacher_dir(c),
                                               **data_inputs(c)},
           lambda c: _common(c, "distill", "student_steps", "cfg_prob", "feature_weight"), True,
           "§4 step distillation 16 -> 8 (vanilla + CFG-aware)"),
     Stage("distill-guidance", us.distill_guidance,
-          lambda c, r: {"teacher_unet": r / us.V_TEACHER, "student_unet": r / us.STUDENT, "teacher": teacher_dir(c),
+          lambda c, r: {"teacher_unet": us.v_teacher_of(c, r), "student_unet": r / us.STUDENT,
+                        "teacher": teacher_dir(c),
                         **data_inputs(c)},
           lambda c: _common(c, "guidance_student", "guidance_range", "student_steps"), True,
           "guidance-embedded student, one UNet call per step (Meng et al. 2023; not in the paper)"),
@@ -135,6 +136,8 @@ def unneeded(config: RecipeConfig) -> set[str]:
         out |= {"reduce-decoder", "decoder-latents", "distill-decoder"}
     if config.prior:
         out.add("train-prior")
+    if config.v_teacher:
+        out.add("v-teacher")
     if config.scale.kd_prediction == "v_prediction":
         out.add("v-student")
     return out
@@ -191,8 +194,7 @@ def _check_data(config: RecipeConfig, names: set[str]) -> None:
     from snapfusion.data.folder import ImageCaptionFolder, read_prompts
 
     if us.is_log(config.architecture):
-        if not Path(config.architecture).is_file():
-            raise InputError(f"--architecture {config.architecture}: no such evolution log")
+        _check_log(config)
     elif config.architecture not in ARCHITECTURES:
         raise InputError(f"--architecture {config.architecture!r}: unknown (known: {', '.join(ARCHITECTURES)}, or an "
                          "evolution log .jsonl)")
@@ -203,6 +205,8 @@ def _check_data(config: RecipeConfig, names: set[str]) -> None:
     for name, path in given.items():
         if path and not (path / "config.json").is_file():
             raise InputError(f"{name} {path}: no config.json there (a {name[2:]} folder)")
+    if config.v_teacher:
+        _check_v_teacher(Path(config.v_teacher))
     if config.prompts:
         read_prompts(config.prompts)
     if not config.data_folder:
@@ -215,6 +219,36 @@ def _check_data(config: RecipeConfig, names: set[str]) -> None:
     if "train-prior" in names and images < 10:
         raise InputError(f"--data {config.data_folder}: the layout prior needs at least 10 images, the folder has "
                          f"{images}")
+
+
+def _check_v_teacher(path: Path) -> None:
+    """A given v teacher must be a UNet folder that predicts v (one not made yet is the input check's concern: an
+    early part of the chain runs before the run that makes it has finished)."""
+    from snapfusion.evolve.runs import unet_config_of
+
+    if not path.exists():
+        return
+    if not (path / "config.json").is_file():
+        raise InputError(f"--v-teacher {path}: no config.json there (a UNet folder, e.g. a run's v-teacher/final)")
+    prediction = unet_config_of(path).prediction_type
+    if prediction != "v_prediction":
+        raise InputError(f"--v-teacher {path}: the UNet predicts {prediction}, not v (the distillations' teacher is a "
+                         "v-prediction UNet)")
+
+
+def _check_log(config: RecipeConfig) -> None:
+    """A given evolution log must exist, parse, and not be asked for a budget below its own search's that it does not
+    reach (on its own latency table); at its own budget it is replayed whole, reached or not."""
+    from snapfusion.evolve.evolution import own_budget, read_log, reached_fraction, within_budget
+
+    if not Path(config.architecture).is_file():
+        raise InputError(f"--architecture {config.architecture}: no such evolution log")
+    log = read_log(config.architecture)
+    best = reached_fraction(within_budget(log, config.latency_budget))
+    if best > config.latency_budget and config.latency_budget < own_budget(log) * (1 - 1e-9):
+        raise InputError(f"--architecture {config.architecture}: the log ends at {best:.1%} of its start latency, "
+                         f"above --latency-budget {config.latency_budget} (its search aimed at "
+                         f"{own_budget(log):.0%}: a larger budget, or a new search)")
 
 
 def _outputs_of(stage: Stage, config: RecipeConfig, run_dir: Path) -> set[Path]:

@@ -171,6 +171,8 @@ class RecipeConfig:
                                      # or an evolution log (.jsonl) found earlier, replayed on the teacher's weights
     decoder: str | None = None       # a distilled decoder folder to use instead of the three decoder stages
     prior: str | None = None         # a layout prior folder ("teacher": the teacher's prior/) instead of train-prior
+    v_teacher: str | None = None     # a v-prediction teacher UNet folder (e.g. another run's v-teacher/final)
+                                     # instead of the v-teacher stage
     ship: str = "distill"            # the UNet assembled: distill (n steps, two calls per step with guidance),
                                      # distill-guidance (guidance embedded: one call) or distill-half (n/2 steps)
 

@@ -34,6 +34,11 @@ def distill_student(config: RecipeConfig) -> str:
     return KD if config.scale.kd_prediction == "v_prediction" else V_STUDENT
 
 
+def v_teacher_of(config: RecipeConfig, run_dir: Path) -> Path:
+    """The distillations' teacher: ``--v-teacher`` or the run's own v-teacher stage."""
+    return Path(config.v_teacher) if config.v_teacher else Path(run_dir) / V_TEACHER
+
+
 def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
     """The ``UNetTaskConfig`` of a UNet training stage: the teacher's frozen text tower and VAE encoder, the scenes
     or the recipe's image folder."""
@@ -156,27 +161,34 @@ def fixed_rule(config: RecipeConfig, run_dir: Path) -> StageResult:
 
 
 def given_log(config: RecipeConfig, run_dir: Path) -> StageResult:
-    """An architecture found earlier (``--architecture LOG.jsonl``): the log is checked by replaying it on the teacher
-    UNet and kept as this run's evolution log; no robust training, no scoring."""
-    from snapfusion.evolve.evolution import LOG, read_log, replay
+    """An architecture found earlier (``--architecture LOG.jsonl``), cut where a search to ``latency_budget`` would
+    have stopped (``within_budget``, on the log's own latency table): kept as this run's evolution log and checked by
+    replaying it on the teacher UNet; no robust training, no scoring."""
+    from snapfusion.evolve.evolution import LOG, read_log, reached_fraction, replay, within_budget
     from snapfusion.evolve.latency import load_table, predict_ms
     from snapfusion.evolve.robust import load_matching
-    from snapfusion.fileio import atomic_write_bytes
+    from snapfusion.fileio import atomic_write_text
     from snapfusion.models.unet import UNet
 
     folder, init = stage_dir(run_dir, "evolve"), teacher_part(config, "unet")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / LOG, Path(config.architecture).read_bytes())
+    whole = read_log(config.architecture)
+    kept = within_budget(whole, config.latency_budget)
+    atomic_write_text(folder / LOG, "".join(json.dumps(r) + "\n" for r in kept))
     start = load_matching(UNet(unet_config_of(init)), init)
-    model, n = replay(read_log(folder), start)
+    model, n = replay(kept, start)
     model.save(folder / "final")
     table = load_table(run_dir / TABLE)
     start_ms, final_ms = predict_ms(start.config, table)[0], predict_ms(model.config, table)[0]
+    log_fraction = reached_fraction(kept)
+    iterations = max(r["iteration"] for r in kept if r["type"] == "step") + 1
     return StageResult("done", {"log": str(folder / LOG), "unet": str(folder / "final")}, {
-        "rule": "given log", "actions": n, "start_ms": start_ms, "final_ms": final_ms,
-        "final_fraction": final_ms / start_ms, "within_budget": final_ms <= config.latency_budget * start_ms},
-        f"architecture replayed from {config.architecture}: {final_ms / start_ms:.0%} of the teacher's latency on "
-        "this table (no search)")
+        "rule": "given log", "actions": n, "iterations": iterations,
+        "log_iterations": max(r["iteration"] for r in whole if r["type"] == "step") + 1,
+        "log_fraction": log_fraction, "start_ms": start_ms, "final_ms": final_ms,
+        "final_fraction": final_ms / start_ms, "within_budget": log_fraction <= config.latency_budget},
+        f"architecture replayed from {config.architecture} to {config.latency_budget:.0%}: {iterations} iteration(s), "
+        f"{log_fraction:.1%} of the start on the log's table, {final_ms / start_ms:.1%} on this one (no search)")
 
 
 def evolve(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
@@ -283,7 +295,7 @@ def v_student(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResul
     return _v_finetune(config, run_dir, budget, "v-student", str(run_dir / KD), seed=4)
 
 
-def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, *, teacher_unet: str,
+def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, *, teacher_unet: Path,
              student_unet: str, seed: int, **options) -> StageResult:
     from snapfusion.data import SceneConfig
     from snapfusion.distill.stages import distill_steps
@@ -292,7 +304,7 @@ def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, 
     c, folder = config.scale.common, stage_dir(run_dir, name)
     settings = dict(student_steps=config.scale.student_steps, cfg_prob=config.scale.cfg_prob,
                     guidance_range=(2.0, 14.0), ori_weight=0.2, feature_weight=config.scale.feature_weight)
-    cfg = DistillConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=str(run_dir / teacher_unet)),
+    cfg = DistillConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=str(teacher_unet)),
                         student_unet=str(run_dir / student_unet), image_size=c.image_size,
                         data=SceneConfig(num_emoji=c.num_emoji), offset_noise=c.offset_noise,
                         latent_pool=s.latent_pool, pool_workers=c.num_workers, data_folder=config.data_folder,
@@ -303,19 +315,19 @@ def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, 
 
 def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """SnapFusion §4: direct step distillation 16 -> 8, vanilla and CFG-aware losses mixed, L_ori, the feature term."""
-    return _distill(config, run_dir, budget, "distill", config.scale.distill, teacher_unet=V_TEACHER,
-                    student_unet=distill_student(config), seed=5)
+    return _distill(config, run_dir, budget, "distill", config.scale.distill,
+                    teacher_unet=v_teacher_of(config, run_dir), student_unet=distill_student(config), seed=5)
 
 
 def distill_guidance(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """The guidance-embedded student (Meng et al. 2023): the distilled student given w as an input, trained so that
     one call at w does two guided steps of the v teacher (one UNet call per step instead of two)."""
     return _distill(config, run_dir, budget, "distill-guidance", config.scale.guidance_student,
-                    teacher_unet=V_TEACHER, student_unet=STUDENT, seed=7, guidance_embed=True, cfg_prob=1.0,
-                    guidance_range=config.scale.guidance_range, ori_weight=0.0, feature_weight=0.0)
+                    teacher_unet=v_teacher_of(config, run_dir), student_unet=STUDENT, seed=7, guidance_embed=True,
+                    cfg_prob=1.0, guidance_range=config.scale.guidance_range, ori_weight=0.0, feature_weight=0.0)
 
 
 def distill_half(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """Half the steps again (8 -> 4): the distilled student is the teacher of its own n/2-step copy."""
-    return _distill(config, run_dir, budget, "distill-half", config.scale.half, teacher_unet=STUDENT,
+    return _distill(config, run_dir, budget, "distill-half", config.scale.half, teacher_unet=run_dir / STUDENT,
                     student_unet=STUDENT, seed=8, student_steps=config.scale.student_steps // 2)

@@ -259,6 +259,59 @@ def config_of(record: dict) -> UNetConfig:
     return from_dict(UNetConfig, record["config"], where="evolve.jsonl")
 
 
+def within_budget(log: list[dict], fraction: float) -> list[dict]:
+    """The part of an evolution log that a search to ``fraction`` of the start latency would have returned, on the
+    log's own latency table: every record up to the end of the first iteration that ends within the budget, then the
+    iterations after it that only add blocks and stay within it (Alg. 1's growing phase). A search to a larger budget
+    than the log's own follows the same trajectory until it is under that budget, so a log found at 20 % also gives
+    the architectures at 30 % or 60 %. The whole log at its own budget or below, and when no iteration ends within
+    the budget (see ``reached_fraction``). ``SnapFusionError`` on a log without step records."""
+    try:
+        steps = [r for r in log if r["type"] == "step"]
+        if not steps:
+            raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
+        if fraction <= own_budget(log) * (1 + 1e-9):
+            return list(log)
+        budget_ms = fraction * steps[0]["latency_ms"]
+        ends = {r["iteration"]: r["latency_after_ms"] for r in steps}
+        adds_only = {r["iteration"]: True for r in steps}
+        for r in log:
+            if r["type"] == "action" and r["applied"] and r["op"] != "add":
+                adds_only[r["iteration"]] = False
+    except (KeyError, TypeError) as err:
+        raise SnapFusionError(f"evolution log: a record lacks a field or has the wrong type ({err!r})") from None
+    order = sorted(ends)
+    first = next((k for k in order if ends[k] <= budget_ms), None)
+    if first is None:
+        return list(log)
+    last = first
+    for k in order[order.index(first) + 1:]:
+        if not (adds_only[k] and ends[k] <= budget_ms):
+            break
+        last = k
+    return [r for r in log if r.get("iteration", 0) <= last]
+
+
+def own_budget(log: list[dict]) -> float:
+    """The budget a log's search aimed at, as a fraction of its start latency."""
+    steps = [r for r in log if r.get("type") == "step"]
+    try:
+        return float(steps[0]["budget_ms"]) / float(steps[0]["latency_ms"])
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise SnapFusionError(f"evolution log: no step record with its budget and latency ({err!r})") from None
+
+
+def reached_fraction(log: list[dict]) -> float:
+    """The latency a log ends at, as a fraction of its start (its own latency table)."""
+    steps = [r for r in log if r.get("type") == "step"]
+    if not steps:
+        raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
+    try:
+        return float(steps[-1]["latency_after_ms"]) / float(steps[0]["latency_ms"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise SnapFusionError(f"evolution log: a step record lacks its latency ({err!r})") from None
+
+
 def replay(log: list[dict], start: UNet) -> tuple[UNet, int]:
     """Apply an evolution log's applied actions, in order, to ``start`` (e.g. the teacher's own weights, or a
     retrained base of the same config): the architecture the run found, with ``start``'s weights carried over as
