@@ -1,5 +1,6 @@
 """Paired comparison of two `snapfusion eval` runs on the same prompts and seeds: the difference in all-attribute
-accuracy, its standard error and a 95 % interval, per guidance scale both runs have.
+accuracy, its standard error and a 95 % interval, per guidance scale both runs have (two runs of one guidance
+scale each, different ones, are paired as they are: each model at its own scale).
 
 Each image of run A is paired with the image of run B of the same prompt and seed, so what the two runs share
 (hard prompts, lucky seeds) cancels. With several seeds per prompt (`eval --seeds-per-prompt K`, recorded in
@@ -48,11 +49,14 @@ def compare(ra: dict, rb: dict) -> list[dict]:
     if prompts_differ or not ra.get("seeds") or ra.get("seeds") != rb.get("seeds"):
         raise ValueError("the two runs differ in prompts or seeds: a paired comparison needs the same images")
     by_w = {r["guidance"]: r for r in rb["results"]}
+    pairs = [(r["guidance"], r, by_w[r["guidance"]]) for r in ra["results"] if r["guidance"] in by_w]
+    if not pairs and len(ra["results"]) == 1 and len(rb["results"]) == 1:  # each model at its own guidance scale
+        (r,), (other,) = ra["results"], rb["results"]
+        pairs = [(f"{r['guidance']:g} vs {other['guidance']:g}", r, other)]
     rows = []
-    for r in ra["results"]:
-        other = by_w.get(r["guidance"])
-        if other is not None and "all_per_image" in r and "all_per_image" in other:
-            rows.append({"guidance": r["guidance"], **paired_difference(r["all_per_image"], other["all_per_image"], k)})
+    for w, r, other in pairs:
+        if "all_per_image" in r and "all_per_image" in other:
+            rows.append({"guidance": w, **paired_difference(r["all_per_image"], other["all_per_image"], k)})
     if not rows:
         raise ValueError("no guidance scale with per-image results in both runs (eval.json without all_per_image?)")
     return rows
@@ -84,7 +88,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for x in rows:
         lo, hi = x["diff"] - 1.96 * x["se"], x["diff"] + 1.96 * x["se"]
-        print(f"| {x['guidance']:g} | {x['images']} ({x['prompts']}) | {100 * x['a']:.1f} % | {100 * x['b']:.1f} % | "
+        w = x["guidance"] if isinstance(x["guidance"], str) else f"{x['guidance']:g}"
+        print(f"| {w} | {x['images']} ({x['prompts']}) | {100 * x['a']:.1f} % | {100 * x['b']:.1f} % | "
               f"{100 * x['diff']:+.2f} ({100 * lo:+.2f}, {100 * hi:+.2f}) | {x['only_a']} / {x['only_b']} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"a": args.a, "b": args.b, "names": [na, nb], "rows": rows}, indent=1))

@@ -331,7 +331,8 @@ def test_a_log_cut_at_a_larger_budget_stops_where_that_search_would_have():
     assert reached_fraction(log) == pytest.approx(0.19)
     shipped = read_log(Path(__file__).parents[1] / "results/unet_evolution/evolve_budget_0.2.jsonl")
     assert [round(reached_fraction(within_budget(shipped, b)), 3) for b in (0.6, 0.35, 0.2)] == [0.569, 0.283, 0.199]
-    for bad, words in (([_act(0, "remove", "a")], "no step record"), ([{"type": "step", "iteration": 0}], "budget and latency")):
+    for bad, words in (([_act(0, "remove", "a")], "no step record"),
+                       ([{"type": "step", "iteration": 0}], "budget and latency")):
         with pytest.raises(SnapFusionError, match=words):
             within_budget(bad, 0.5)
     with pytest.raises(SnapFusionError, match="latency"):

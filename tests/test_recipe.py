@@ -284,7 +284,8 @@ def test_a_log_cut_at_another_budget_and_a_shared_v_teacher(run, teacher, tmp_pa
     log = run / "evolve/evolve.jsonl"
     run_dir, v = tmp_path / "cut", run / "v-teacher/final"
     given = ["--architecture", str(log), "--latency-budget", "1.0", "--v-teacher", str(v)]
-    assert main(_args(teacher, run_dir, *given, "--stages", "bench-blocks,evolve,evolve-apply,kd-finetune,distill")) == 0
+    stages = "bench-blocks,evolve,evolve-apply,kd-finetune,distill"
+    assert main(_args(teacher, run_dir, *given, "--stages", stages)) == 0
     capsys.readouterr()
     want, _ = replay(within_budget(read_log(log), 1.0), UNet.load(teacher / "unet"))
     assert UNet.load(run_dir / "evolve-apply/unet").config == want.config

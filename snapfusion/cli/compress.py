@@ -54,7 +54,8 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--run-dir", required=True, type=types.output_dir("--run-dir"),
                    help="every stage's folder and manifest.json; rerun to continue")
     c.add_argument("--latency-budget", type=float, default=0.3, help="the evolved UNet's per-step latency as a "
-                   "fraction of the teacher's on --device (default %(default)s)")
+                   "fraction of the teacher's on --device; with a given evolution log, on the log's own table, which "
+                   "is replayed as far as a search to this budget would have gone (default %(default)s)")
     c.add_argument("--device", default="auto", type=options.device_name,
                    help="target device of the latency table: auto, cpu or cuda")
     c.add_argument("--max-minutes", type=types.number("--max-minutes", minimum=0.0), default=0.0,
