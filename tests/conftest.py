@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,6 +18,23 @@ from snapfusion.models.unet_config import tiny_sd15  # noqa: E402
 from snapfusion.pipeline import Pipeline, PipelineConfig  # noqa: E402
 
 TINY_TEXT = TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, projection_dim=32)
+
+
+def tiny_loop(run_dir, steps, **kw):
+    """A ``LoopConfig`` for a few CPU training steps of a tiny model (every step logged, no samples, one checkpoint
+    at the end); ``kw`` overrides any field."""
+    from snapfusion.train.loop import LoopConfig
+
+    base = dict(run_dir=str(run_dir), max_steps=steps, batch_size=2, num_workers=0, mixed_precision="no",
+                log_every=1, sample_every=0, checkpoint_every=100, warmup_steps=1, ema_decay=0.9, lr=1e-3)
+    return LoopConfig(**{**base, **kw})
+
+
+def read_metrics(run_dir):
+    """The training loop's ``metrics.jsonl`` records of a run folder."""
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def doubled_stage_widths(cfg):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import doubled_stage_widths
+from conftest import doubled_stage_widths, read_metrics, tiny_loop
 from snapfusion.cli import main
 from snapfusion.distill.stages import distill_steps, finetune_v
 from snapfusion.distill.tasks import DistillConfig, DistillTask, ModelSource, VFinetuneConfig, VFinetuneTask
@@ -13,7 +13,7 @@ from snapfusion.errors import ConfigError
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline
 from snapfusion.train import state as ckpt_io
-from snapfusion.train.loop import LoopConfig, train
+from snapfusion.train.loop import train
 from snapfusion.weights import load_safetensors
 
 
@@ -22,16 +22,6 @@ def source(tiny_pipeline, tmp_path_factory) -> ModelSource:
     folder = tmp_path_factory.mktemp("teacher") / "pipe"
     tiny_pipeline.save(folder, dtype=None)
     return ModelSource(pipeline=str(folder))
-
-
-def _loop(run_dir, steps, **kw):
-    base = dict(run_dir=str(run_dir), max_steps=steps, batch_size=2, num_workers=0, mixed_precision="no",
-                log_every=1, sample_every=0, checkpoint_every=100, warmup_steps=1, ema_decay=0.9, lr=1e-3)
-    return LoopConfig(**{**base, **kw})
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_same_weights(a_dir, b_dir):
@@ -51,11 +41,11 @@ def test_v_finetune_runs_resumes_and_exports(source, tmp_path):
     teacher = UNet.load(source.unet_folder())
     for (k, a), b in zip(model.state_dict().items(), teacher.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)  # starts from the source's weights
-    train(_loop(tmp_path / "straight", 3), VFinetuneTask(cfg))
-    train(_loop(tmp_path / "split", 2), VFinetuneTask(cfg))
-    final = finetune_v(_loop(tmp_path / "split", 3, sample_every=3), cfg, resume=True)
+    train(tiny_loop(tmp_path / "straight", 3), VFinetuneTask(cfg))
+    train(tiny_loop(tmp_path / "split", 2), VFinetuneTask(cfg))
+    final = finetune_v(tiny_loop(tmp_path / "split", 3, sample_every=3), cfg, resume=True)
     _assert_same_weights(tmp_path / "straight", tmp_path / "split")
-    assert [r["loss"] for r in _metrics(tmp_path / "split")] == [r["loss"] for r in _metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "split")] == [r["loss"] for r in read_metrics(tmp_path / "straight")]
     assert UNet.load(final).config.prediction_type == "v_prediction"
     pipe = Pipeline.load(tmp_path / "split" / "pipeline")
     assert pipe.unet.config.prediction_type == "v_prediction" and pipe.config.name == "base-v"
@@ -81,11 +71,11 @@ def test_distill_loss_paths(source, cfg_prob):
 
 def test_distill_runs_resumes_and_exports(source, tmp_path):
     cfg = DistillConfig(source=source, student_steps=2, cfg_prob=0.5, image_size=64, sample_prompts=2)
-    train(_loop(tmp_path / "straight", 3), DistillTask(cfg))
-    train(_loop(tmp_path / "split", 1), DistillTask(cfg))
-    final = distill_steps(_loop(tmp_path / "split", 3, sample_every=3), cfg, resume=True)
+    train(tiny_loop(tmp_path / "straight", 3), DistillTask(cfg))
+    train(tiny_loop(tmp_path / "split", 1), DistillTask(cfg))
+    final = distill_steps(tiny_loop(tmp_path / "split", 3, sample_every=3), cfg, resume=True)
     _assert_same_weights(tmp_path / "straight", tmp_path / "split")
-    split, straight = _metrics(tmp_path / "split"), _metrics(tmp_path / "straight")
+    split, straight = read_metrics(tmp_path / "split"), read_metrics(tmp_path / "straight")
     assert [r["cfg_aware"] for r in split] == [r["cfg_aware"] for r in straight]
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]
     pipe = Pipeline.load(tmp_path / "split" / "pipeline")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import read_metrics, tiny_loop
 from snapfusion.cli import main
 from snapfusion.distill.stages import distill_steps
 from snapfusion.distill.tasks import DistillConfig, DistillTask, ModelSource, with_guidance_embedding
@@ -14,7 +15,7 @@ from snapfusion.errors import ConfigError, InputError
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline
 from snapfusion.train import state as ckpt_io
-from snapfusion.train.loop import LoopConfig, train
+from snapfusion.train.loop import train
 from snapfusion.weights import load_safetensors
 
 REFUSAL = "negative prompts need two UNet calls per step"
@@ -34,16 +35,6 @@ def ge_pipeline(tiny_pipeline) -> Pipeline:
     unet = UNet(dataclasses.replace(tiny_pipeline.unet.config, guidance_embed=True))
     cfg = dataclasses.replace(tiny_pipeline.config, name="tiny-ge", steps=3)
     return Pipeline(tiny_pipeline.text_encoder, unet, tiny_pipeline.decoder, cfg).eval()
-
-
-def _loop(run_dir, steps, **kw):
-    base = dict(run_dir=str(run_dir), max_steps=steps, batch_size=2, num_workers=0, mixed_precision="no",
-                log_every=1, sample_every=0, checkpoint_every=100, warmup_steps=1, ema_decay=0.9, lr=1e-3)
-    return LoopConfig(**{**base, **kw})
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _inputs(unet, batch=2, seed=0):
@@ -126,16 +117,16 @@ def test_one_student_call_with_w_and_gradients_reach_the_embedding(source):
 
 def test_ge_distillation_runs_resumes_exports_and_continues(source, tmp_path):
     cfg = DistillConfig(source=source, student_steps=2, image_size=64, sample_prompts=2, guidance_embed=True)
-    train(_loop(tmp_path / "straight", 3), DistillTask(cfg))
-    train(_loop(tmp_path / "split", 1), DistillTask(cfg))
-    final = distill_steps(_loop(tmp_path / "split", 3, sample_every=3), cfg, resume=True)
+    train(tiny_loop(tmp_path / "straight", 3), DistillTask(cfg))
+    train(tiny_loop(tmp_path / "split", 1), DistillTask(cfg))
+    final = distill_steps(tiny_loop(tmp_path / "split", 3, sample_every=3), cfg, resume=True)
     for which in ("model", "ema"):
         a = load_safetensors(ckpt_io.latest_checkpoint(tmp_path / "straight") / which / "model.safetensors")
         b = load_safetensors(ckpt_io.latest_checkpoint(tmp_path / "split") / which / "model.safetensors")
         assert a.keys() == b.keys() and any(k.startswith("guidance_embedding.") for k in a)
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=f"{which}:{k}")
-    assert [r["loss"] for r in _metrics(tmp_path / "split")] == [r["loss"] for r in _metrics(tmp_path / "straight")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "split")] == [r["loss"] for r in read_metrics(tmp_path / "straight")]
     assert json.loads((final / "config.json").read_text())["config"]["guidance_embed"] is True
     trained = UNet.load(final)
     assert trained.guidance_embedding.linear_2.weight.abs().sum() > 0  # it learned something of w
