@@ -259,6 +259,17 @@ def config_of(record: dict) -> UNetConfig:
     return from_dict(UNetConfig, record["config"], where="evolve.jsonl")
 
 
+def _steps(log: list[dict]) -> list[dict]:
+    """A log's step records (one per finished iteration); ``SnapFusionError`` when there is none."""
+    try:
+        steps = [r for r in log if r["type"] == "step"]
+    except (KeyError, TypeError) as err:
+        raise SnapFusionError(f"evolution log: a record lacks a field or has the wrong type ({err!r})") from None
+    if not steps:
+        raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
+    return steps
+
+
 def within_budget(log: list[dict], fraction: float) -> list[dict]:
     """The part of an evolution log that a search to ``fraction`` of the start latency would have returned, on the
     log's own latency table: every record up to the end of the first iteration that ends within the budget, then the
@@ -266,10 +277,8 @@ def within_budget(log: list[dict], fraction: float) -> list[dict]:
     than the log's own follows the same trajectory until it is under that budget, so a log found at 20 % also gives
     the architectures at 30 % or 60 %. The whole log at its own budget or below, and when no iteration ends within
     the budget (see ``reached_fraction``). ``SnapFusionError`` on a log without step records."""
+    steps = _steps(log)
     try:
-        steps = [r for r in log if r["type"] == "step"]
-        if not steps:
-            raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
         if fraction <= own_budget(log) * (1 + 1e-9):
             return list(log)
         budget_ms = fraction * steps[0]["latency_ms"]
@@ -294,18 +303,16 @@ def within_budget(log: list[dict], fraction: float) -> list[dict]:
 
 def own_budget(log: list[dict]) -> float:
     """The budget a log's search aimed at, as a fraction of its start latency."""
-    steps = [r for r in log if r.get("type") == "step"]
+    first = _steps(log)[0]
     try:
-        return float(steps[0]["budget_ms"]) / float(steps[0]["latency_ms"])
-    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        return float(first["budget_ms"]) / float(first["latency_ms"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         raise SnapFusionError(f"evolution log: no step record with its budget and latency ({err!r})") from None
 
 
 def reached_fraction(log: list[dict]) -> float:
     """The latency a log ends at, as a fraction of its start (its own latency table)."""
-    steps = [r for r in log if r.get("type") == "step"]
-    if not steps:
-        raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
+    steps = _steps(log)
     try:
         return float(steps[-1]["latency_after_ms"]) / float(steps[0]["latency_ms"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
@@ -319,10 +326,8 @@ def replay(log: list[dict], start: UNet) -> tuple[UNet, int]:
     record for (a run killed mid-iteration, which resumes by redoing it) are left out. ``SnapFusionError`` if an
     action does not apply or the result's config differs from the log's last step (``start`` is not the config the
     run began from)."""
+    steps = _steps(log)
     try:
-        steps = [r for r in log if r["type"] == "step"]
-        if not steps:
-            raise SnapFusionError("evolution log: no step record (has the run finished an iteration?)")
         last = steps[-1]["iteration"]
         actions = [(r["iteration"], r["op"], r["block"]) for r in log
                    if r["type"] == "action" and r["applied"] and r["iteration"] <= last]
