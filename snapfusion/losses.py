@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from snapfusion.distill.teacher import ddim_x_target, teacher_two_steps
+from snapfusion.distill.teacher import ddim_x_target, teacher_steps
 from snapfusion.errors import ConfigError
 from snapfusion.sampling import ModelFn, Prediction
 from snapfusion.schedule import NoiseSchedule, expand_to, v_from_x0_eps
@@ -191,14 +191,16 @@ def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tens
     return torch.clamp((alpha / sigma) ** 2, min=1.0)
 
 
-def distill_loss(student: ModelFn, teacher: ModelFn, z: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
-                 t_end: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-    """One student DDIM step t -> t'' against two teacher steps t -> t' -> t'' (SnapFusion §4, L_vani); (B,).
+def distill_loss(student: ModelFn, teacher: ModelFn, z: torch.Tensor, levels: tuple[torch.Tensor, ...],
+                 schedule: NoiseSchedule) -> torch.Tensor:
+    """One student DDIM step t -> t_end against the teacher's steps through ``levels`` (t, ..., t_end), (B,) each:
+    two in SnapFusion §4 (t -> t' -> t''), L_vani; (B,).
 
     Pass guided model functions (sampling.guided with a per-sample scale w) for L_cfg: the student and the teacher
     are then both guided with the same w, and the student has no w input.
     """
-    z_end = teacher_two_steps(teacher, z, t, t_mid, t_end, schedule)  # (B, C, H, W) fp32, no grad
+    t, t_end = levels[0], levels[-1]
+    z_end = teacher_steps(teacher, z, levels, schedule)  # (B, C, H, W) fp32, no grad
     alpha, sigma = schedule.alpha_sigma(t)  # (B,) each
     alpha_end, sigma_end = schedule.alpha_sigma(t_end)
     x_target = ddim_x_target(z.float(), z_end, *(expand_to(c, z) for c in (alpha, sigma, alpha_end, sigma_end)))

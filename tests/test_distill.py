@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from snapfusion.losses import distill_loss, guidance_scales, truncated_snr_weight, v_loss, with_rescaled_ori
-from snapfusion.distill.teacher import ddim_x_target, step_grid, teacher_two_steps
+from snapfusion.distill.teacher import ddim_x_target, step_grid, teacher_steps
 from snapfusion.errors import ConfigError
 from snapfusion.models.unet import UNet
 from snapfusion.models.unet_config import tiny_sd15
@@ -52,8 +52,27 @@ def test_grids_nest_and_match_the_pipeline():
         step_grid(0)
     with pytest.raises(ConfigError, match="training timesteps"):
         step_grid(501)
-    with pytest.raises(ConfigError, match="no midpoint"):  # trailing 668 steps ends 2, 0, 0
+    with pytest.raises(ConfigError, match="no room for 2 teacher steps"):  # trailing 668 steps ends 2, 0, 0
         step_grid(334)
+
+
+def test_grids_nest_at_other_ratios_and_refuse_bad_ones():
+    for ratio in (3, 4, 8):
+        for n in range(1, 65):
+            g = step_grid(n, ratio=ratio)
+            assert g.ratio == ratio and len(g.teacher) == ratio * n + 1
+            assert torch.equal(g.teacher[::ratio], ddim_timesteps(n, "trailing"))
+            assert bool((g.teacher[1:] < g.teacher[:-1]).all())
+    assert step_grid(8, ratio=4).teacher.tolist()[:5] == [999, 968, 937, 905, 874]  # the trailing 32-step grid
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ConfigError, match="teacher's steps per student step"):
+            step_grid(8, ratio=bad)
+    with pytest.raises(ConfigError, match="training timesteps"):
+        step_grid(251, ratio=4)
+    with pytest.raises(ConfigError, match="no room for 4 teacher steps"):  # trailing 800 steps repeats a level
+        step_grid(200, ratio=4)
+    levels = step_grid(4, ratio=4).sample(64, torch.Generator().manual_seed(1))
+    assert len(levels) == 5 and all(bool((a > b).all()) for a, b in zip(levels[:-1], levels[1:]))
 
 
 def test_grid_sample_gives_consecutive_teacher_steps():
@@ -72,7 +91,7 @@ def test_teacher_two_steps_equals_two_steps_of_sample_ddim(nets, scale):
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     t, t_mid, t_end = (torch.tensor([v] * 3) for v in grid.teacher[4:7].tolist())
     model_fn = guided(_den(teacher), cond, uncond, scale)
-    ours = teacher_two_steps(model_fn, z, t, t_mid, t_end, SCHEDULE)
+    ours = teacher_steps(model_fn, z, (t, t_mid, t_end), SCHEDULE)
     ref = sample_ddim(model_fn, z, grid.teacher[4:7], SCHEDULE)
     torch.testing.assert_close(ours, ref, atol=0, rtol=0)
 
@@ -80,7 +99,7 @@ def test_teacher_two_steps_equals_two_steps_of_sample_ddim(nets, scale):
 def test_teacher_two_steps_per_sample_timesteps(nets):
     teacher, _, cond, _ = nets
     x, eps, z, t, t_mid, t_end = _batch(step_grid(8), seed=3)
-    ours = teacher_two_steps(guided(_den(teacher), cond), z, t, t_mid, t_end, SCHEDULE)
+    ours = teacher_steps(guided(_den(teacher), cond), z, (t, t_mid, t_end), SCHEDULE)
     for i in range(3):
         ref = sample_ddim(guided(_den(teacher), cond[i:i + 1]), z[i:i + 1], torch.stack([t[i], t_mid[i], t_end[i]]),
                           SCHEDULE)
@@ -95,40 +114,48 @@ def test_x_target_recovers_x_under_an_exact_teacher():
         alpha, sigma = (expand_to(c, zz) for c in SCHEDULE.alpha_sigma(tt))
         return alpha * eps_from_x0(zz, x, alpha, sigma) - sigma * x  # v = alpha eps - sigma x
 
-    z_end = teacher_two_steps(lambda zz, tt: Denoiser(oracle, SCHEDULE, "v_prediction")(zz, tt), z, t, t_mid, t_end,
-                              SCHEDULE)
+    z_end = teacher_steps(lambda zz, tt: Denoiser(oracle, SCHEDULE, "v_prediction")(zz, tt), z, (t, t_mid, t_end),
+                          SCHEDULE)
     coefs = [expand_to(c, z) for c in (*SCHEDULE.alpha_sigma(t), *SCHEDULE.alpha_sigma(t_end))]
     torch.testing.assert_close(ddim_x_target(z, z_end, *coefs), x, atol=2e-4, rtol=1e-4)
 
 
 class PerfectStudent:
-    """A v-network that does the teacher's two steps in one: it predicts v whose x0 is exactly x_target."""
+    """A v-network that does the teacher's r steps in one: it predicts v whose x0 is exactly x_target."""
 
     def __init__(self, teacher_fn, grid):
         self.teacher_fn, self.grid = teacher_fn, grid
 
     def __call__(self, z, t, context):
         index = (self.grid.teacher[None, :] == t[:, None]).float().argmax(1)  # (B,) position of t in the grid
-        t_mid, t_end = self.grid.teacher[index + 1], self.grid.teacher[index + 2]
-        z_end = teacher_two_steps(self.teacher_fn, z, t, t_mid, t_end, SCHEDULE)
+        levels = tuple(self.grid.teacher[index + j] for j in range(self.grid.ratio + 1))
+        t_end = levels[-1]
+        z_end = teacher_steps(self.teacher_fn, z, levels, SCHEDULE)
         alpha, sigma = (expand_to(c, z) for c in SCHEDULE.alpha_sigma(t))
         alpha_end, sigma_end = (expand_to(c, z) for c in SCHEDULE.alpha_sigma(t_end))
         x_target = ddim_x_target(z, z_end, alpha, sigma, alpha_end, sigma_end)
         return (alpha * z - x_target) / sigma  # inverse of x0 = alpha z - sigma v
 
 
-def test_perfect_student_gets_zero_loss_and_others_do_not(nets):
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_perfect_student_gets_zero_loss_and_others_do_not(nets, ratio):
     teacher, student, cond, _ = nets
-    grid = step_grid(8)
-    x, eps, z, t, t_mid, t_end = _batch(grid, seed=5)
+    grid = step_grid(8, ratio=ratio)
+    g = torch.Generator().manual_seed(5)
+    levels = grid.sample(3, g)
+    assert len(levels) == ratio + 1
+    z = torch.randn(3, 4, 8, 8, generator=g)
     teacher_fn = guided(_den(teacher), cond)
     perfect = Denoiser(PerfectStudent(teacher_fn, grid), SCHEDULE, "v_prediction")
-    zero = distill_loss(lambda zz, tt: perfect(zz, tt, cond), teacher_fn, z, t, t_mid, t_end, SCHEDULE)
-    other = distill_loss(guided(_den(student), cond), teacher_fn, z, t, t_mid, t_end, SCHEDULE)
+    zero = distill_loss(lambda zz, tt: perfect(zz, tt, cond), teacher_fn, z, levels, SCHEDULE)
+    other = distill_loss(guided(_den(student), cond), teacher_fn, z, levels, SCHEDULE)
     assert zero.shape == other.shape == (3,)
     assert float(zero.max()) < 1e-8 * float(other.detach().min())
-    same = distill_loss(teacher_fn, teacher_fn, z, t, t_mid, t_end, SCHEDULE)  # one teacher step != two
+    same = distill_loss(teacher_fn, teacher_fn, z, levels, SCHEDULE)  # one teacher step != r
     assert float(same.min()) > 1e-6
+    if ratio > 2:  # the r-step target is not the two-step one: the perfect student of r = 2 is not perfect here
+        two = Denoiser(PerfectStudent(teacher_fn, step_grid(8)), SCHEDULE, "v_prediction")
+        assert float(distill_loss(lambda zz, tt: two(zz, tt, cond), teacher_fn, z, levels, SCHEDULE).min()) > 1e-6
 
 
 def test_loss_shapes_weights_and_gradient(nets):
@@ -136,7 +163,7 @@ def test_loss_shapes_weights_and_gradient(nets):
     x, eps, z, t, t_mid, t_end = _batch(step_grid(8), seed=6)
     student = UNet(student.config).train()
     den = _den(student)
-    l_dstl = distill_loss(guided(den, cond), guided(_den(teacher), cond), z, t, t_mid, t_end, SCHEDULE)
+    l_dstl = distill_loss(guided(den, cond), guided(_den(teacher), cond), z, (t, t_mid, t_end), SCHEDULE)
     l_ori = v_loss(den(z, t, cond), x, eps, t, SCHEDULE)
     total = with_rescaled_ori(l_dstl, l_ori, 0.2)
     assert l_dstl.shape == l_ori.shape == total.shape == (3,)
@@ -162,13 +189,15 @@ def test_cfg_aware_loss_equals_vanilla_at_w_one(nets):
     teacher, student, cond, uncond = nets
     x, eps, z, t, t_mid, t_end = _batch(step_grid(8), seed=8)
     s, te = _den(student), _den(teacher)
-    vanilla = distill_loss(guided(s, cond), guided(te, cond), z, t, t_mid, t_end, SCHEDULE)
+    vanilla = distill_loss(guided(s, cond), guided(te, cond), z, (t, t_mid, t_end), SCHEDULE)
     ones = torch.ones(3)
-    at_one = distill_loss(guided(s, cond, uncond, ones), guided(te, cond, uncond, ones), z, t, t_mid, t_end, SCHEDULE)
+    at_one = distill_loss(guided(s, cond, uncond, ones), guided(te, cond, uncond, ones), z, (t, t_mid, t_end),
+                          SCHEDULE)
     torch.testing.assert_close(at_one, vanilla, rtol=1e-4, atol=1e-7)
     w = guidance_scales(3, 2.0, 14.0, torch.Generator().manual_seed(0))
     assert bool(((w >= 2.0) & (w <= 14.0)).all())
-    guided_loss = distill_loss(guided(s, cond, uncond, w), guided(te, cond, uncond, w), z, t, t_mid, t_end, SCHEDULE)
+    guided_loss = distill_loss(guided(s, cond, uncond, w), guided(te, cond, uncond, w), z, (t, t_mid, t_end),
+                               SCHEDULE)
     assert not torch.allclose(guided_loss, vanilla, rtol=1e-2)
 
 

@@ -1,5 +1,6 @@
 """v fine-tuning and step distillation as Tasks of the one loop: they run, resume exactly, export, and the CLI."""
 
+import dataclasses
 import json
 
 import pytest
@@ -85,6 +86,26 @@ def test_distill_runs_resumes_and_exports(source, tmp_path):
     assert set(report["mse_to_teacher@4"]) == {"teacher@2", "student@2"}
     run = json.loads((tmp_path / "split" / "run_config.json").read_text())
     assert run["task"]["student_grid"] == [999, 499, 0] and run["task"]["teacher_grid"] == [999, 749, 499, 249, 0]
+
+
+def test_a_teacher_ratio_of_4_walks_four_teacher_steps_per_student_step(source, tmp_path):
+    cfg = DistillConfig(source=source, student_steps=2, teacher_ratio=4, cfg_prob=0.5, image_size=64,
+                        sample_prompts=2)
+    task = DistillTask(cfg)
+    assert task.grid.teacher.tolist() == [999, 874, 749, 624, 499, 374, 249, 124, 0]
+    model = task.build()
+    per_sample, logs = task.loss(model, task.collate([task.dataset()[i] for i in range(2)]),
+                                 torch.Generator().manual_seed(0))
+    assert per_sample.shape == (2,) and bool(torch.isfinite(per_sample).all())
+    two = DistillTask(dataclasses.replace(cfg, teacher_ratio=2))  # same draw, another target
+    per_two, _ = two.loss(two.build(), two.collate([two.dataset()[i] for i in range(2)]),
+                          torch.Generator().manual_seed(0))
+    assert not torch.allclose(per_sample, per_two)
+    distill_steps(tiny_loop(tmp_path / "r4", 1, sample_every=1), cfg)
+    report = json.loads((tmp_path / "r4" / "samples" / "step_0000001.json").read_text())
+    assert set(report["mse_to_teacher@8"]) == {"teacher@2", "student@2"}
+    with pytest.raises(ConfigError, match="--teacher-ratio"):
+        DistillConfig(source=source, teacher_ratio=1)
 
 
 def test_bad_settings_are_one_line_errors(source, tmp_path, capsys):

@@ -16,7 +16,7 @@ def _config(a: argparse.Namespace):
     return recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
                          latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages,
                          data_folder=a.data, prompts=a.prompts, architecture=a.architecture, decoder=a.decoder,
-                         prior=a.prior, v_teacher=a.v_teacher, ship=a.ship)
+                         prior=a.prior, v_teacher=a.v_teacher, ship=a.ship, teacher_ratio=a.teacher_ratio)
 
 
 def check_compress(a: argparse.Namespace) -> None:
@@ -42,6 +42,7 @@ def _num_emoji(text: str) -> int:
 
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
     from snapfusion.compress import STAGE_NAMES
+    from snapfusion.compress.settings import SCALES
 
     c = sub.add_parser("compress", help="the whole SnapFusion recipe from a teacher pipeline, resumable: latency "
                        "table, robust training, evolution, KD fine-tuning, v-prediction, step distillation 16 -> 8, "
@@ -89,6 +90,9 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--v-teacher", default=None, metavar="FOLDER", help="use this v-prediction teacher UNet (e.g. "
                    "another run's v-teacher/final from the same teacher) instead of the v-teacher stage: runs at "
                    "several latency budgets share one")
+    c.add_argument("--teacher-ratio", type=types.integer("--teacher-ratio", minimum=2, maximum=100), default=None,
+                   help="teacher DDIM steps per student step in distill and distill-guidance: 2 is the paper's "
+                   f"16 -> 8, 4 distils 32 -> 8 (default: the preset's, {SCALES['full'].teacher_ratio})")
     c.add_argument("--ship", choices=["distill", "distill-guidance", "distill-half"], default="distill",
                    help="the student assembled: distill (n steps, two UNet calls per guided step), distill-guidance "
                    "(the guidance scale embedded: one call per step) or distill-half (n/2 steps); the stage it names "

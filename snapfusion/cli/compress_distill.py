@@ -42,6 +42,9 @@ def check_distill(a: argparse.Namespace) -> None:
     _source(a)
     if a.guidance_min > a.guidance_max:
         raise InputError(f"--guidance-min {a.guidance_min:g} is above --guidance-max {a.guidance_max:g}")
+    if a.student_steps * a.teacher_ratio > MAX_STEPS:
+        raise InputError(f"--student-steps {a.student_steps} with --teacher-ratio {a.teacher_ratio}: the teacher would "
+                         f"run {a.student_steps * a.teacher_ratio} steps, more than {MAX_STEPS}")
 
 
 def cmd_finetune_v(a: argparse.Namespace) -> None:
@@ -63,7 +66,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
 
     folder = options.data_folder(a, a.image_size)
     cfg = DistillConfig(source=_source(a), data_folder=folder, student_unet=a.student_unet,
-                        student_steps=a.student_steps,
+                        student_steps=a.student_steps, teacher_ratio=a.teacher_ratio,
                         cfg_prob=a.cfg_prob, guidance_range=(a.guidance_min, a.guidance_max),
                         ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
@@ -101,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_kd_options(p)
     p.set_defaults(func=cmd_finetune_v, check=check_finetune_v)
 
-    p = sub.add_parser("distill", help="CFG-aware step distillation: 1 student step = 2 teacher steps (16 -> 8)",
+    p = sub.add_parser("distill", help="CFG-aware step distillation: 1 student step = 2 teacher steps (16 -> 8; "
+                       "--teacher-ratio for more)",
                        epilog="example: snapfusion distill --run-dir runs/d8 --model base "
                               "--teacher-unet runs/vtune/final --student-steps 8")
     options.add_train_options(p, steps=10000, batch=32, lr=2e-5)
@@ -109,7 +113,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-unet", default=None, type=_unet_folder("--student-unet"),
                    help="UNet folder to start the student from (default: teacher)")
     p.add_argument("--student-steps", type=types.positive("--student-steps", maximum=MAX_STEPS // 2), default=8,
-                   help="the teacher runs twice as many (default %(default)s)")
+                   help="the student's sampling steps; the teacher runs --teacher-ratio times as many "
+                   "(default %(default)s)")
+    p.add_argument("--teacher-ratio", type=types.integer("--teacher-ratio", minimum=2, maximum=MAX_STEPS), default=2,
+                   help="teacher DDIM steps per student step: 2 is the paper's direct 16 -> 8; 4 distils 32 -> 8, "
+                   "a target closer to the teacher's many-step images at twice the teacher's cost (default "
+                   "%(default)s)")
     p.add_argument("--cfg-prob", type=types.probability("--cfg-prob"), default=0.1,
                    help="p of the CFG-aware loss (default %(default)s)")
     p.add_argument("--guidance-min", type=types.guidance("--guidance-min"), default=2.0,

@@ -82,13 +82,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", us.distill, lambda c, r: {"teacher_unet": us.v_teacher_of(c, r),
                                               "student_unet": r / us.distill_student(c), "teacher": teacher_dir(c),
                                               **data_inputs(c)},
-          lambda c: _common(c, "distill", "student_steps", "cfg_prob", "feature_weight"), True,
+          lambda c: _common(c, "distill", "student_steps", "teacher_ratio", "cfg_prob", "feature_weight"), True,
           "§4 step distillation 16 -> 8 (vanilla + CFG-aware)"),
     Stage("distill-guidance", us.distill_guidance,
           lambda c, r: {"teacher_unet": us.v_teacher_of(c, r), "student_unet": r / us.STUDENT,
                         "teacher": teacher_dir(c),
                         **data_inputs(c)},
-          lambda c: _common(c, "guidance_student", "guidance_range", "student_steps"), True,
+          lambda c: _common(c, "guidance_student", "guidance_range", "student_steps", "teacher_ratio"), True,
           "guidance-embedded student, one UNet call per step (Meng et al. 2023; not in the paper)"),
     Stage("distill-half", us.distill_half, lambda c, r: {"teacher_unet": r / us.STUDENT, "teacher": teacher_dir(c),
                                                         **data_inputs(c)},
@@ -144,11 +144,14 @@ def unneeded(config: RecipeConfig) -> set[str]:
 
 
 def recipe_config(teacher: str, run_dir: str, *, scale: str = "full", num_emoji: int | None = -1,
-                  **kwargs) -> RecipeConfig:
-    """A ``RecipeConfig`` from a preset name; ``num_emoji`` other than -1 overrides the preset's."""
+                  teacher_ratio: int | None = None, **kwargs) -> RecipeConfig:
+    """A ``RecipeConfig`` from a preset name; ``num_emoji`` other than -1 and ``teacher_ratio`` other than None
+    override the preset's."""
     preset = scale_preset(scale)
     if num_emoji != -1:
         preset = dataclasses.replace(preset, common=dataclasses.replace(preset.common, num_emoji=num_emoji))
+    if teacher_ratio is not None:
+        preset = dataclasses.replace(preset, teacher_ratio=teacher_ratio)
     return RecipeConfig(teacher=teacher, run_dir=run_dir, scale=preset, **kwargs)
 
 
@@ -160,6 +163,10 @@ def check(config: RecipeConfig) -> list[Stage]:
 
     if not 0 < config.latency_budget <= 1:
         raise InputError(f"--latency-budget must be in (0, 1], got {config.latency_budget}")
+    ratio, steps = config.scale.teacher_ratio, config.scale.student_steps
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or not 2 <= ratio <= 1000 // steps:
+        raise InputError(f"--teacher-ratio must be an integer in [2, {1000 // steps}] for a {steps}-step student, "
+                         f"got {ratio!r}")
     if config.max_minutes < 0:
         raise InputError(f"--max-minutes must be >= 0, got {config.max_minutes}")
     unknown = [s for s in config.stages if s not in STAGE_NAMES]

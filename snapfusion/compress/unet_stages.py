@@ -302,7 +302,8 @@ def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, 
     from snapfusion.distill.tasks import DistillConfig, ModelSource
 
     c, folder = config.scale.common, stage_dir(run_dir, name)
-    settings = dict(student_steps=config.scale.student_steps, cfg_prob=config.scale.cfg_prob,
+    settings = dict(student_steps=config.scale.student_steps, teacher_ratio=config.scale.teacher_ratio,
+                    cfg_prob=config.scale.cfg_prob,
                     guidance_range=(2.0, 14.0), ori_weight=0.2, feature_weight=config.scale.feature_weight)
     cfg = DistillConfig(source=ModelSource(pipeline=str(teacher_dir(config)), teacher_unet=str(teacher_unet)),
                         student_unet=str(run_dir / student_unet), image_size=c.image_size,
@@ -330,4 +331,4 @@ def distill_guidance(config: RecipeConfig, run_dir: Path, budget: Budget) -> Sta
 def distill_half(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """Half the steps again (8 -> 4): the distilled student is the teacher of its own n/2-step copy."""
     return _distill(config, run_dir, budget, "distill-half", config.scale.half, teacher_unet=run_dir / STUDENT,
-                    student_unet=STUDENT, seed=8, student_steps=config.scale.student_steps // 2)
+                    student_unet=STUDENT, seed=8, student_steps=config.scale.student_steps // 2, teacher_ratio=2)

@@ -88,11 +88,12 @@ class VFinetuneConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Direct step distillation: one student DDIM step = two teacher DDIM steps (SnapFusion §4)."""
+    """Direct step distillation: one student DDIM step = ``teacher_ratio`` teacher DDIM steps (two in SnapFusion §4)."""
 
     source: ModelSource                # the teacher: a v fine-tuned base, or an already distilled 2n-step model
     student_unet: str | None = None    # UNet folder to start the student from; None: the teacher's weights
-    student_steps: int = 8             # the teacher runs twice as many (16 -> 8)
+    student_steps: int = 8             # the teacher runs teacher_ratio times as many (16 -> 8)
+    teacher_ratio: int = 2             # teacher DDIM steps per student step: 2 (the paper's 16 -> 8), 4 (32 -> 8), ...
     cfg_prob: float = 0.1              # p: probability of the CFG-aware loss in an iteration, else vanilla
     guidance_range: tuple[float, float] = (2.0, 14.0)   # w ~ U[2, 14] for the CFG-aware loss
     ori_weight: float = 0.2            # gamma of gamma * L_ori (rescaled to L_dstl's scale)
@@ -114,6 +115,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
+        if isinstance(self.teacher_ratio, bool) or not isinstance(self.teacher_ratio, int) or self.teacher_ratio < 2:
+            raise ConfigError(f"--teacher-ratio must be an integer >= 2, got {self.teacher_ratio!r}")
         if not 0.0 <= self.cfg_prob <= 1.0:
             raise ConfigError(f"cfg_prob must be in [0, 1], got {self.cfg_prob}")
         if not 1.0 <= low <= high:
@@ -262,7 +265,8 @@ class VFinetuneTask:
 # ---- step distillation ---------------------------------------------------------------------------------------
 
 class DistillTask:
-    """Student n steps vs teacher 2n steps; per iteration L_cfg with probability p else L_vani, plus gamma L_ori."""
+    """Student n steps vs teacher r n steps (r = 2: the paper's); per iteration L_cfg with probability p else L_vani,
+    plus gamma L_ori."""
 
     name = "distill"
     compiles = True
@@ -285,7 +289,7 @@ class DistillTask:
             raise ConfigError(f"--feature-weight: the teacher's stage widths {stage_widths(self.teacher.config)} "
                               f"differ from the student's {stage_widths(self.student_config)}")
         self.schedule, self.noising, self.data = _pieces(_data_config(cfg.source, self.student_config, cfg))
-        self.grid = step_grid(cfg.student_steps, self.schedule.num_train_timesteps)
+        self.grid = step_grid(cfg.student_steps, self.schedule.num_train_timesteps, cfg.teacher_ratio)
         self.sampler = _Sampler(self.data, cfg.source, cfg)
         self._uncond: torch.Tensor | None = None
 
@@ -320,19 +324,20 @@ class DistillTask:
         x0, cond = _encode(self.data, batch, generator)  # (B, 4, h, w), (B, 77, D)
         uncond = self._uncond_context(x0.device)
         B = x0.shape[0]
-        t, t_mid, t_end = self.grid.sample(B, generator)  # (B,) each: student step t -> t_end
+        levels = self.grid.sample(B, generator)  # r + 1 of (B,): student step t -> t_end, the teacher's levels
+        t = levels[0]
         eps = self.noising.noise(x0, generator)
         z = self.schedule.add_noise(x0, eps, t)
         teacher = Denoiser(_outside_autocast(self.teacher.to(x0.device)), self.schedule,
                            self.teacher.config.prediction_type)
         if c.guidance_embed:
-            return self._embedded_loss(model, teacher, z, t, t_mid, t_end, cond, uncond, generator)
+            return self._embedded_loss(model, teacher, z, levels, cond, uncond, generator)
         cfg_aware = bool(torch.rand((), device=x0.device, generator=generator) < c.cfg_prob)
         w = guidance_scales(B, *c.guidance_range, generator) if cfg_aware else None  # None: L_vani, no uncond pass
         tap = _Tap(model, keep_features=c.feature_weight > 0)
         student = Denoiser(tap, self.schedule, self.student_config.prediction_type)
-        l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, t, t_mid,
-                              t_end, self.schedule)
+        l_dstl = distill_loss(guided(student, cond, uncond, w), guided(teacher, cond, uncond, w), z, levels,
+                              self.schedule)
         l_ori = v_loss(student.to_prediction(tap.last[:B].float(), z, t), x0, eps, t, self.schedule)
         total = with_rescaled_ori(l_dstl, l_ori, c.ori_weight)
         logs = {"cfg_aware": float(cfg_aware), "l_dstl": l_dstl.mean().item(), "l_ori": l_ori.mean().item()}
@@ -346,22 +351,22 @@ class DistillTask:
             logs["l_feat"] = l_feat.mean().item()
         return total, logs
 
-    def _embedded_loss(self, model, teacher, z, t, t_mid, t_end, cond, uncond, generator):
-        """L_cfg of a guidance-embedded student: w ~ U[guidance_range] per sample; the teacher's two guided DDIM
+    def _embedded_loss(self, model, teacher, z, levels, cond, uncond, generator):
+        """L_cfg of a guidance-embedded student: w ~ U[guidance_range] per sample; the teacher's r guided DDIM
         steps (cond and uncond) against ONE student call on the cond batch with w as its input. No L_ori: the
         student's output at w is the guided prediction, not the data's v."""
         w = guidance_scales(z.shape[0], *self.cfg.guidance_range, generator).to(z.device)  # (B,)
         student = Denoiser(lambda zz, tt, ctx: model(zz, tt, ctx, guidance=w), self.schedule,
                            self.student_config.prediction_type)
-        l_dstl = distill_loss(lambda zz, tt: student(zz, tt, cond), guided(teacher, cond, uncond, w), z, t, t_mid,
-                              t_end, self.schedule)
+        l_dstl = distill_loss(lambda zz, tt: student(zz, tt, cond), guided(teacher, cond, uncond, w), z, levels,
+                              self.schedule)
         return l_dstl, {"cfg_aware": 1.0, "l_dstl": l_dstl.mean().item()}
 
     def sample_grid(self, model, path: Path) -> None:
         unet = unwrap(model)
         teacher = self.teacher.to(next(unet.parameters()).device)
-        n = self.cfg.student_steps
-        self.sampler.compare([(f"teacher@{2 * n}", teacher, 2 * n), (f"teacher@{n}", teacher, n),
+        n, r = self.cfg.student_steps, self.cfg.teacher_ratio
+        self.sampler.compare([(f"teacher@{r * n}", teacher, r * n), (f"teacher@{n}", teacher, n),
                               (f"student@{n}", unet, n)], path)
 
 
