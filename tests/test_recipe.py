@@ -294,11 +294,12 @@ def test_a_log_cut_at_another_budget_and_a_shared_v_teacher(run, teacher, tmp_pa
     assert "v-teacher" not in stages and stages["evolve"]["metrics"]["iterations"] == 1
     assert stages["distill"]["inputs"]["teacher_unet"]["path"] == str(v)
     assert json.loads((run_dir / "distill/run_config.json").read_text())["task"]["source"]["teacher_unet"] == str(v)
-    assert main(_args(teacher, run_dir, *given, "--stages", "distill", "--teacher-ratio", "4")) == 0
+    assert json.loads((run_dir / "distill/run_config.json").read_text())["task"]["teacher_ratio"] == 4  # the preset's
+    assert main(_args(teacher, run_dir, *given, "--stages", "distill", "--teacher-ratio", "2")) == 0
     assert "CFG-aware)): fresh" in capsys.readouterr().out  # the settings changed: the stage starts afresh
     task = json.loads((run_dir / "distill/run_config.json").read_text())["task"]
-    assert task["teacher_ratio"] == 4 and len(task["teacher_grid"]) == 4 * 8 + 1
-    assert _manifest(run_dir)["stages"]["distill"]["settings"]["teacher_ratio"] == 4
+    assert task["teacher_ratio"] == 2 and len(task["teacher_grid"]) == 2 * 8 + 1
+    assert _manifest(run_dir)["stages"]["distill"]["settings"]["teacher_ratio"] == 2
     for extra, message in ((["--architecture", str(log), "--latency-budget", "0.01"], "above --latency-budget 0.01"),
                            (["--v-teacher", str(tmp_path)], "no config.json there"),
                            (["--v-teacher", str(tmp_path / "none")], "stage distill needs"),

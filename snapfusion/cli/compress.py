@@ -45,7 +45,7 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     from snapfusion.compress.settings import SCALES
 
     c = sub.add_parser("compress", help="the whole SnapFusion recipe from a teacher pipeline, resumable: latency "
-                       "table, robust training, evolution, KD fine-tuning, v-prediction, step distillation 16 -> 8, "
+                       "table, robust training, evolution, KD fine-tuning, v-prediction, step distillation to 8 steps, "
                        "decoder, layout prior, assembly, evaluation (docs/recipe.md)",
                        epilog="example: snapfusion compress --teacher base --latency-budget 0.3 --run-dir runs/sf "
                               "--max-minutes 9   (run it again to continue; several GPUs: accelerate launch -m "

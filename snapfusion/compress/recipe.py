@@ -83,7 +83,7 @@ STAGES: tuple[Stage, ...] = (
                                               "student_unet": r / us.distill_student(c), "teacher": teacher_dir(c),
                                               **data_inputs(c)},
           lambda c: _common(c, "distill", "student_steps", "teacher_ratio", "cfg_prob", "feature_weight"), True,
-          "§4 step distillation 16 -> 8 (vanilla + CFG-aware)"),
+          "§4 direct step distillation to n steps (vanilla + CFG-aware)"),
     Stage("distill-guidance", us.distill_guidance,
           lambda c, r: {"teacher_unet": us.v_teacher_of(c, r), "student_unet": r / us.STUDENT,
                         "teacher": teacher_dir(c),

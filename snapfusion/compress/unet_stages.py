@@ -1,6 +1,6 @@
 """The recipe's UNet stages (SnapFusion §3.1 and §4), each ``(config, run_dir, budget) -> StageResult``: the latency
 table, robust training, evolution, its replay on the teacher's weights, fine-tuning with output and feature
-distillation, v-prediction teacher and student, and step distillation 16 -> 8."""
+distillation, v-prediction teacher and student, and direct step distillation (r n -> n, r = teacher_ratio)."""
 
 from __future__ import annotations
 
@@ -315,7 +315,8 @@ def _distill(config: RecipeConfig, run_dir: Path, budget: Budget, name: str, s, 
 
 
 def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
-    """SnapFusion §4: direct step distillation 16 -> 8, vanilla and CFG-aware losses mixed, L_ori, the feature term."""
+    """SnapFusion §4: direct step distillation r n -> n (r = teacher_ratio; the paper: 16 -> 8), vanilla and CFG-aware
+    losses mixed, L_ori, the feature term."""
     return _distill(config, run_dir, budget, "distill", config.scale.distill,
                     teacher_unet=v_teacher_of(config, run_dir), student_unet=distill_student(config), seed=5)
 
