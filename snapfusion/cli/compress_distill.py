@@ -42,9 +42,19 @@ def check_distill(a: argparse.Namespace) -> None:
     _source(a)
     if a.guidance_min > a.guidance_max:
         raise InputError(f"--guidance-min {a.guidance_min:g} is above --guidance-max {a.guidance_max:g}")
-    if a.student_steps * a.teacher_ratio > MAX_STEPS:
-        raise InputError(f"--student-steps {a.student_steps} with --teacher-ratio {a.teacher_ratio}: the teacher would "
-                         f"run {a.student_steps * a.teacher_ratio} steps, more than {MAX_STEPS}")
+    _check_grid(a.student_steps, a.teacher_ratio)
+
+
+def _check_grid(student_steps: int, teacher_ratio: int) -> None:
+    """The nested grids the distillation will walk (``step_grid``), built now so that a teacher finer than the
+    schedule is a one-line error before any weights load."""
+    from snapfusion.distill.teacher import step_grid
+    from snapfusion.errors import ConfigError
+
+    try:
+        step_grid(student_steps, MAX_STEPS, teacher_ratio)
+    except ConfigError as err:
+        raise InputError(f"--student-steps {student_steps} with --teacher-ratio {teacher_ratio}: {err}") from None
 
 
 def cmd_finetune_v(a: argparse.Namespace) -> None:

@@ -155,6 +155,17 @@ def recipe_config(teacher: str, run_dir: str, *, scale: str = "full", num_emoji:
     return RecipeConfig(teacher=teacher, run_dir=run_dir, scale=preset, **kwargs)
 
 
+def _check_grid(student_steps: int, teacher_ratio: int) -> None:
+    """The distillation's nested grids (``step_grid``, as ``distill`` will build them), or a one-line error."""
+    from snapfusion.distill.teacher import step_grid
+    from snapfusion.errors import ConfigError
+
+    try:
+        step_grid(student_steps, ratio=teacher_ratio)
+    except ConfigError as err:
+        raise InputError(f"--teacher-ratio {teacher_ratio!r}: {err}") from None
+
+
 def check(config: RecipeConfig) -> list[Stage]:
     """The stages to run; every user error (values, stage names, the teacher folder, missing inputs of a partial
     chain) as one ``SnapFusionError`` before any work."""
@@ -163,10 +174,7 @@ def check(config: RecipeConfig) -> list[Stage]:
 
     if not 0 < config.latency_budget <= 1:
         raise InputError(f"--latency-budget must be in (0, 1], got {config.latency_budget}")
-    ratio, steps = config.scale.teacher_ratio, config.scale.student_steps
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or not 2 <= ratio <= 1000 // steps:
-        raise InputError(f"--teacher-ratio must be an integer in [2, {1000 // steps}] for a {steps}-step student, "
-                         f"got {ratio!r}")
+    _check_grid(config.scale.student_steps, config.scale.teacher_ratio)
     if config.max_minutes < 0:
         raise InputError(f"--max-minutes must be >= 0, got {config.max_minutes}")
     unknown = [s for s in config.stages if s not in STAGE_NAMES]
