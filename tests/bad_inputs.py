@@ -340,7 +340,7 @@ def _more() -> list[Case]:
         ("train-unet/vae-missing", ["train-unet", "--run-dir", "{tmp}/run", "--vae", "{tmp}/novae",
                                     "--text-encoder", "{tmp}/notext"], "novae"),
         ("distill/student-steps-0", ["distill", "--run-dir", "{tmp}/run", "--student-steps", "0"], "--student-steps"),
-        ("distill/teacher-ratio-1", ["distill", "--run-dir", "{tmp}/run", "--teacher-ratio", "1"], "--teacher-ratio"),
+        ("distill/teacher-ratio-0", ["distill", "--run-dir", "{tmp}/run", "--teacher-ratio", "0"], "--teacher-ratio"),
         ("distill/teacher-ratio-too-many-steps", ["distill", "--run-dir", "{tmp}/run", "--student-steps", "300",
                                                   "--teacher-ratio", "4"], "--teacher-ratio"),
         ("distill/teacher-unet-missing", ["distill", "--run-dir", "{tmp}/run", "--teacher-unet", "{tmp}/nounet"],

@@ -57,14 +57,15 @@ def test_grids_nest_and_match_the_pipeline():
 
 
 def test_grids_nest_at_other_ratios_and_refuse_bad_ones():
-    for ratio in (3, 4, 8):
+    for ratio in (1, 3, 4, 8):
         for n in range(1, 65):
             g = step_grid(n, ratio=ratio)
             assert g.ratio == ratio and len(g.teacher) == ratio * n + 1
             assert torch.equal(g.teacher[::ratio], ddim_timesteps(n, "trailing"))
             assert bool((g.teacher[1:] < g.teacher[:-1]).all())
     assert step_grid(8, ratio=4).teacher.tolist()[:5] == [999, 968, 937, 905, 874]  # the trailing 32-step grid
-    for bad in (1, 0, 2.0, True):
+    assert step_grid(8, ratio=1).teacher.tolist() == step_grid(8, ratio=1).student.tolist()  # one step per step
+    for bad in (0, -2, 2.0, True):
         with pytest.raises(ConfigError, match="teacher's steps per student step"):
             step_grid(8, ratio=bad)
     with pytest.raises(ConfigError, match="training timesteps"):

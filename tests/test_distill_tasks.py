@@ -105,7 +105,7 @@ def test_a_teacher_ratio_of_4_walks_four_teacher_steps_per_student_step(source, 
     report = json.loads((tmp_path / "r4" / "samples" / "step_0000001.json").read_text())
     assert set(report["mse_to_teacher@8"]) == {"teacher@2", "student@2"}
     with pytest.raises(ConfigError, match="--teacher-ratio"):
-        DistillConfig(source=source, teacher_ratio=1)
+        DistillConfig(source=source, teacher_ratio=0)
 
 
 def test_bad_settings_are_one_line_errors(source, tmp_path, capsys):

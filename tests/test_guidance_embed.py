@@ -115,6 +115,25 @@ def test_one_student_call_with_w_and_gradients_reach_the_embedding(source):
     assert all(p.grad is None for p in task.teacher.parameters())
 
 
+def test_a_two_call_student_teaches_its_one_call_copy_step_for_step(source):
+    """Teacher ratio 1 with the student's own source as the teacher (Meng et al. 2023's first stage): the
+    zero-initialised copy already matches the guided teacher at w = 1 (guidance off) and not above it."""
+    unet = source.unet_folder()
+    own = dataclasses.replace(source, teacher_unet=str(unet))
+
+    def loss(w):
+        task = DistillTask(DistillConfig(source=own, student_unet=str(unet), student_steps=2, teacher_ratio=1,
+                                         image_size=64, guidance_embed=True, guidance_range=(w, w)))
+        assert task.grid.teacher.tolist() == task.grid.student.tolist() == [999, 499, 0]
+        batch = task.collate([task.dataset()[i] for i in range(2)])
+        with torch.no_grad():
+            per_sample, _ = task.loss(task.build(), batch, torch.Generator().manual_seed(0))
+        return per_sample
+
+    assert float(loss(1.0).abs().max()) < 1e-8
+    assert bool((loss(5.0) > 1e-4).all())
+
+
 def test_ge_distillation_runs_resumes_exports_and_continues(source, tmp_path):
     cfg = DistillConfig(source=source, student_steps=2, image_size=64, sample_prompts=2, guidance_embed=True)
     train(tiny_loop(tmp_path / "straight", 3), DistillTask(cfg))

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from snapfusion.cli import main
-from snapfusion.compress import STAGE_NAMES, recipe_config, run_recipe
+from snapfusion.compress import STAGE_NAMES, check, recipe_config, run_recipe
 from snapfusion.compress.manifest import sha256_path
 from snapfusion.decoder.io import load_decoder
+from snapfusion.errors import InputError
 from snapfusion.evolve.baselines import bk_sdm
 from snapfusion.evolve.evolution import read_log
 from snapfusion.evolve.latency import load_table
@@ -218,6 +219,8 @@ def test_bad_options_are_one_line_errors_before_any_work(teacher, tmp_path, caps
         assert main(_args(folder, run_dir)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+    with pytest.raises(InputError, match="--guidance-teacher 'teacher': unknown"):  # the API's own check
+        check(recipe_config(str(teacher), str(run_dir), guidance_teacher="teacher"))
     assert not run_dir.exists()
 
 
@@ -266,9 +269,21 @@ def test_a_given_architecture_decoder_and_prior_and_a_frontier_student(run, teac
     stages = _manifest(run_dir)["stages"]
     assert stages["assemble"]["inputs"]["unet"]["path"].endswith("distill-guidance/final")
     assert stages["eval"]["metrics"]["student"]["steps"] == 8
+    assert stages["distill-guidance"]["settings"]["teacher_ratio"] == 4  # the preset's: the v teacher's 32 -> 8
+    # the two-call student as its one-call copy's teacher, one guided step per step: the stage reruns afresh
+    assert main(_args(teacher, run_dir, *given, "--ship", "distill-guidance", "--guidance-teacher", "student",
+                      "--stages", "distill-guidance")) == 0
+    assert "not in the paper)): fresh" in capsys.readouterr().out
+    task = json.loads((run_dir / "distill-guidance/run_config.json").read_text())["task"]
+    assert task["source"]["teacher_unet"].endswith("distill/final") and task["teacher_ratio"] == 1
+    assert task["teacher_grid"] == task["student_grid"] and task["guidance_embed"]
+    stage = _manifest(run_dir)["stages"]["distill-guidance"]
+    assert stage["inputs"]["teacher_unet"]["path"].endswith("distill/final")
+    assert (stage["settings"]["guidance_teacher"], stage["settings"]["teacher_ratio"]) == ("student", 1)
     for extra, message in ((["--architecture", str(tmp_path / "nope.jsonl")], "no such evolution log"),
                            (["--decoder", str(tmp_path)], "no config.json there"),
-                           (["--ship", "bogus"], "invalid choice")):
+                           (["--ship", "bogus"], "invalid choice"),
+                           (["--guidance-teacher", "teacher"], "invalid choice")):
         assert main(_args(teacher, tmp_path / "never", *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

@@ -16,7 +16,8 @@ def _config(a: argparse.Namespace):
     return recipe_config(a.teacher, a.run_dir, scale=a.scale, num_emoji=a.num_emoji,
                          latency_budget=a.latency_budget, device=a.device, max_minutes=a.max_minutes, stages=stages,
                          data_folder=a.data, prompts=a.prompts, architecture=a.architecture, decoder=a.decoder,
-                         prior=a.prior, v_teacher=a.v_teacher, ship=a.ship, teacher_ratio=a.teacher_ratio)
+                         prior=a.prior, v_teacher=a.v_teacher, ship=a.ship, teacher_ratio=a.teacher_ratio,
+                         guidance_teacher=a.guidance_teacher)
 
 
 def check_compress(a: argparse.Namespace) -> None:
@@ -93,6 +94,11 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--teacher-ratio", type=types.integer("--teacher-ratio", minimum=2, maximum=100), default=None,
                    help="teacher DDIM steps per student step in distill and distill-guidance: 2 is the paper's "
                    f"16 -> 8, 4 distils 32 -> 8 (default: the preset's, {SCALES['full'].teacher_ratio})")
+    c.add_argument("--guidance-teacher", choices=["student", "v-teacher"], default=None,
+                   help="the teacher of distill-guidance: student (one guided step of the two-call distilled "
+                   "student per step: its one-call copy, Meng et al. 2023's first stage) or v-teacher (the v "
+                   f"teacher's --teacher-ratio guided steps) (default: the preset's, "
+                   f"{SCALES['full'].guidance_teacher})")
     c.add_argument("--ship", choices=["distill", "distill-guidance", "distill-half"], default="distill",
                    help="the student assembled: distill (n steps, two UNet calls per guided step), distill-guidance "
                    "(the guidance scale embedded: one call per step) or distill-half (n/2 steps); the stage it names "

@@ -125,10 +125,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--student-steps", type=types.positive("--student-steps", maximum=MAX_STEPS // 2), default=8,
                    help="the student's sampling steps; the teacher runs --teacher-ratio times as many "
                    "(default %(default)s)")
-    p.add_argument("--teacher-ratio", type=types.integer("--teacher-ratio", minimum=2, maximum=MAX_STEPS), default=2,
+    p.add_argument("--teacher-ratio", type=types.integer("--teacher-ratio", minimum=1, maximum=MAX_STEPS), default=2,
                    help="teacher DDIM steps per student step: 2 is the paper's direct 16 -> 8; 4 distils 32 -> 8, "
-                   "a target closer to the teacher's many-step images at twice the teacher's cost (default "
-                   "%(default)s)")
+                   "a target closer to the teacher's many-step images at twice the teacher's cost; 1 matches the "
+                   "teacher step for step (with --guidance-embed and the two-call n-step student as --teacher-unet: "
+                   "its one-call copy) (default %(default)s)")
     p.add_argument("--cfg-prob", type=types.probability("--cfg-prob"), default=0.1,
                    help="p of the CFG-aware loss (default %(default)s)")
     p.add_argument("--guidance-min", type=types.guidance("--guidance-min"), default=2.0,

@@ -24,7 +24,7 @@ from snapfusion.compress import pipeline_stages as ps
 from snapfusion.compress import unet_stages as us
 from snapfusion.compress.core import (Budget, StageResult, data_inputs, device_of, gpu_count, teacher_dir, teacher_part,
                                       world)
-from snapfusion.compress.settings import ARCHITECTURES, SHIPPABLE, RecipeConfig, scale_preset
+from snapfusion.compress.settings import ARCHITECTURES, GUIDANCE_TEACHERS, SHIPPABLE, RecipeConfig, scale_preset
 from snapfusion.config import format_config, save_json, to_dict
 from snapfusion.errors import InputError, WeightsError
 from snapfusion.fileio import trash
@@ -85,10 +85,10 @@ STAGES: tuple[Stage, ...] = (
           lambda c: _common(c, "distill", "student_steps", "teacher_ratio", "cfg_prob", "feature_weight"), True,
           "§4 direct step distillation to n steps (vanilla + CFG-aware)"),
     Stage("distill-guidance", us.distill_guidance,
-          lambda c, r: {"teacher_unet": us.v_teacher_of(c, r), "student_unet": r / us.STUDENT,
-                        "teacher": teacher_dir(c),
-                        **data_inputs(c)},
-          lambda c: _common(c, "guidance_student", "guidance_range", "student_steps", "teacher_ratio"), True,
+          lambda c, r: {"teacher_unet": us.guidance_teacher_of(c, r)[0], "student_unet": r / us.STUDENT,
+                        "teacher": teacher_dir(c), **data_inputs(c)},
+          lambda c: {**_common(c, "guidance_student", "guidance_range", "student_steps", "guidance_teacher"),
+                     "teacher_ratio": us.guidance_teacher_of(c, Path("."))[1]}, True,
           "guidance-embedded student, one UNet call per step (Meng et al. 2023; not in the paper)"),
     Stage("distill-half", us.distill_half, lambda c, r: {"teacher_unet": r / us.STUDENT, "teacher": teacher_dir(c),
                                                         **data_inputs(c)},
@@ -144,10 +144,13 @@ def unneeded(config: RecipeConfig) -> set[str]:
 
 
 def recipe_config(teacher: str, run_dir: str, *, scale: str = "full", num_emoji: int | None = -1,
-                  teacher_ratio: int | None = None, **kwargs) -> RecipeConfig:
-    """A ``RecipeConfig`` from a preset name; ``num_emoji`` other than -1 and ``teacher_ratio`` other than None
-    override the preset's."""
+                  teacher_ratio: int | None = None, guidance_teacher: str | None = None,
+                  **kwargs) -> RecipeConfig:
+    """A ``RecipeConfig`` from a preset name; ``num_emoji`` other than -1, ``teacher_ratio`` and
+    ``guidance_teacher`` other than None override the preset's."""
     preset = scale_preset(scale)
+    if guidance_teacher is not None:  # checked by check(), as --ship
+        preset = dataclasses.replace(preset, guidance_teacher=guidance_teacher)
     if num_emoji != -1:
         preset = dataclasses.replace(preset, common=dataclasses.replace(preset.common, num_emoji=num_emoji))
     if teacher_ratio is not None:
@@ -215,6 +218,9 @@ def _check_data(config: RecipeConfig, names: set[str]) -> None:
                          "evolution log .jsonl)")
     if config.ship not in SHIPPABLE:
         raise InputError(f"--ship {config.ship!r}: unknown (known: {', '.join(SHIPPABLE)})")
+    if config.scale.guidance_teacher not in GUIDANCE_TEACHERS:
+        raise InputError(f"--guidance-teacher {config.scale.guidance_teacher!r}: unknown (known: "
+                         f"{', '.join(GUIDANCE_TEACHERS)})")
     given = {"--decoder": config.decoder and Path(config.decoder),
              "--prior": config.prior and ps.prior_of(config, Path(config.run_dir))}
     for name, path in given.items():

@@ -114,6 +114,9 @@ class Scale:
     guidance_student: Train = field(default_factory=lambda: Train(steps=500, batch=32, lr=1e-4, warmup=100,
                                                                   ema=0.995, latent_pool=8192))
     guidance_range: tuple[float, float] = (1.0, 14.0)   # the guidance-embedded student's w ~ U[1, 14]
+    guidance_teacher: str = "v-teacher"  # distill-guidance's teacher: "v-teacher" (teacher_ratio guided steps of the v
+                                         # teacher per step) or "student" (one guided step of the two-call student,
+                                         # Meng et al. 2023's first stage; docs/step_distillation.md)
     half: Train = field(default_factory=lambda: Train(steps=400, batch=32, lr=1e-4, warmup=100, ema=0.995,
                                                       latent_pool=8192))
     student_steps: int = 8          # the teacher runs teacher_ratio x as many
@@ -181,3 +184,4 @@ class RecipeConfig:
 
 ARCHITECTURES = ("evolve", "bk-sdm")
 SHIPPABLE = ("distill", "distill-guidance", "distill-half")
+GUIDANCE_TEACHERS = ("v-teacher", "student")

@@ -39,6 +39,14 @@ def v_teacher_of(config: RecipeConfig, run_dir: Path) -> Path:
     return Path(config.v_teacher) if config.v_teacher else Path(run_dir) / V_TEACHER
 
 
+def guidance_teacher_of(config: RecipeConfig, run_dir: Path) -> tuple[Path, int]:
+    """distill-guidance's teacher and its steps per student step: the v teacher at ``teacher_ratio``, or (preset
+    ``guidance_teacher="student"``) the two-call n-step student itself, one guided step per step."""
+    if config.scale.guidance_teacher == "student":
+        return Path(run_dir) / STUDENT, 1
+    return v_teacher_of(config, run_dir), config.scale.teacher_ratio
+
+
 def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
     """The ``UNetTaskConfig`` of a UNet training stage: the teacher's frozen text tower and VAE encoder, the scenes
     or the recipe's image folder."""
@@ -323,9 +331,11 @@ def distill(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
 
 def distill_guidance(config: RecipeConfig, run_dir: Path, budget: Budget) -> StageResult:
     """The guidance-embedded student (Meng et al. 2023): the distilled student given w as an input, trained so that
-    one call at w does two guided steps of the v teacher (one UNet call per step instead of two)."""
+    one call at w does what its teacher's guided steps do (one UNet call per step instead of two): the v teacher's
+    ``teacher_ratio`` steps, or one step of the two-call student itself (``guidance_teacher="student"``)."""
+    teacher, ratio = guidance_teacher_of(config, run_dir)
     return _distill(config, run_dir, budget, "distill-guidance", config.scale.guidance_student,
-                    teacher_unet=v_teacher_of(config, run_dir), student_unet=STUDENT, seed=7, guidance_embed=True,
+                    teacher_unet=teacher, teacher_ratio=ratio, student_unet=STUDENT, seed=7, guidance_embed=True,
                     cfg_prob=1.0, guidance_range=config.scale.guidance_range, ori_weight=0.0, feature_weight=0.0)
 
 

@@ -115,8 +115,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
-        if isinstance(self.teacher_ratio, bool) or not isinstance(self.teacher_ratio, int) or self.teacher_ratio < 2:
-            raise ConfigError(f"--teacher-ratio must be an integer >= 2, got {self.teacher_ratio!r}")
+        if isinstance(self.teacher_ratio, bool) or not isinstance(self.teacher_ratio, int) or self.teacher_ratio < 1:
+            raise ConfigError(f"--teacher-ratio must be an integer >= 1, got {self.teacher_ratio!r}")
         if not 0.0 <= self.cfg_prob <= 1.0:
             raise ConfigError(f"cfg_prob must be in [0, 1], got {self.cfg_prob}")
         if not 1.0 <= low <= high:

@@ -45,11 +45,12 @@ class StepGrid:
 
 def step_grid(student_steps: int, num_train_timesteps: int = 1000, ratio: int = 2) -> StepGrid:
     """The student's n-step trailing DDIM grid and the teacher's r n-step one (r = ``ratio``, 2 in the paper), its
-    in-between levels from trailing r n."""
+    in-between levels from trailing r n. r = 1: the teacher walks the student's own grid, one teacher step per
+    student step (a guided student as the teacher of its guidance-embedded copy, Meng et al. 2023's first stage)."""
     if isinstance(student_steps, bool) or not isinstance(student_steps, int) or student_steps < 1:
         raise ConfigError(f"student steps must be a positive integer, got {student_steps!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 2:
-        raise ConfigError(f"the teacher's steps per student step must be an integer >= 2, got {ratio!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ConfigError(f"the teacher's steps per student step must be an integer >= 1, got {ratio!r}")
     if ratio * student_steps > num_train_timesteps:
         raise ConfigError(f"a {student_steps}-step student needs a {ratio * student_steps}-step teacher, more than the "
                           f"{num_train_timesteps} training timesteps")
