@@ -1,6 +1,7 @@
 """How much of a two-call model's classifier-free guidance a guidance-embedded UNet reproduces.
 
-On the same noisy latents, prompts and timesteps (the 8-step trailing grid's levels by default), compare the
+On the same inputs (Gaussian noise, the sampler's own input at t = 999 and off its path below), prompts and
+timesteps (levels of the 8-step trailing grid by default), compare the
 guidance-embedded UNet's change from w = 1 to w, |GE(w) - GE(1)|, with the guided teacher's, |u + w (c - u) - c|
 (c, u: the teacher's conditional and unconditional outputs), and its error against the guided output,
 |GE(w) - (u + w (c - u))| / |u + w (c - u) - c|. A fully trained copy has response 1 and error 0; a UNet that ignores

@@ -134,6 +134,15 @@ def test_a_two_call_student_teaches_its_one_call_copy_step_for_step(source):
     assert bool((loss(5.0) > 1e-4).all())
 
 
+def test_a_ratio_1_run_samples_the_teacher_once(source, tmp_path):
+    unet = str(source.unet_folder())
+    cfg = DistillConfig(source=dataclasses.replace(source, teacher_unet=unet), student_unet=unet, student_steps=2,
+                        teacher_ratio=1, image_size=64, sample_prompts=2, guidance_embed=True)
+    distill_steps(tiny_loop(tmp_path / "r1", 1, sample_every=1), cfg)
+    report = json.loads((tmp_path / "r1" / "samples" / "step_0000001.json").read_text())
+    assert set(report["mse_to_teacher@2"]) == {"student@2"}  # no second teacher@2 row
+
+
 def test_ge_distillation_runs_resumes_exports_and_continues(source, tmp_path):
     cfg = DistillConfig(source=source, student_steps=2, image_size=64, sample_prompts=2, guidance_embed=True)
     train(tiny_loop(tmp_path / "straight", 3), DistillTask(cfg))

@@ -92,7 +92,8 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
                    "another run's v-teacher/final from the same teacher) instead of the v-teacher stage: runs at "
                    "several latency budgets share one")
     c.add_argument("--teacher-ratio", type=types.integer("--teacher-ratio", minimum=2, maximum=100), default=None,
-                   help="teacher DDIM steps per student step in distill and distill-guidance: 2 is the paper's "
+                   help="teacher DDIM steps per student step in distill and (with the v teacher) distill-guidance: "
+                   "2 is the paper's "
                    f"16 -> 8, 4 distils 32 -> 8 (default: the preset's, {SCALES['full'].teacher_ratio})")
     c.add_argument("--guidance-teacher", choices=["student", "v-teacher"], default=None,
                    help="the teacher of distill-guidance: student (one guided step of the two-call distilled "

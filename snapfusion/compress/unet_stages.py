@@ -47,6 +47,14 @@ def guidance_teacher_of(config: RecipeConfig, run_dir: Path) -> tuple[Path, int]
     return v_teacher_of(config, run_dir), config.scale.teacher_ratio
 
 
+def guidance_teacher_settings(config: RecipeConfig) -> dict:
+    """distill-guidance's teacher settings for the manifest: the ratio, and the teacher only when it is not the v
+    teacher (so that run folders from before the option keep their settings)."""
+    if config.scale.guidance_teacher == "student":
+        return {"guidance_teacher": "student", "teacher_ratio": 1}
+    return {"teacher_ratio": config.scale.teacher_ratio}
+
+
 def unet_task(config: RecipeConfig, model, *, latent_pool: int = 0, seed: int = 2, **kd):
     """The ``UNetTaskConfig`` of a UNet training stage: the teacher's frozen text tower and VAE encoder, the scenes
     or the recipe's image folder."""

@@ -366,8 +366,8 @@ class DistillTask:
         unet = unwrap(model)
         teacher = self.teacher.to(next(unet.parameters()).device)
         n, r = self.cfg.student_steps, self.cfg.teacher_ratio
-        self.sampler.compare([(f"teacher@{r * n}", teacher, r * n), (f"teacher@{n}", teacher, n),
-                              (f"student@{n}", unet, n)], path)
+        rows = [(f"teacher@{r * n}", teacher, r * n)] + ([(f"teacher@{n}", teacher, n)] if r > 1 else [])
+        self.sampler.compare(rows + [(f"student@{n}", unet, n)], path)
 
 
 def with_guidance_embedding(source: UNet) -> UNet:
