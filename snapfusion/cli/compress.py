@@ -43,7 +43,7 @@ def _num_emoji(text: str) -> int:
 
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
     from snapfusion.compress import STAGE_NAMES
-    from snapfusion.compress.settings import SCALES
+    from snapfusion.compress.settings import GUIDANCE_TEACHERS, SCALES, SHIPPABLE
 
     c = sub.add_parser("compress", help="the whole SnapFusion recipe from a teacher pipeline, resumable: latency "
                        "table, robust training, evolution, KD fine-tuning, v-prediction, step distillation to 8 steps, "
@@ -95,12 +95,12 @@ def _add_recipe(sub: argparse._SubParsersAction) -> None:
                    help="teacher DDIM steps per student step in distill and (with the v teacher) distill-guidance: "
                    "2 is the paper's "
                    f"16 -> 8, 4 distils 32 -> 8 (default: the preset's, {SCALES['full'].teacher_ratio})")
-    c.add_argument("--guidance-teacher", choices=["student", "v-teacher"], default=None,
+    c.add_argument("--guidance-teacher", choices=GUIDANCE_TEACHERS, default=None,
                    help="the teacher of distill-guidance: student (one guided step of the two-call distilled "
                    "student per step: its one-call copy, Meng et al. 2023's first stage) or v-teacher (the v "
                    f"teacher's --teacher-ratio guided steps) (default: the preset's, "
                    f"{SCALES['full'].guidance_teacher})")
-    c.add_argument("--ship", choices=["distill", "distill-guidance", "distill-half"], default="distill",
+    c.add_argument("--ship", choices=SHIPPABLE, default="distill",
                    help="the student assembled: distill (n steps, two UNet calls per guided step), distill-guidance "
                    "(the guidance scale embedded: one call per step) or distill-half (n/2 steps); the stage it names "
                    "then runs in the chain (default %(default)s)")
