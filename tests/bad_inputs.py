@@ -341,6 +341,8 @@ def _more() -> list[Case]:
                                     "--text-encoder", "{tmp}/notext"], "novae"),
         ("distill/student-steps-0", ["distill", "--run-dir", "{tmp}/run", "--student-steps", "0"], "--student-steps"),
         ("distill/teacher-ratio-0", ["distill", "--run-dir", "{tmp}/run", "--teacher-ratio", "0"], "--teacher-ratio"),
+        ("distill/teacher-ratio-1-without-guidance-embed", ["distill", "--run-dir", "{tmp}/run", "--teacher-ratio",
+                                                            "1"], "--guidance-embed"),
         ("distill/teacher-ratio-too-many-steps", ["distill", "--run-dir", "{tmp}/run", "--student-steps", "300",
                                                   "--teacher-ratio", "4"], "--teacher-ratio"),
         ("distill/teacher-unet-missing", ["distill", "--run-dir", "{tmp}/run", "--teacher-unet", "{tmp}/nounet"],

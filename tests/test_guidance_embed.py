@@ -134,6 +134,13 @@ def test_a_two_call_student_teaches_its_one_call_copy_step_for_step(source):
     assert bool((loss(5.0) > 1e-4).all())
 
 
+def test_ratio_1_is_refused_without_guidance_embed(source):
+    """One teacher step per student step reduces no steps: only the one-call copy may ask for it."""
+    with pytest.raises(ConfigError, match="--teacher-ratio 1 needs --guidance-embed"):
+        DistillConfig(source=source, student_steps=2, teacher_ratio=1)
+    assert DistillConfig(source=source, student_steps=2, teacher_ratio=1, guidance_embed=True).teacher_ratio == 1
+
+
 def test_a_ratio_1_run_samples_the_teacher_once(source, tmp_path):
     unet = str(source.unet_folder())
     cfg = DistillConfig(source=dataclasses.replace(source, teacher_unet=unet), student_unet=unet, student_steps=2,

@@ -221,6 +221,8 @@ def test_bad_options_are_one_line_errors_before_any_work(teacher, tmp_path, caps
         assert len(err.splitlines()) == 1 and message in err, err
     with pytest.raises(InputError, match="--guidance-teacher 'teacher': unknown"):  # the API's own check
         check(recipe_config(str(teacher), str(run_dir), guidance_teacher="teacher"))
+    with pytest.raises(InputError, match="--teacher-ratio 1: distill must reduce steps"):  # the CLI's minimum is 2
+        check(recipe_config(str(teacher), str(run_dir), teacher_ratio=1))
     assert not run_dir.exists()
 
 

@@ -167,6 +167,9 @@ def _check_grid(student_steps: int, teacher_ratio: int) -> None:
         step_grid(student_steps, ratio=teacher_ratio)
     except ConfigError as err:
         raise InputError(f"--teacher-ratio {teacher_ratio!r}: {err}") from None
+    if teacher_ratio == 1:  # distill would refuse it after the earlier stages had run
+        raise InputError("--teacher-ratio 1: distill must reduce steps (at least 2 teacher steps per student step; "
+                         "--guidance-teacher student is the one-call copy at one step per step)")
 
 
 def check(config: RecipeConfig) -> list[Stage]:

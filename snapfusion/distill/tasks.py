@@ -117,6 +117,9 @@ class DistillConfig:
         low, high = self.guidance_range
         if isinstance(self.teacher_ratio, bool) or not isinstance(self.teacher_ratio, int) or self.teacher_ratio < 1:
             raise ConfigError(f"--teacher-ratio must be an integer >= 1, got {self.teacher_ratio!r}")
+        if self.teacher_ratio == 1 and not self.guidance_embed:
+            raise ConfigError("--teacher-ratio 1 needs --guidance-embed: one teacher step per student step reduces no "
+                              "steps; it only makes a guidance-embedded copy of a two-call model")
         if not 0.0 <= self.cfg_prob <= 1.0:
             raise ConfigError(f"cfg_prob must be in [0, 1], got {self.cfg_prob}")
         if not 1.0 <= low <= high:
