@@ -295,3 +295,39 @@ def test_ge_unet_round_trips_through_save_load_and_int8(ge_pipeline, source, tmp
     pipe = Pipeline.load(tmp_path / "pipe")
     assert pipe.unet.config.guidance_embed
     assert torch.isfinite(pipe.generate(["a cat"], [0], steps=2, guidance=3.0)).all()
+
+
+def _guidance_response_script():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("guidance_response", Path(__file__).parents[1] / "scripts" /
+                                                  "guidance_response.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_guidance_response_reads_a_fresh_copy_as_no_guidance_and_the_teacher_trajectory_as_its_inputs(tiny_pipeline):
+    """scripts/guidance_response.py: the zero-initialised copy of the teacher has response 0, error 1, drift 0 and
+    along 0; a constant shift of the embedding is drift without response, one that depends on w is response; the
+    probe's inputs are the teacher's sampler calls."""
+    mod = _guidance_response_script()
+    pipe, n = tiny_pipeline, 2
+    with torch.no_grad():
+        cond, uncond = pipe.encode_text(["a red star", "two cats"]), pipe.encode_text([""] * n)
+    z = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    points = mod.trajectory_inputs(pipe, z, cond, uncond, 4.0, steps=4)
+    assert [t for _, t in points] == [999, 749, 499, 249] and torch.equal(points[0][0], z)
+    assert not torch.equal(points[1][0], z)
+    copy = with_guidance_embedding(pipe.unet).eval()
+    fresh = mod.measure(pipe.unet, copy, points[1][0], points[1][1], cond, uncond, 4.0)
+    assert fresh["response"] == pytest.approx(0, abs=1e-6) and fresh["drift"] == pytest.approx(0, abs=1e-6)
+    assert fresh["error"] == pytest.approx(1, abs=1e-5) and fresh["along"] == pytest.approx(0, abs=1e-5)
+    with torch.no_grad():
+        copy.guidance_embedding.linear_2.bias.fill_(0.5)  # the same shift at every w: drift, no response
+    shifted = mod.measure(pipe.unet, copy, points[1][0], points[1][1], cond, uncond, 4.0)
+    assert shifted["drift"] > 1e-3 and shifted["response"] == pytest.approx(0, abs=1e-5)
+    with torch.no_grad():
+        copy.guidance_embedding.linear_2.weight.normal_()  # now the shift depends on w
+    assert mod.measure(pipe.unet, copy, points[1][0], points[1][1], cond, uncond, 4.0)["response"] > 1e-3
