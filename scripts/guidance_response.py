@@ -28,7 +28,7 @@ from snapfusion.errors import SnapFusionError
 from snapfusion.loading import model_folder
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline
-from snapfusion.sampling import Denoiser, guided, sample_ddim
+from snapfusion.sampling import cfg_mix, sample_ddim
 from snapfusion.schedule import ddim_timesteps
 
 PROMPTS = ("two green stars on a yellow background", "a red apple to the left of a cat on a blue background",
@@ -38,8 +38,7 @@ PROMPTS = ("two green stars on a yellow background", "a red apple to the left of
 
 def trajectory_inputs(pipe: Pipeline, z: torch.Tensor, cond, uncond, w: float, steps: int):
     """The (z_t, t) at which the teacher's guided DDIM sampler calls its UNet, from noise ``z``."""
-    den = Denoiser(pipe.unet, pipe.schedule, pipe.unet.config.prediction_type)
-    fn, seen = guided(den, cond, uncond, w), []
+    fn, seen = pipe.model_fn(cond, uncond, w), []
 
     def record(zz, tt):
         seen.append((zz.clone(), int(tt[0])))
@@ -64,7 +63,7 @@ def measure(teacher: UNet, ge: UNet, zt: torch.Tensor, t: int, cond, uncond, w: 
     n = zt.shape[0]
     tt = torch.full((n,), t)
     c, u = teacher(zt, tt, cond), teacher(zt, tt, uncond)
-    d = (u + w * (c - u)) - c  # the guidance direction; the guided output is c + d
+    d = cfg_mix(c, u, w) - c  # the guidance direction; the guided output is c + d
     g1, gw = ge(zt, tt, cond, guidance=torch.ones(n)), ge(zt, tt, cond, guidance=torch.full((n,), w))
     scale = d.norm()
     return {"response": float((gw - g1).norm() / scale), "error": float((gw - c - d).norm() / scale),
