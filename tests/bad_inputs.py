@@ -343,6 +343,8 @@ def _more() -> list[Case]:
         ("distill/teacher-ratio-0", ["distill", "--run-dir", "{tmp}/run", "--teacher-ratio", "0"], "--teacher-ratio"),
         ("distill/teacher-ratio-1-without-guidance-embed", ["distill", "--run-dir", "{tmp}/run", "--teacher-ratio",
                                                             "1"], "--guidance-embed"),
+        ("distill/embedding-only-without-guidance-embed", ["distill", "--run-dir", "{tmp}/run", "--embedding-only"],
+         "--embedding-only needs --guidance-embed"),
         ("distill/teacher-ratio-too-many-steps", ["distill", "--run-dir", "{tmp}/run", "--student-steps", "300",
                                                   "--teacher-ratio", "4"], "--teacher-ratio"),
         ("distill/teacher-unet-missing", ["distill", "--run-dir", "{tmp}/run", "--teacher-unet", "{tmp}/nounet"],

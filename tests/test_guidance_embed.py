@@ -141,6 +141,27 @@ def test_ratio_1_is_refused_without_guidance_embed(source):
     assert DistillConfig(source=source, student_steps=2, teacher_ratio=1, guidance_embed=True).teacher_ratio == 1
 
 
+def test_embedding_only_trains_the_embedding_alone(source, tmp_path, capsys):
+    """--embedding-only: after a short run every weight but the guidance embedding's is its start's, bit for bit,
+    and the embedding has moved; without --guidance-embed it is refused (config: ConfigError, CLI: exit 2)."""
+    unet = str(source.unet_folder())
+    cfg = DistillConfig(source=dataclasses.replace(source, teacher_unet=unet), student_unet=unet, student_steps=2,
+                        teacher_ratio=1, image_size=64, guidance_embed=True, embedding_only=True,
+                        guidance_range=(3.0, 6.0))
+    final = distill_steps(tiny_loop(tmp_path / "emb", 2), cfg)
+    start, trained = UNet.load(unet).state_dict(), UNet.load(final).state_dict()
+    assert set(trained) - set(start) == {k for k in trained if k.startswith("guidance_embedding.")}
+    for k, v in start.items():
+        torch.testing.assert_close(trained[k], v, atol=0, rtol=0, msg=k)
+    assert trained["guidance_embedding.linear_2.weight"].abs().sum() > 0
+    with pytest.raises(ConfigError, match="--embedding-only needs --guidance-embed"):
+        DistillConfig(source=source, embedding_only=True)
+    capsys.readouterr()  # the run's progress bars
+    code = main(["distill", "--run-dir", str(tmp_path / "r"), "--model", source.pipeline, "--embedding-only"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--embedding-only needs --guidance-embed" in err and len(err.splitlines()) == 1
+
+
 def test_a_ratio_1_run_samples_the_teacher_once(source, tmp_path):
     unet = str(source.unet_folder())
     cfg = DistillConfig(source=dataclasses.replace(source, teacher_unet=unet), student_unet=unet, student_steps=2,

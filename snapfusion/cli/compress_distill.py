@@ -34,6 +34,9 @@ def check_finetune_v(a: argparse.Namespace) -> None:
 
 def check_distill(a: argparse.Namespace) -> None:
     """distill's cross-option checks: the loop, the teacher pipeline, the guidance range."""
+    if a.embedding_only and not a.guidance_embed:
+        raise InputError("--embedding-only needs --guidance-embed: only a guidance-embedded student has a guidance "
+                         "embedding to train")
     if a.guidance_embed and a.feature_weight > 0:
         raise InputError("--feature-weight with --guidance-embed: the teacher's conditional stage outputs are not the "
                          "target of a guided student")
@@ -81,7 +84,7 @@ def cmd_distill(a: argparse.Namespace) -> None:
                         ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
                         pool_workers=max(1, a.num_workers), feature_weight=a.feature_weight,
-                        guidance_embed=a.guidance_embed)
+                        guidance_embed=a.guidance_embed, embedding_only=a.embedding_only)
     final = distill_steps(options.loop_config(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 
@@ -146,4 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-embed", action="store_true",
                    help="train a guidance-embedded student (Meng et al. 2023): w is a UNet input, one call per "
                    "sampling step; every iteration CFG-aware (--cfg-prob unused), no L_ori (--ori-weight unused)")
+    p.add_argument("--embedding-only", action="store_true",
+                   help="with --guidance-embed: train only the guidance embedding, every other weight frozen (the "
+                   "student then keeps its start's output wherever the embedding of w is zero)")
     p.set_defaults(func=cmd_distill, check=check_distill)

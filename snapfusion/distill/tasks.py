@@ -112,6 +112,8 @@ class DistillConfig:
     data_folder: str | None = None     # your own images (images + metadata.jsonl) instead of the scenes
     guidance_embed: bool = False       # a guidance-embedded student (Meng et al. 2023): w is a UNet input, one call
                                        # per step; every iteration CFG-aware, no L_ori (docs/step_distillation.md)
+    embedding_only: bool = False       # with guidance_embed: train the guidance embedding alone, the rest frozen (the
+                                       # student's output at w = 1 can then move only through the embedding of 1)
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -128,6 +130,9 @@ class DistillConfig:
             raise ConfigError(f"ori_weight (gamma) must be >= 0, got {self.ori_weight}")
         if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
             raise ConfigError(f"--feature-weight must be a finite number >= 0, got {self.feature_weight}")
+        if self.embedding_only and not self.guidance_embed:
+            raise ConfigError("--embedding-only needs --guidance-embed: only a guidance-embedded student has a "
+                              "guidance embedding to train")
         if self.guidance_embed and self.feature_weight > 0:
             raise ConfigError("--feature-weight with --guidance-embed: the teacher's conditional stage outputs are "
                               "not the target of a guided student")
@@ -302,7 +307,11 @@ class DistillTask:
 
     def build(self) -> nn.Module:
         source = UNet.load(self.student_folder)
-        return with_guidance_embedding(source) if self.cfg.guidance_embed else source
+        model = with_guidance_embedding(source) if self.cfg.guidance_embed else source
+        if self.cfg.embedding_only:  # the optimizer takes only parameters that require grad
+            model.requires_grad_(False)
+            model.guidance_embedding.requires_grad_(True)
+        return model
 
     def dataset(self):
         return self.data.dataset()
