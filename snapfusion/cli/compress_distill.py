@@ -33,13 +33,8 @@ def check_finetune_v(a: argparse.Namespace) -> None:
 
 
 def check_distill(a: argparse.Namespace) -> None:
-    """distill's cross-option checks: the loop, the teacher pipeline, the guidance range."""
-    if a.embedding_only and not a.guidance_embed:
-        raise InputError("--embedding-only needs --guidance-embed: only a guidance-embedded student has a guidance "
-                         "embedding to train")
-    if a.guidance_embed and a.feature_weight > 0:
-        raise InputError("--feature-weight with --guidance-embed: the teacher's conditional stage outputs are not the "
-                         "target of a guided student")
+    """distill's cross-option checks: the loop, the teacher pipeline, the guidance range (the rules between the
+    distillation's own options are DistillConfig's, raised when cmd_distill builds it, before any weights load)."""
     options.check_train_options(a)
     options.data_folder(a, a.image_size)
     _source(a)
