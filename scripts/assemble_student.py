@@ -10,15 +10,18 @@ so that every network is in the repository once (all shipped models stay under 9
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+from snapfusion.errors import SnapFusionError
 from snapfusion.loading import EMBEDDED
 from snapfusion.decoder.io import load_decoder
 from snapfusion.models.text import load_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline, part_folder
+from snapfusion.validation import check_guidance_rescale, check_rescale_fits
 
 
 def main() -> None:
@@ -31,14 +34,18 @@ def main() -> None:
     p.add_argument("--out", default=str(EMBEDDED / "snapfusion"))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="the model's default guidance rescale phi (two-call students; 0: plain guidance)")
     p.add_argument("--fp16", action="store_true", help="store the UNet in fp16 instead of int8")
     a = p.parse_args()
+    check_guidance_rescale(a.guidance_rescale, name="--guidance-rescale")  # before anything loads
     out, base, decoder = Path(a.out), Path(a.base), Path(a.decoder)
     base_cfg = Pipeline.load(base).config
     cfg = dataclasses.replace(base_cfg, name="snapfusion", steps=a.steps, guidance=a.guidance, sampler="ddim",
-                              timestep_spacing="trailing")
+                              timestep_spacing="trailing", guidance_rescale=a.guidance_rescale)
     pipe = Pipeline(load_text_encoder(part_folder(base, "text_encoder")), UNet.load(a.unet), load_decoder(decoder),
                     cfg)
+    check_rescale_fits(a.guidance_rescale, embeds_guidance=pipe.embeds_guidance, model=str(a.unet))
     out.mkdir(parents=True, exist_ok=True)
     where = {"text_encoder": part_folder(base, "text_encoder"), "vae_decoder": decoder,
              "vae_encoder": part_folder(base, "vae_encoder")}  # the student trains in base's latent space
@@ -52,4 +59,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SnapFusionError as err:  # a bad option or file: one line, exit 2
+        print(f"assemble_student: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -38,7 +38,8 @@ def main() -> None:
     ours = pipe.generate([a.prompt], [a.seed], steps=a.steps, guidance=guidance, height=a.size, width=a.size)
     ours_plain = pipe.generate([a.prompt], [a.seed], steps=a.steps, guidance=guidance, height=a.size, width=a.size,
                                use_prior=False)
-    kw = dict(num_inference_steps=a.steps, guidance_scale=guidance, height=a.size, width=a.size, output_type="pt")
+    kw = dict(num_inference_steps=a.steps, guidance_scale=guidance, height=a.size, width=a.size, output_type="pt",
+              guidance_rescale=pipe.config.guidance_rescale)  # the model's stored default, as generate applies it
     gen = lambda: torch.Generator("cpu").manual_seed(a.seed)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "export"

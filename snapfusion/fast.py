@@ -196,7 +196,8 @@ def set_attention_backends(unet, backends: str | dict[str, str]) -> None:
 # ---- the runner: static buffers, three graphs ------------------------------------------------------------------
 
 class FastGenerate:
-    """``Pipeline.generate``'s DDIM path through runners cached per (batch, timesteps, guidance, size, negative)."""
+    """``Pipeline.generate``'s DDIM path through runners cached per (batch, timesteps, guidance, rescale, size,
+    negative prompt, prior)."""
 
     def __init__(self, options: FastOptions):
         self.options = options
@@ -208,16 +209,18 @@ class FastGenerate:
         return sampler == "ddim" and skip is None
 
     def generate(self, pipe, prompts, seeds, timesteps, *, guidance, height, width, negative_prompt, use_prior,
-                 timings, callback) -> torch.Tensor:
+                 timings, callback, rescale: float = 0.0) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) as ``Pipeline.generate`` returns them."""
         prior = use_prior and pipe.prior is not None
-        key = (len(prompts), tuple(timesteps.tolist()), float(guidance), height, width, negative_prompt, prior)
+        rescale = 0.0 if guidance == 1.0 else float(rescale)  # no mix at guidance 1: nothing to rescale
+        key = (len(prompts), tuple(timesteps.tolist()), float(guidance), rescale, height, width,
+               negative_prompt, prior)
         runner = self.runners.pop(key, None)
         if runner is None:
             while len(self.runners) >= MAX_RUNNERS:
                 self.runners.popitem(last=False)
             runner = Runner(pipe, self.options, batch=len(prompts), timesteps=timesteps, guidance=guidance,
-                            height=height, width=width, negative_prompt=negative_prompt, prior=prior)
+                            height=height, width=width, negative_prompt=negative_prompt, prior=prior, rescale=rescale)
         self.runners[key] = runner
         images = runner(prompts, seeds, timings)
         self.graphed = sorted(k for k, g in runner.stages.items() if g is not None)  # what the last call replayed
@@ -239,13 +242,14 @@ class Runner:
     first call (warm-up, compilation), captured as CUDA graphs on the second, replayed from then on."""
 
     def __init__(self, pipe, options: FastOptions, *, batch: int, timesteps: torch.Tensor, guidance: float,
-                 height: int, width: int, negative_prompt: str = "", prior: bool = False):
+                 height: int, width: int, negative_prompt: str = "", prior: bool = False, rescale: float = 0.0):
         dev = pipe.device
         self.pipe, self.options, self.batch, self.prior = pipe, options, batch, prior
         self.graphed = options.graph and dev.type == "cuda"
         self.timesteps = timesteps.to(dev)
         self.schedule = _on_device(pipe.schedule, dev)
         self.scale = None if guidance == 1.0 else float(guidance)
+        self.rescale = float(rescale)  # the guidance rescale phi (two-call models; 0: plain guidance)
         self.embedded = pipe.embeds_guidance
         check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embedded, model=pipe.config.name)
         down = pipe.decoder.config.downscale
@@ -279,12 +283,12 @@ class Runner:
             return lambda z, t: denoiser(z, t, cond)
         denoiser = Denoiser(net, self.schedule, net.config.prediction_type, input_dtype=pipe.dtype)
         if self.scale is None or self.options.cfg == "batch2":
-            return guided(denoiser, cond, uncond, self.scale)
+            return guided(denoiser, cond, uncond, self.scale, self.rescale)
 
         def split(z, t):  # two batch-B calls instead of one batch-2B call
             raw_c = denoiser.raw(z, t, cond)
             raw_u = denoiser.raw(z, t, uncond.expand(z.shape[0], *uncond.shape[1:]))
-            return denoiser.to_prediction(cfg_mix(raw_c, raw_u, self.scale), z, t)
+            return denoiser.to_prediction(cfg_mix(raw_c, raw_u, self.scale, self.rescale), z, t)
         return split
 
     def _loop(self, cond, uncond):

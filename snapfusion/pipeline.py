@@ -46,6 +46,7 @@ class PipelineConfig:
     resolution: int = 512             # default image side in pixels
     steps: int = 50
     guidance: float = 7.5             # classifier-free guidance scale; 1.0 = no uncond pass
+    guidance_rescale: float = 0.0     # phi of sampling.rescale_guidance in [0, 1]; 0 = plain guidance
     sampler: Sampler = "ddim"
     timestep_spacing: Spacing = "leading"   # SD-v1.5's DDIM config; step-distilled students use "trailing"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -75,7 +76,8 @@ class GenerationResult:
     images: list[Image.Image]
     prompts: list[str]                # the prompt of each image
     seeds: list[int]                  # the seed of each image: the same seed gives the same image in any batch
-    settings: dict                    # steps, guidance, sampler, height, width, negative_prompt, model
+    settings: dict                    # steps, guidance, guidance_rescale, sampler, height, width, negative_prompt,
+    #                                   model, prior
     timings: Timings
 
 
@@ -111,6 +113,10 @@ class Pipeline:
         self.text_encoder, self.unet, self.decoder, self.encoder = text_encoder, unet, decoder, encoder
         self.prior = prior  # fp32 whatever the pipeline's dtype; None: sampling starts from N(0, I)
         self.tokenizer = tokenizer or Tokenizer()
+        if getattr(unet.config, "guidance_embed", False) and config.guidance_rescale:
+            # one call per step, no conditional output to rescale to: a default copied from a two-call teacher's
+            # config does not apply (a call that asks for a rescale is still refused)
+            config = dataclasses.replace(config, guidance_rescale=0.0)
         self.config = config
         self.schedule = NoiseSchedule(config.schedule)
         self.fast = None  # snapfusion.fast.accelerate: DDIM generation through CUDA graphs over static buffers
@@ -233,14 +239,18 @@ class Pipeline:
                 return self.unet(z, t, c, skip=skip, guidance=w.expand(z.shape[0]) if w.ndim == 0 else w)
         return Denoiser(network, self.schedule, self.unet.config.prediction_type, input_dtype=self.dtype)
 
-    def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Scale, skip=None) -> ModelFn:
+    def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Scale, skip=None,
+                 rescale: float | None = None) -> ModelFn:
         """The sampler's model function at guidance ``guidance`` (a scalar or (B,)): classifier-free guidance over
         cond and uncond (``sampling.guided``), or, for a guidance-embedded UNet, one call on cond with w as its input
-        (``uncond`` unused; w = 1 is an input too)."""
+        (``uncond`` unused; w = 1 is an input too). ``rescale``: the guidance rescale phi (two-call models only;
+        None: the model's default)."""
+        rescale = validation.resolve_guidance_rescale(rescale, self.config.guidance_rescale)
+        validation.check_rescale_fits(rescale, embeds_guidance=self.embeds_guidance, model=self.config.name)
         if self.embeds_guidance:
             denoiser = self.denoiser(skip, guidance=1.0 if guidance is None else guidance)
             return lambda z, t: denoiser(z, t, cond)
-        return guided(self.denoiser(skip), cond, uncond, guidance)
+        return guided(self.denoiser(skip), cond, uncond, guidance, rescale)
 
     def timesteps(self, steps: int, sampler: Sampler) -> torch.Tensor:
         T = self.schedule.num_train_timesteps
@@ -271,10 +281,12 @@ class Pipeline:
                  guidance: float | None = None, sampler: Sampler | None = None, height: int | None = None,
                  width: int | None = None, negative_prompt: str = "", skip=None,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                 timings: Timings | None = None, use_prior: bool = True) -> torch.Tensor:
+                 timings: Timings | None = None, use_prior: bool = True,
+                 guidance_rescale: float | None = None) -> torch.Tensor:
         """Generate images in [0, 1] (B, 3, H, W); image i depends only on (prompt_i, seed_i) and the settings.
         ``use_prior``: with a layout prior, start from the noise plus the prompt's predicted coarse layout at the
-        first timestep's noise level (``snapfusion.prior``); False, or no prior: from the noise alone."""
+        first timestep's noise level (``snapfusion.prior``); False, or no prior: from the noise alone.
+        ``guidance_rescale``: phi of ``sampling.rescale_guidance`` (default: the model's; two-call models only)."""
         cfg = self.config
         prompts = check_prompts(prompts)
         validation.check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embeds_guidance, model=cfg.name)
@@ -288,11 +300,14 @@ class Pipeline:
         width = cfg.resolution if width is None else width
         check_size(height, width, self.latent_factor)
         validation.check_guidance(guidance)
+        rescale = validation.resolve_guidance_rescale(guidance_rescale, cfg.guidance_rescale)
+        validation.check_rescale_fits(rescale, embeds_guidance=self.embeds_guidance, model=cfg.name)
         validation.check_steps(steps)
         timesteps = self.timesteps(steps, sampler)
         timings = timings if timings is not None else Timings()
         if self.fast is not None and self.fast.accepts(sampler=sampler, skip=skip):
-            return self.fast.generate(self, prompts, seeds, timesteps, guidance=guidance, height=height, width=width,
+            return self.fast.generate(self, prompts, seeds, timesteps, guidance=guidance, rescale=rescale,
+                                      height=height, width=width,
                                       negative_prompt=negative_prompt, use_prior=use_prior, timings=timings,
                                       callback=callback)
         dev = self.device
@@ -308,7 +323,7 @@ class Pipeline:
         if use_prior and self.prior is not None:  # the forward process's share of the prompt's coarse layout
             abar = float(self.schedule.alphas_cumprod[int(timesteps[0])])
             z = z + start_shift(self.prior, cond, shape[1:], abar).to(z)
-        model_fn = self.model_fn(cond, uncond, guidance, skip)
+        model_fn = self.model_fn(cond, uncond, guidance, skip, rescale)
         run = sample_ddim if sampler == "ddim" else sample_dpmpp_2m
         latents = run(model_fn, z, timesteps, self.schedule, callback=callback)
         _sync(dev)
@@ -331,8 +346,8 @@ class Pipeline:
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None, seed: int | None = None,
                  num_images: int = 1, steps: int | None = None, guidance: float | None = None,
                  height: int | None = None, width: int | None = None, *, sampler: Sampler | None = None,
-                 use_prior: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None
-                 ) -> GenerationResult:
+                 use_prior: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 guidance_rescale: float | None = None) -> GenerationResult:
         """Text -> PIL images, one per prompt x ``num_images`` (prompt-major). Image k gets seed ``seed + k``
         (mod 2**64), drawn at random when ``seed`` is None; the same seed gives the same image whatever the batch."""
         prompts = validation.check_prompts(prompt)
@@ -342,6 +357,8 @@ class Pipeline:
         num_images = validation.check_num_images(num_images, prompts=len(prompts))
         steps = _default(validation.check_steps(steps), self.config.steps)
         guidance = _default(validation.check_guidance(guidance), self.config.guidance)
+        rescale = validation.resolve_guidance_rescale(guidance_rescale, self.config.guidance_rescale)
+        validation.check_rescale_fits(rescale, embeds_guidance=self.embeds_guidance, model=self.config.name)
         sampler = _default(validation.check_sampler(sampler), self.config.sampler)
         height = _default(validation.check_side(height, name="height"), self.config.resolution)
         width = _default(validation.check_side(width, name="width"), self.config.resolution)
@@ -353,8 +370,9 @@ class Pipeline:
         timings = Timings()
         images = self.generate(all_prompts, seeds, steps=steps, guidance=guidance, sampler=sampler, height=height,
                                width=width, negative_prompt=negative_prompt, callback=callback, timings=timings,
-                               use_prior=use_prior)
-        settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "height": height, "width": width,
+                               use_prior=use_prior, guidance_rescale=rescale)
+        settings = {"steps": steps, "guidance": guidance, "guidance_rescale": rescale if guidance != 1.0 else 0.0,
+                    "sampler": sampler, "height": height, "width": width,
                     "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": self.config.name,
                     "prior": bool(use_prior and self.prior is not None)}
         return GenerationResult(to_pil(images), all_prompts, seeds, settings, timings)

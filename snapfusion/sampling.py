@@ -67,14 +67,28 @@ class Denoiser:
         return self.to_prediction(self.raw(z, t, context), z, t)
 
 
-def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance uncond + w (cond - uncond) = w cond - (w - 1) uncond (SnapFusion §4); w: () or (B,)."""
-    return uncond + expand_to(scale, cond) * (cond - uncond)
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor,
+            rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance uncond + w (cond - uncond) = w cond - (w - 1) uncond (SnapFusion §4); w: () or (B,).
+    ``rescale`` > 0 then applies ``rescale_guidance`` to the mix."""
+    mixed = uncond + expand_to(scale, cond) * (cond - uncond)
+    return rescale_guidance(mixed, cond, rescale) if rescale else mixed
+
+
+def rescale_guidance(mixed: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eqs. 15-16):
+    scale each sample of the guided output to the standard deviation of the conditional output, then blend,
+    phi * rescaled + (1 - phi) * mixed. Large w inflates the guided output's spread (over-exposed, over-saturated
+    images); phi in [0, 1], 0 is plain guidance. The standard deviations are per sample over (C, H, W)."""
+    dims = tuple(range(1, cond.ndim))
+    rescaled = mixed * (cond.std(dim=dims, keepdim=True) / mixed.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * mixed
 
 
 def guided(denoiser: Denoiser, cond: torch.Tensor | None, uncond: torch.Tensor | None = None,
-           scale: Scale = None) -> ModelFn:
-    """A model function mixing cond and uncond raw outputs in one 2B batch; scale None or 1.0 skips uncond."""
+           scale: Scale = None, rescale: float = 0.0) -> ModelFn:
+    """A model function mixing cond and uncond raw outputs in one 2B batch; scale None or 1.0 skips uncond.
+    ``rescale``: the guidance rescale phi of ``rescale_guidance`` (0: plain guidance)."""
     if scale is None or (not isinstance(scale, torch.Tensor) and scale == 1.0):
         return lambda z, t: denoiser(z, t, cond)
     if uncond is None or cond is None:
@@ -86,7 +100,7 @@ def guided(denoiser: Denoiser, cond: torch.Tensor | None, uncond: torch.Tensor |
         raw = denoiser.raw(torch.cat([z, z]), torch.cat([t, t]), context)  # (2B, C, H, W)
         raw_cond, raw_uncond = raw.chunk(2)
         w = scale.to(raw.device) if isinstance(scale, torch.Tensor) else scale
-        return denoiser.to_prediction(cfg_mix(raw_cond, raw_uncond, w), z, t)
+        return denoiser.to_prediction(cfg_mix(raw_cond, raw_uncond, w, rescale), z, t)
 
     return model_fn
 

@@ -159,6 +159,32 @@ def truncation_warning(tokenizer, text: str, *, name: str = "prompt") -> str | N
     return f"the {name.replace('_', ' ')} is longer than CLIP's {tokenizer.max_length - 2} tokens; the rest is dropped"
 
 
+def check_guidance_rescale(phi, *, name: str = "guidance_rescale") -> float | None:
+    """None (the model's default) or the guidance rescale phi, a finite number in [0, 1]; 0 is plain guidance."""
+    if phi is None:
+        return None
+    phi = _real(phi, name)
+    if not 0.0 <= phi <= 1.0:
+        raise InputError(f"{name} must be between 0 and 1, got {phi:g}")
+    return phi
+
+
+def resolve_guidance_rescale(phi, default) -> float:
+    """``phi`` (a call's value) or, when None, ``default`` (the model's stored one), checked; the error names which."""
+    if phi is None:
+        return check_guidance_rescale(default, name="guidance_rescale (the model's default)")
+    return check_guidance_rescale(phi)
+
+
+def check_rescale_fits(phi: float, *, embeds_guidance: bool, model: str) -> float:
+    """``phi``, unless it is above 0 and ``model``'s UNet embeds the guidance scale: the rescale needs the
+    conditional output beside the guided one, which a one-call model does not compute (``InputError``)."""
+    if embeds_guidance and phi:
+        raise InputError(f"guidance rescale needs two UNet calls per step (the conditional output beside the guided "
+                         f"one); {model} embeds the guidance scale (one call) and cannot use it")
+    return phi
+
+
 def check_negative_prompt_fits(negative_prompt: str | None, *, embeds_guidance: bool, model: str) -> str:
     """The negative prompt, unless ``model``'s UNet embeds the guidance scale: it runs one call per step and has no
     unconditional pass for a negative prompt to replace (``InputError``)."""

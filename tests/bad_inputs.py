@@ -46,6 +46,10 @@ def _generate() -> list[Case]:
         ("guidance-inf", g + ["--guidance", "inf"], "--guidance"),
         ("guidance-negative", g + ["--guidance=-2"], "--guidance"),
         ("guidance-text", g + ["--guidance", "high"], "--guidance"),
+        ("guidance-rescale-above-1", g + ["--guidance-rescale", "1.5"], "--guidance-rescale"),
+        ("guidance-rescale-negative", g + ["--guidance-rescale=-0.1"], "--guidance-rescale"),
+        ("guidance-rescale-nan", g + ["--guidance-rescale", "nan"], "--guidance-rescale"),
+        ("guidance-rescale-text", g + ["--guidance-rescale", "strong"], "--guidance-rescale"),
         ("size-0", g + ["--size", "0"], "--size"),
         ("size-100", g + ["--size", "100"], "--size"),
         ("size-huge", g + ["--size", "100000"], "--size"),
@@ -83,6 +87,7 @@ def _generate() -> list[Case]:
         ("model-empty-folder", g + ["--model", "{tmp}/empty"], "empty"),
         # the default model embeds the guidance scale: known once its config is read, refused before any image
         ("negative-with-guidance-embedded-default", g + ["--negative-prompt", "a dog"], "negative prompt"),
+        ("rescale-with-guidance-embedded-default", g + ["--guidance-rescale", "0.7"], "guidance rescale"),
     ]
     return ([Case(f"generate/{i}", a, e) for i, a, e in rows]
             + [Case(f"generate/{i}", a, e, loads=True) for i, a, e in loads])
@@ -95,6 +100,7 @@ def _eval() -> list[Case]:
         ("steps-negative", e + ["--steps=-1"], "--steps"),
         ("guidance-1e30", e + ["--guidance", "1e30"], "--guidance"),
         ("guidance-nan", e + ["--guidance", "nan"], "--guidance"),
+        ("guidance-rescale-2", e + ["--guidance-rescale", "2"], "--guidance-rescale"),
         ("sweep-inf", e + ["--guidance-sweep", "1,inf"], "--guidance-sweep"),
         ("sweep-nan", e + ["--guidance-sweep", "nan,2"], "--guidance-sweep"),
         ("sweep-negative", e + ["--guidance-sweep=-1,2"], "--guidance-sweep"),
@@ -119,7 +125,10 @@ def _eval() -> list[Case]:
         ("unet-missing", e + ["--unet", "{tmp}/nounet"], "nounet"),
         ("dtype-unknown", e + ["--dtype", "fp8"], "--dtype"),
     ]
-    return [Case(f"eval/{i}", a, x) for i, a, x in rows]
+    loads = [  # the default model embeds the guidance scale: known once its config is read, refused before any image
+        ("rescale-with-guidance-embedded-default", e + ["--guidance-rescale", "0.7"], "guidance rescale"),
+    ]
+    return [Case(f"eval/{i}", a, x) for i, a, x in rows] + [Case(f"eval/{i}", a, x, loads=True) for i, a, x in loads]
 
 
 def _export_bench() -> list[Case]:

@@ -72,7 +72,8 @@ def exported(tmp_path_factory):
 
 
 def _theirs(pipe, **kw) -> torch.Tensor:
-    return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64,
+    kw.setdefault("guidance_scale", GUIDANCE)
+    return pipe(PROMPT, num_inference_steps=STEPS, height=64, width=64,
                 generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", **kw).images
 
 
@@ -117,6 +118,30 @@ def test_snapfusion_shaped_export_loads_as_custom_code(exported):
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.allclose(theirs.vae.encode(x).latent_dist.mean, pipe.encoder.encode(x).mean, atol=1e-5)
+
+
+def test_guidance_rescale_matches_diffusers_and_a_models_default_travels(exported, tmp_path):
+    w = 9.0  # high guidance: where the rescale changes the most
+    pipe, folder, _ = exported["sd"]
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder)  # its own guidance_rescale argument
+    theirs.set_progress_bar_config(disable=True)
+    ours = pipe.generate([PROMPT], [SEED], steps=STEPS, guidance=w, use_prior=False, guidance_rescale=0.7)
+    effect = _psnr(ours, pipe.generate([PROMPT], [SEED], steps=STEPS, guidance=w, use_prior=False))
+    assert _psnr(_theirs(theirs, guidance_rescale=0.7, guidance_scale=w), ours) >= max(35, effect + 20)
+    snap = exported["snap"][0]  # a model whose stored default is 0.7: the custom pipeline's default too
+    snap = Pipeline(snap.text_encoder, snap.unet, snap.decoder,
+                    dataclasses.replace(snap.config, guidance=w, guidance_rescale=0.7), encoder=snap.encoder,
+                    prior=snap.prior).eval()
+    export_diffusers(snap, tmp_path / "snap")
+    assert "guidance rescale 0.7" in (tmp_path / "snap" / "README.md").read_text()
+    custom = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "snap", trust_remote_code=True)
+    custom.set_progress_bar_config(disable=True)
+    ours, plain = snap.generate([PROMPT], [SEED], steps=STEPS), snap.generate([PROMPT], [SEED], steps=STEPS,
+                                                                             guidance_rescale=0.0)
+    effect = _psnr(ours, plain)
+    default = custom(PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt").images
+    assert _psnr(default, ours) >= max(35, effect + 20)
+    assert _psnr(_theirs(custom, guidance_rescale=0.0, guidance_scale=w), plain) >= max(35, effect + 20)
 
 
 def test_exported_tokenizer_matches_ours(exported):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from snapfusion.errors import ConfigError
-from snapfusion.sampling import (Denoiser, cfg_mix, ddim_step, guided, initial_noise, sample_ddim,
+from snapfusion.sampling import (Denoiser, cfg_mix, ddim_step, guided, initial_noise, rescale_guidance, sample_ddim,
                                  sample_dpmpp_2m)
 from snapfusion.schedule import CLEAN, NoiseSchedule, ddim_timesteps, dpm_timesteps
 
@@ -152,6 +152,36 @@ def test_guidance_matches_manual_mix_and_skips_uncond_at_scale_one():
     torch.testing.assert_close(cfg_mix(c, u, 3.0), 3.0 * c - 2.0 * u)
     with pytest.raises(ConfigError, match="uncond"):
         guided(den, cond, None, 5.0)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(phi):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(7)
+    cond, uncond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    mixed = cfg_mix(cond, uncond, 7.5)
+    ours = cfg_mix(cond, uncond, 7.5, phi)
+    torch.testing.assert_close(ours, rescale_noise_cfg(mixed, cond, guidance_rescale=phi), rtol=1e-6, atol=1e-6)
+    if phi == 0.0:
+        assert torch.equal(ours, mixed)
+    else:  # every sample's spread moves from the mix's towards the conditional output's
+        std = lambda x: x.std(dim=(1, 2, 3))  # noqa: E731
+        assert (std(ours) < std(mixed)).all() and (std(ours) > std(cond) - 1e-5).all()
+    if phi == 1.0:
+        torch.testing.assert_close(std(ours), std(cond))
+
+
+def test_guided_applies_the_rescale_and_skips_it_without_guidance():
+    # the context scales the output, so guidance changes its spread (a shift alone would leave it)
+    den = Denoiser(lambda z, t, c: (0.9 + c.abs().mean(dim=(1, 2)).reshape(-1, 1, 1, 1)) * z, SCHED, "v_prediction")
+    cond = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(4))
+    uncond, t = torch.zeros(1, 3, 5), torch.tensor([500, 500])
+    c, u = den.raw(Z_T, t, cond), den.raw(Z_T, t, uncond.expand(2, 3, 5))
+    pred = guided(den, cond, uncond, 7.5, 0.7)(Z_T, t)
+    torch.testing.assert_close(pred.eps, den.to_prediction(rescale_guidance(cfg_mix(c, u, 7.5), c, 0.7), Z_T, t).eps)
+    assert (pred.eps - guided(den, cond, uncond, 7.5)(Z_T, t).eps).abs().max() > 1e-3
+    torch.testing.assert_close(guided(den, cond, uncond, 1.0, 0.7)(Z_T, t).eps, den(Z_T, t, cond).eps)
 
 
 def test_fp16_network_gives_fp32_prediction():

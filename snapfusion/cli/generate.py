@@ -9,8 +9,12 @@ import sys
 from snapfusion.cli import options, types
 from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
-from snapfusion.validation import (MAX_EVAL_BATCH, MAX_SEED, check_negative_prompt_fits, truncation_warning,
-                                   used_negative_prompt)
+from snapfusion.validation import (MAX_EVAL_BATCH, MAX_SEED, check_negative_prompt_fits, check_rescale_fits,
+                                   resolve_guidance_rescale, truncation_warning, used_negative_prompt)
+
+RESCALE_HELP = ("guidance rescale phi in [0, 1] (Lin et al. 2024): the guided output is scaled toward the spread of "
+                "the conditional one; keeps high guidance from over-saturating (two-call models; default: the "
+                "model's, 0 for most)")
 
 
 def _ort_pipeline(model: str | None, device: str):
@@ -68,6 +72,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         # channels-last, cached negative prompt; CUDA graphs from the second call with the same settings on
         accelerate(pipe, FastOptions(compile=a.compile))
     check_negative_prompt_fits(a.negative_prompt, embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
+    rescale = check_rescale_fits(resolve_guidance_rescale(a.guidance_rescale, pipe.config.guidance_rescale),
+                                 embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
     _warn_unreadable(pipe, a.prompt, a.negative_prompt)
     prompts = [a.prompt] * a.num_images
     seeds = [(a.seed + i) % (MAX_SEED + 1) for i in range(a.num_images)]
@@ -78,21 +84,26 @@ def cmd_generate(a: argparse.Namespace) -> None:
         images = pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=a.sampler,
                                height=options.first(a.height, a.size), width=options.first(a.width, a.size),
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
-                               timings=timings, use_prior=not a.no_prior)
+                               timings=timings, use_prior=not a.no_prior, guidance_rescale=rescale)
     pics = to_pil(images)
+    rescale = rescale if guidance != 1.0 else 0.0  # as used: no mix at guidance 1
     from snapfusion.metadata import a1111_parameters  # the text AUTOMATIC1111-style tools read
 
     sampler = a.sampler or pipe.config.sampler
     parameters = a1111_parameters(
         a.prompt, negative_prompt=used_negative_prompt(a.negative_prompt, guidance), steps=steps, sampler=sampler,
         guidance=guidance, seed=seeds[0], width=pics[0].width, height=pics[0].height,
-        model=a.model or pipe.config.name, extra={"Decoder": a.decoder, "Layout prior": "off" if a.no_prior else None})
+        model=a.model or pipe.config.name, extra={"Guidance rescale": rescale or None, "Decoder": a.decoder,
+                                                  "Layout prior": "off" if a.no_prior else None})
     meta = image_metadata(prompt=a.prompt, negative_prompt=a.negative_prompt, seeds=seeds, steps=steps,
                           guidance=guidance, sampler=sampler, model=a.model or pipe.config.name,
-                          decoder=a.decoder or "model's", parameters=parameters)
+                          decoder=a.decoder or "model's", parameters=parameters,
+                          **({"guidance_rescale": rescale} if rescale else {}))
     out = save_image(pics[0] if len(pics) == 1 else image_grid(pics), a.out, meta)
     t = timings.as_dict()
-    print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {guidance}, seed {a.seed}) in {t['total']:.2f} s: "
+    phi = f", guidance rescale {rescale:g}" if rescale else ""
+    print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {guidance}{phi}, seed {a.seed}) in "
+          f"{t['total']:.2f} s: "
           f"text encoder {t['text_encoder']:.2f} s, UNet {t['unet_total']:.2f} s "
           f"({t['unet_per_step'] * 1000:.0f} ms/step), decoder {t['decoder']:.2f} s")
 
@@ -132,9 +143,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
     steps = a.steps or pipe.config.steps
     sampler = a.sampler or pipe.config.sampler
 
+    rescale = check_rescale_fits(resolve_guidance_rescale(a.guidance_rescale, pipe.config.guidance_rescale),
+                                 embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
+
     def generate_fn(prompts, seeds, guidance):
         return to_pil(pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
-                                    height=a.size, width=a.size, use_prior=not a.no_prior))
+                                    height=a.size, width=a.size, use_prior=not a.no_prior, guidance_rescale=rescale))
 
     guidance = a.guidance if a.guidance is not None or a.guidance_sweep else pipe.config.guidance
     result = run_eval_command(generate_fn, prompts=a.prompts, steps=steps, sampler=sampler, guidance=guidance,
@@ -143,8 +157,10 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               model=(a.model or pipe.config.name) + (f" + decoder {a.decoder}" if a.decoder else "")
                               + (f" + unet {a.unet}" if a.unet else "")
                               + (f" ({a.dtype})" if a.dtype != "fp32" else "")
+                              + (f" (guidance rescale {rescale:g})" if rescale else "")
                               + (" (no prior)" if a.no_prior and pipe.prior is not None else ""),
-                              num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt)
+                              num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt,
+                              guidance_rescale=rescale)
     rows = [{k: v for k, v in r.items() if k != "all_per_image"} for r in result.get("results", [])]
     print(json.dumps(rows or result, indent=1)[:4000])
 
@@ -166,6 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=types.steps(), default=None, help="default: the model's")
     g.add_argument("--guidance", type=types.guidance(), default=None,
                    help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--guidance-rescale", type=types.guidance_rescale(), default=None, help=RESCALE_HELP)
     options.add_sampler(g)
     g.add_argument("--size", type=types.side("--size"), default=None,
                    help="square image side in pixels (default: the model's)")
@@ -198,6 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--guidance", type=types.guidance(), default=None, help="guidance scale (default: the model's)")
     e.add_argument("--guidance-sweep", type=types.guidance_sweep(), default=None,
                    help="comma-separated guidance scales, e.g. 1,2,4,7.5")
+    e.add_argument("--guidance-rescale", type=types.guidance_rescale(), default=None, help=RESCALE_HELP)
     options.add_sampler(e)
     e.add_argument("--num-images", type=int, default=None,
                    help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")

@@ -67,6 +67,11 @@ def guidance(name: str = "--guidance") -> Callable[[str], float]:
     return _named(lambda text: v.check_guidance(v.parse_float(text, name=name), name=name), "number")
 
 
+def guidance_rescale(name: str = "--guidance-rescale") -> Callable[[str], float]:
+    """A guidance rescale phi, finite, in [0, 1]."""
+    return _named(lambda text: v.check_guidance_rescale(v.parse_float(text, name=name), name=name), "number")
+
+
 def side(name: str, *, multiple: int = v.SIDE_MULTIPLE, zero: bool = False) -> Callable[[str], int]:
     """An image side: a positive multiple of ``multiple`` up to MAX_SIDE (``zero``: 0 too, meaning the default)."""
     def parse(text: str) -> int:

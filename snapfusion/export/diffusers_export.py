@@ -224,7 +224,8 @@ def export_diffusers(pipe, out: str | Path, *, dtype: torch.dtype | None = None)
     if custom:
         cls = "SnapFusionPipeline"
         index = {"_class_name": [MODULE, cls], **index, "default_steps": pipe.config.steps,
-                 "default_guidance": pipe.config.guidance, "resolution": pipe.config.resolution}
+                 "default_guidance": pipe.config.guidance, "resolution": pipe.config.resolution,
+                 "default_guidance_rescale": pipe.config.guidance_rescale}
     else:
         cls = "StableDiffusionPipeline"
         index = {"_class_name": cls, **index, "safety_checker": [None, None], "feature_extractor": [None, None],
@@ -235,16 +236,19 @@ def export_diffusers(pipe, out: str | Path, *, dtype: torch.dtype | None = None)
 
 
 def _readme(pipe, cls: str, custom: tuple[str, ...]) -> str:
-    name, steps, guidance = pipe.config.name, pipe.config.steps, pipe.config.guidance
+    name, steps, guidance, phi = pipe.config.name, pipe.config.steps, pipe.config.guidance, pipe.config.guidance_rescale
     if not custom:
+        rescale = f", guidance_rescale={phi}" if phi else ""  # StableDiffusionPipeline's own argument
         load = ("from diffusers import StableDiffusionPipeline\n"
                 "pipe = StableDiffusionPipeline.from_pretrained(FOLDER)\n"
-                f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale={guidance}).images[0]\n")
+                f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale={guidance}{rescale}).images[0]\n")
         prior = ("" if pipe.prior is None else
                  "\nWith the layout prior (what `snapfusion generate` does), through the custom pipeline:\n\n"
                  "```python\nfrom diffusers import DiffusionPipeline\n"
                  "pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER + "
-                 "'/snapfusion_diffusers.py', trust_remote_code=True)\n```\n")
+                 "'/snapfusion_diffusers.py', trust_remote_code=True)\n"
+                 f"image = pipe(prompt, num_inference_steps={steps}, guidance_scale={guidance}{rescale}).images[0]"
+                 "\n```\n")
     else:
         load = ("from diffusers import DiffusionPipeline\n"
                 "pipe = DiffusionPipeline.from_pretrained(FOLDER, trust_remote_code=True)\n"
@@ -253,7 +257,8 @@ def _readme(pipe, cls: str, custom: tuple[str, ...]) -> str:
     parts = list(custom) + (["layout_prior"] if pipe.prior is not None else [])
     code = ("The custom code (" + ", ".join(parts) + ", and the pipeline `SnapFusionPipeline`) is "
             "`snapfusion_diffusers.py`; it" if parts else "`snapfusion_diffusers.py` (the pipeline `SnapFusionPipeline`)")
+    defaults = f"{steps} steps, guidance {guidance}" + (f", guidance rescale {phi}" if phi else "")
     return (f"# {name} (diffusers)\n\nWritten by `snapfusion export --format diffusers`: a diffusers `{cls}` "
-            f"folder (defaults: {steps} steps, guidance {guidance}).\n\n```python\n{load}```\n{prior}\n"
+            f"folder (defaults: {defaults}).\n\n```python\n{load}```\n{prior}\n"
             f"{code} needs torch, diffusers and transformers, not snapfusion. Given the same seed (or starting "
             "latents) the images match `snapfusion generate`.\n")

@@ -91,7 +91,8 @@ def check_parity(pipe, exported, cfg: ExportConfig, out: str | Path | None = Non
 
     components = compare_components(pipe, run, resolution=resolution)
     steps = cfg.parity_steps or min(pipe.config.steps, 8)  # the distilled model's step count
-    settings = dict(prompt=PARITY_PROMPT, seed=0, steps=steps, guidance=pipe.config.guidance, size=resolution)
+    settings = dict(prompt=PARITY_PROMPT, seed=0, steps=steps, guidance=pipe.config.guidance,
+                    guidance_rescale=pipe.config.guidance_rescale, size=resolution)
     kw = dict(steps=steps, height=resolution, width=resolution)
     ref = pipe.generate([PARITY_PROMPT], [0], **kw).cpu()
     got = exported.generate([PARITY_PROMPT], [0], **kw).cpu()

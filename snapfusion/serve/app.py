@@ -26,8 +26,8 @@ from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.serve.engine import Cancelled, Engine, QueueFull, Request
 
 PAGE = Path(__file__).parent / "page" / "index.html"
-FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance", "sampler", "model",
-          "user")  # user: OpenAI's end-user id, accepted and ignored
+FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale",
+          "sampler", "model", "user")  # user: OpenAI's end-user id, accepted and ignored
 POLL_SECONDS = 0.1  # how often a waiting request checks its deadline and its client
 log = logging.getLogger("snapfusion.serve")
 
@@ -81,6 +81,7 @@ def parse_generation(body: bytes) -> Request:
     return Request(prompt=prompt, n=n, seed=_field(data, "seed", validation.check_seed),
                    negative_prompt=negative, steps=_field(data, "steps", validation.check_steps),
                    guidance=_field(data, "guidance", validation.check_guidance),
+                   guidance_rescale=_field(data, "guidance_rescale", validation.check_guidance_rescale),
                    sampler=_field(data, "sampler", validation.check_sampler), height=height, width=width, model=model)
 
 
@@ -156,9 +157,14 @@ def create_app(engine: Engine, token: str | None = None, *, timeout: float = 120
 
 
 def _param(err: InputError) -> str:
-    """The request field a model-dependent ``InputError`` is about: the model, a negative prompt, else the size."""
+    """The request field a model-dependent ``InputError`` is about: the model, a negative prompt, the guidance
+    rescale, else the size."""
     text = str(err)
-    return "model" if text.startswith("model ") else "negative_prompt" if text.startswith("negative ") else "size"
+    if text.startswith("model "):
+        return "model"
+    if text.startswith("negative "):
+        return "negative_prompt"
+    return "guidance_rescale" if text.startswith(("guidance rescale ", "guidance_rescale ")) else "size"
 
 
 async def _wait(engine: Engine, job, request, timeout: float):

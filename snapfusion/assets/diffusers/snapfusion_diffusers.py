@@ -246,12 +246,12 @@ class SnapFusionPipeline(DiffusionPipeline):
     _optional_components = ["layout_prior"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, layout_prior=None, default_steps: int = 50,
-                 default_guidance: float = 7.5, resolution: int = 512):
+                 default_guidance: float = 7.5, resolution: int = 512, default_guidance_rescale: float = 0.0):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, layout_prior=layout_prior)
         self.register_to_config(default_steps=default_steps, default_guidance=default_guidance,
-                                resolution=resolution)
+                                resolution=resolution, default_guidance_rescale=default_guidance_rescale)
 
     def _layout_prior(self):
         """The layout prior: the component, or (a plain StableDiffusionPipeline folder, whose model_index.json does
@@ -273,10 +273,11 @@ class SnapFusionPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], negative_prompt: str = "", num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  generator=None, latents: torch.Tensor | None = None, use_prior: bool = True,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, guidance_rescale: float | None = None):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = num_inference_steps or self.config.default_steps
         guidance = self.config.default_guidance if guidance_scale is None else guidance_scale
+        phi = getattr(self.config, "default_guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
         height, width = height or self.config.resolution, width or self.config.resolution
         device, dtype = self._execution_device, self.unet.dtype
         cond = self.encode_prompt(prompts)  # (B, 77, D)
@@ -300,6 +301,10 @@ class SnapFusionPipeline(DiffusionPipeline):
             if uncond is not None:
                 out_cond, out_uncond = out.chunk(2)
                 out = out_uncond + guidance * (out_cond - out_uncond)
+                if phi:  # guidance rescale (Lin et al. 2024): towards the conditional output's per-sample spread
+                    dims = tuple(range(1, out.ndim))
+                    rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+                    out = phi * rescaled + (1 - phi) * out
             latents = self.scheduler.step(out, t, latents).prev_sample
         if output_type == "latent":
             images = latents
