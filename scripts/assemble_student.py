@@ -21,7 +21,7 @@ from snapfusion.decoder.io import load_decoder
 from snapfusion.models.text import load_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline, part_folder
-from snapfusion.validation import check_guidance_rescale, check_rescale_fits
+from snapfusion.validation import check_guidance_rescale
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
                               timestep_spacing="trailing", guidance_rescale=a.guidance_rescale)
     pipe = Pipeline(load_text_encoder(part_folder(base, "text_encoder")), UNet.load(a.unet), load_decoder(decoder),
                     cfg)
-    check_rescale_fits(a.guidance_rescale, embeds_guidance=pipe.embeds_guidance, model=str(a.unet))
+    pipe.resolve_guidance_rescale(a.guidance_rescale)  # refused for a guidance-embedded UNet
     out.mkdir(parents=True, exist_ok=True)
     where = {"text_encoder": part_folder(base, "text_encoder"), "vae_decoder": decoder,
              "vae_encoder": part_folder(base, "vae_encoder")}  # the student trains in base's latent space

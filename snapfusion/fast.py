@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.prior import start_shift
 from snapfusion.sampling import Denoiser, cfg_mix, guided, sample_ddim
-from snapfusion.validation import check_negative_prompt_fits
+from snapfusion.validation import check_negative_prompt_fits, used_guidance_rescale
 
 SDPA = ("default", "flash", "efficient", "cudnn", "math", "tuned")
 MAX_RUNNERS = 2  # runners (static buffers and graphs) kept per pipeline: each holds its graphs' memory
@@ -212,7 +212,7 @@ class FastGenerate:
                  timings, callback, rescale: float = 0.0) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) as ``Pipeline.generate`` returns them."""
         prior = use_prior and pipe.prior is not None
-        rescale = 0.0 if guidance == 1.0 else float(rescale)  # no mix at guidance 1: nothing to rescale
+        rescale = used_guidance_rescale(rescale, guidance)  # no mix at guidance 1: one runner whatever phi
         key = (len(prompts), tuple(timesteps.tolist()), float(guidance), rescale, height, width,
                negative_prompt, prior)
         runner = self.runners.pop(key, None)

@@ -239,14 +239,19 @@ class Pipeline:
                 return self.unet(z, t, c, skip=skip, guidance=w.expand(z.shape[0]) if w.ndim == 0 else w)
         return Denoiser(network, self.schedule, self.unet.config.prediction_type, input_dtype=self.dtype)
 
+    def resolve_guidance_rescale(self, phi: float | None) -> float:
+        """The guidance rescale a call samples with: ``phi``, or the model's default when None, checked to be in
+        [0, 1] and refused (``InputError``) above 0 for a guidance-embedded UNet."""
+        phi = validation.resolve_guidance_rescale(phi, self.config.guidance_rescale)
+        return validation.check_rescale_fits(phi, embeds_guidance=self.embeds_guidance, model=self.config.name)
+
     def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Scale, skip=None,
                  rescale: float | None = None) -> ModelFn:
         """The sampler's model function at guidance ``guidance`` (a scalar or (B,)): classifier-free guidance over
         cond and uncond (``sampling.guided``), or, for a guidance-embedded UNet, one call on cond with w as its input
         (``uncond`` unused; w = 1 is an input too). ``rescale``: the guidance rescale phi (two-call models only;
         None: the model's default)."""
-        rescale = validation.resolve_guidance_rescale(rescale, self.config.guidance_rescale)
-        validation.check_rescale_fits(rescale, embeds_guidance=self.embeds_guidance, model=self.config.name)
+        rescale = self.resolve_guidance_rescale(rescale)
         if self.embeds_guidance:
             denoiser = self.denoiser(skip, guidance=1.0 if guidance is None else guidance)
             return lambda z, t: denoiser(z, t, cond)
@@ -300,8 +305,7 @@ class Pipeline:
         width = cfg.resolution if width is None else width
         check_size(height, width, self.latent_factor)
         validation.check_guidance(guidance)
-        rescale = validation.resolve_guidance_rescale(guidance_rescale, cfg.guidance_rescale)
-        validation.check_rescale_fits(rescale, embeds_guidance=self.embeds_guidance, model=cfg.name)
+        rescale = self.resolve_guidance_rescale(guidance_rescale)
         validation.check_steps(steps)
         timesteps = self.timesteps(steps, sampler)
         timings = timings if timings is not None else Timings()
@@ -357,8 +361,7 @@ class Pipeline:
         num_images = validation.check_num_images(num_images, prompts=len(prompts))
         steps = _default(validation.check_steps(steps), self.config.steps)
         guidance = _default(validation.check_guidance(guidance), self.config.guidance)
-        rescale = validation.resolve_guidance_rescale(guidance_rescale, self.config.guidance_rescale)
-        validation.check_rescale_fits(rescale, embeds_guidance=self.embeds_guidance, model=self.config.name)
+        rescale = self.resolve_guidance_rescale(guidance_rescale)
         sampler = _default(validation.check_sampler(sampler), self.config.sampler)
         height = _default(validation.check_side(height, name="height"), self.config.resolution)
         width = _default(validation.check_side(width, name="width"), self.config.resolution)
@@ -371,7 +374,8 @@ class Pipeline:
         images = self.generate(all_prompts, seeds, steps=steps, guidance=guidance, sampler=sampler, height=height,
                                width=width, negative_prompt=negative_prompt, callback=callback, timings=timings,
                                use_prior=use_prior, guidance_rescale=rescale)
-        settings = {"steps": steps, "guidance": guidance, "guidance_rescale": rescale if guidance != 1.0 else 0.0,
+        settings = {"steps": steps, "guidance": guidance,
+                    "guidance_rescale": validation.used_guidance_rescale(rescale, guidance),
                     "sampler": sampler, "height": height, "width": width,
                     "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": self.config.name,
                     "prior": bool(use_prior and self.prior is not None)}

@@ -194,6 +194,11 @@ def check_negative_prompt_fits(negative_prompt: str | None, *, embeds_guidance: 
     return "" if negative_prompt is None else negative_prompt
 
 
+def used_guidance_rescale(phi: float, guidance: float) -> float:
+    """The guidance rescale as the sampler uses it: 0 at guidance 1 (no mix to rescale), for settings and metadata."""
+    return 0.0 if guidance == 1.0 else float(phi)
+
+
 def used_negative_prompt(negative_prompt: str | None, guidance: float) -> str:
     """The negative prompt as the sampler uses it: blank at guidance 1 (no unconditional pass), for metadata."""
     return "" if negative_prompt is None or guidance == 1.0 else negative_prompt

@@ -57,6 +57,15 @@ def tiny_pipeline() -> Pipeline:
                     encoder=vae.encoder).eval()
 
 
+@pytest.fixture(scope="module")
+def ge_pipeline(tiny_pipeline) -> Pipeline:
+    """The tiny pipeline around a random guidance-embedded UNet (its embedding non-zero: images depend on w)."""
+    torch.manual_seed(1)
+    unet = UNet(dataclasses.replace(tiny_pipeline.unet.config, guidance_embed=True))
+    cfg = dataclasses.replace(tiny_pipeline.config, name="tiny-ge", steps=3)
+    return Pipeline(tiny_pipeline.text_encoder, unet, tiny_pipeline.decoder, cfg).eval()
+
+
 @pytest.fixture()
 def one_thread():
     """One torch thread for the test (timings on a shared 2-core machine: no OpenMP spin-waits under load)."""

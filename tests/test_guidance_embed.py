@@ -28,15 +28,6 @@ def source(tiny_pipeline, tmp_path_factory) -> ModelSource:
     return ModelSource(pipeline=str(folder))
 
 
-@pytest.fixture(scope="module")
-def ge_pipeline(tiny_pipeline) -> Pipeline:
-    """The tiny pipeline around a random guidance-embedded UNet (its embedding non-zero: images depend on w)."""
-    torch.manual_seed(1)
-    unet = UNet(dataclasses.replace(tiny_pipeline.unet.config, guidance_embed=True))
-    cfg = dataclasses.replace(tiny_pipeline.config, name="tiny-ge", steps=3)
-    return Pipeline(tiny_pipeline.text_encoder, unet, tiny_pipeline.decoder, cfg).eval()
-
-
 def _inputs(unet, batch=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(batch, unet.config.in_channels, 8, 8, generator=gen)

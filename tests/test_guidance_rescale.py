@@ -10,7 +10,6 @@ from PIL import Image
 
 from snapfusion.cli.main import main
 from snapfusion.errors import InputError
-from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline
 
 REFUSAL = "guidance rescale needs two UNet calls per step"
@@ -18,14 +17,6 @@ REFUSAL = "guidance rescale needs two UNet calls per step"
 
 def _gen(pipe, **kw):
     return pipe.generate(["a red cube", "two cats"], [3, 4], steps=3, guidance=kw.pop("guidance", 7.5), **kw)
-
-
-@pytest.fixture(scope="module")
-def ge_pipeline(tiny_pipeline) -> Pipeline:
-    torch.manual_seed(1)
-    unet = UNet(dataclasses.replace(tiny_pipeline.unet.config, guidance_embed=True))
-    cfg = dataclasses.replace(tiny_pipeline.config, name="tiny-ge", steps=3)
-    return Pipeline(tiny_pipeline.text_encoder, unet, tiny_pipeline.decoder, cfg).eval()
 
 
 def _with_default(pipe, phi) -> Pipeline:

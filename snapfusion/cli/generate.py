@@ -9,8 +9,8 @@ import sys
 from snapfusion.cli import options, types
 from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
-from snapfusion.validation import (MAX_EVAL_BATCH, MAX_SEED, check_negative_prompt_fits, check_rescale_fits,
-                                   resolve_guidance_rescale, truncation_warning, used_negative_prompt)
+from snapfusion.validation import (MAX_EVAL_BATCH, MAX_SEED, check_negative_prompt_fits, truncation_warning,
+                                   used_guidance_rescale, used_negative_prompt)
 
 RESCALE_HELP = ("guidance rescale phi in [0, 1] (Lin et al. 2024): the guided output is scaled toward the spread of "
                 "the conditional one; keeps high guidance from over-saturating (two-call models; default: the "
@@ -72,8 +72,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         # channels-last, cached negative prompt; CUDA graphs from the second call with the same settings on
         accelerate(pipe, FastOptions(compile=a.compile))
     check_negative_prompt_fits(a.negative_prompt, embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
-    rescale = check_rescale_fits(resolve_guidance_rescale(a.guidance_rescale, pipe.config.guidance_rescale),
-                                 embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
+    rescale = pipe.resolve_guidance_rescale(a.guidance_rescale)
     _warn_unreadable(pipe, a.prompt, a.negative_prompt)
     prompts = [a.prompt] * a.num_images
     seeds = [(a.seed + i) % (MAX_SEED + 1) for i in range(a.num_images)]
@@ -86,7 +85,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
                                timings=timings, use_prior=not a.no_prior, guidance_rescale=rescale)
     pics = to_pil(images)
-    rescale = rescale if guidance != 1.0 else 0.0  # as used: no mix at guidance 1
+    rescale = used_guidance_rescale(rescale, guidance)
     from snapfusion.metadata import a1111_parameters  # the text AUTOMATIC1111-style tools read
 
     sampler = a.sampler or pipe.config.sampler
@@ -143,8 +142,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     steps = a.steps or pipe.config.steps
     sampler = a.sampler or pipe.config.sampler
 
-    rescale = check_rescale_fits(resolve_guidance_rescale(a.guidance_rescale, pipe.config.guidance_rescale),
-                                 embeds_guidance=pipe.embeds_guidance, model=pipe.config.name)
+    rescale = pipe.resolve_guidance_rescale(a.guidance_rescale)
 
     def generate_fn(prompts, seeds, guidance):
         return to_pil(pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,

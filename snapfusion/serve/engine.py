@@ -83,11 +83,9 @@ def resolve_settings(request: Request, pipe) -> dict:
     validation.check_side(width, name="width", multiple=factor)
     guidance = float(pick(request.guidance, cfg.guidance))
     validation.check_negative_prompt_fits(request.negative_prompt, embeds_guidance=pipe.embeds_guidance, model=cfg.name)
-    rescale = validation.check_rescale_fits(validation.resolve_guidance_rescale(request.guidance_rescale,
-                                                                                 cfg.guidance_rescale),
-                                            embeds_guidance=pipe.embeds_guidance, model=cfg.name)
+    rescale = pipe.resolve_guidance_rescale(request.guidance_rescale)
     return {"steps": pick(request.steps, cfg.steps), "guidance": guidance,
-            "guidance_rescale": rescale if guidance != 1.0 else 0.0,
+            "guidance_rescale": validation.used_guidance_rescale(rescale, guidance),
             "sampler": pick(request.sampler, cfg.sampler),
             "height": height, "width": width, "negative_prompt": request.negative_prompt if guidance != 1.0 else ""}
 
