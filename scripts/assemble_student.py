@@ -21,7 +21,7 @@ from snapfusion.decoder.io import load_decoder
 from snapfusion.models.text import load_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.pipeline import Pipeline, part_folder
-from snapfusion.validation import check_guidance_rescale
+from snapfusion.validation import check_guidance_rescale, parse_guidance_interval
 
 
 def main() -> None:
@@ -36,16 +36,22 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="the model's default guidance rescale phi (two-call students; 0: plain guidance)")
+    p.add_argument("--guidance-interval", default="0,1",
+                   help="START,END: the model's default fraction of the steps that mix guidance (two-call students; "
+                   "0,1: every step)")
     p.add_argument("--fp16", action="store_true", help="store the UNet in fp16 instead of int8")
     a = p.parse_args()
     check_guidance_rescale(a.guidance_rescale, name="--guidance-rescale")  # before anything loads
+    interval = parse_guidance_interval(a.guidance_interval)
     out, base, decoder = Path(a.out), Path(a.base), Path(a.decoder)
     base_cfg = Pipeline.load(base).config
     cfg = dataclasses.replace(base_cfg, name="snapfusion", steps=a.steps, guidance=a.guidance, sampler="ddim",
-                              timestep_spacing="trailing", guidance_rescale=a.guidance_rescale)
+                              timestep_spacing="trailing", guidance_rescale=a.guidance_rescale,
+                              guidance_interval=interval)
     pipe = Pipeline(load_text_encoder(part_folder(base, "text_encoder")), UNet.load(a.unet), load_decoder(decoder),
                     cfg)
-    pipe.resolve_guidance_rescale(a.guidance_rescale)  # refused for a guidance-embedded UNet
+    pipe.resolve_guidance_rescale(a.guidance_rescale)  # these two: refused for a guidance-embedded UNet
+    pipe.resolve_guidance_interval(interval, steps=a.steps, guidance=a.guidance)
     out.mkdir(parents=True, exist_ok=True)
     where = {"text_encoder": part_folder(base, "text_encoder"), "vae_decoder": decoder,
              "vae_encoder": part_folder(base, "vae_encoder")}  # the student trains in base's latent space

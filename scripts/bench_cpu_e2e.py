@@ -23,10 +23,11 @@ from snapfusion.pipeline import to_pil
 PROMPT = "a red apple to the left of a cat on a blue background"
 
 
-def one_image(pipe, steps: int | None, seed: int, sampler: str | None = None) -> float:
-    """Seconds for one image of PROMPT, text -> PNG bytes (steps and sampler: None for the model's)."""
+def one_image(pipe, steps: int | None, seed: int, sampler: str | None = None, **settings) -> float:
+    """Seconds for one image of PROMPT, text -> PNG bytes (steps and sampler: None for the model's; ``settings``:
+    more ``Pipeline.generate`` arguments, e.g. guidance_interval)."""
     t0 = time.perf_counter()
-    image = to_pil(pipe.generate([PROMPT], [seed], steps=steps, sampler=sampler))[0]
+    image = to_pil(pipe.generate([PROMPT], [seed], steps=steps, sampler=sampler, **settings))[0]
     image.save(io.BytesIO(), format="PNG")  # the PNG encode is part of text -> PNG
     return time.perf_counter() - t0
 

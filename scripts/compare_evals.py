@@ -9,6 +9,9 @@ sum of each prompt's differences is one draw). The interval is the normal one. N
 "all_per_image" (every `snapfusion eval` run writes them).
 
     python scripts/compare_evals.py runs/student/eval.json runs/base50/eval.json --names student base-50
+
+A run given as FILE+FILE[+...] is the runs pooled, their images one after another (one seed per prompt each, the
+same guidance scales): two halves of a prompt set evaluated apart compare as the whole set.
 """
 
 from __future__ import annotations
@@ -62,6 +65,29 @@ def compare(ra: dict, rb: dict) -> list[dict]:
     return rows
 
 
+def pool(runs: list[dict]) -> dict:
+    """Runs of one seed per prompt and the same guidance scales as one run: prompts, seeds and per-image results
+    concatenated in order (the other metrics, which do not pool, are dropped)."""
+    if len(runs) == 1:
+        return runs[0]
+    if any(int(r.get("seeds_per_prompt", 1)) != 1 for r in runs):
+        raise ValueError("pooled runs (A+B) must have one seed per prompt")
+    scales = [[x["guidance"] for x in r["results"]] for r in runs]
+    if any(s != scales[0] for s in scales):
+        raise ValueError(f"pooled runs (A+B) differ in guidance scales: {scales}")
+    for r in runs:
+        images = [len(x.get("all_per_image", "")) for x in r["results"]]
+        if not r.get("seeds") or any(n != len(r["seeds"]) for n in images):
+            raise ValueError("pooled runs (A+B) need their per-image seeds and results")
+    merged = {"seeds_per_prompt": 1, "seeds": [s for r in runs for s in r["seeds"]], "results": []}
+    if all("prompts" in r for r in runs):
+        merged["prompts"] = [p for r in runs for p in r["prompts"]]
+    for j, w in enumerate(scales[0]):
+        per_image = [r["results"][j].get("all_per_image") for r in runs]
+        merged["results"].append({"guidance": w} | ({"all_per_image": "".join(per_image)} if all(per_image) else {}))
+    return merged
+
+
 def _load(path: str) -> dict:
     try:
         data = json.loads(Path(path).read_text())
@@ -74,13 +100,13 @@ def _load(path: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("a", help="eval.json of run A")
-    p.add_argument("b", help="eval.json of run B (the reference)")
+    p.add_argument("a", help="eval.json of run A (FILE+FILE: runs pooled)")
+    p.add_argument("b", help="eval.json of run B, the reference (FILE+FILE: runs pooled)")
     p.add_argument("--names", nargs=2, default=("A", "B"))
     p.add_argument("--out", help="also write the comparison as JSON here")
     args = p.parse_args()
     try:
-        rows = compare(_load(args.a), _load(args.b))
+        rows = compare(pool([_load(f) for f in args.a.split("+")]), pool([_load(f) for f in args.b.split("+")]))
     except (ValueError, KeyError, TypeError) as err:
         sys.exit(f"error: {err}")
     na, nb = args.names

@@ -37,7 +37,7 @@ def main() -> None:
     guidance = pipe.config.guidance
     ours = pipe.generate([a.prompt], [a.seed], steps=a.steps, guidance=guidance, height=a.size, width=a.size)
     ours_plain = pipe.generate([a.prompt], [a.seed], steps=a.steps, guidance=guidance, height=a.size, width=a.size,
-                               use_prior=False)
+                               use_prior=False, guidance_interval=(0, 1))  # as StableDiffusionPipeline: every step
     kw = dict(num_inference_steps=a.steps, guidance_scale=guidance, height=a.size, width=a.size, output_type="pt",
               guidance_rescale=pipe.config.guidance_rescale)  # the model's stored default, as generate applies it
     gen = lambda: torch.Generator("cpu").manual_seed(a.seed)  # noqa: E731
@@ -46,7 +46,7 @@ def main() -> None:
         report = export_diffusers(pipe, folder)
         print(report.summary())
         t0 = time.time()
-        if report.custom:
+        if report.custom or report.limited:
             theirs = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
         else:
             plain = StableDiffusionPipeline.from_pretrained(folder)

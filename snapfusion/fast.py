@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from snapfusion.errors import ConfigError, SnapFusionError
 from snapfusion.prior import start_shift
-from snapfusion.sampling import Denoiser, cfg_mix, guided, sample_ddim
-from snapfusion.validation import check_negative_prompt_fits, used_guidance_rescale
+from snapfusion.sampling import Denoiser, cfg_mix, guidance_steps, guided, sample_ddim, with_guidance_interval
+from snapfusion.validation import check_negative_prompt_fits, used_guidance_interval, used_guidance_rescale
 
 SDPA = ("default", "flash", "efficient", "cudnn", "math", "tuned")
 MAX_RUNNERS = 2  # runners (static buffers and graphs) kept per pipeline: each holds its graphs' memory
@@ -196,8 +196,8 @@ def set_attention_backends(unet, backends: str | dict[str, str]) -> None:
 # ---- the runner: static buffers, three graphs ------------------------------------------------------------------
 
 class FastGenerate:
-    """``Pipeline.generate``'s DDIM path through runners cached per (batch, timesteps, guidance, rescale, size,
-    negative prompt, prior)."""
+    """``Pipeline.generate``'s DDIM path through runners cached per (batch, timesteps, guidance, rescale, interval,
+    size, negative prompt, prior)."""
 
     def __init__(self, options: FastOptions):
         self.options = options
@@ -209,18 +209,22 @@ class FastGenerate:
         return sampler == "ddim" and skip is None
 
     def generate(self, pipe, prompts, seeds, timesteps, *, guidance, height, width, negative_prompt, use_prior,
-                 timings, callback, rescale: float = 0.0) -> torch.Tensor:
+                 timings, callback, rescale: float = 0.0,
+                 interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) as ``Pipeline.generate`` returns them."""
         prior = use_prior and pipe.prior is not None
         rescale = used_guidance_rescale(rescale, guidance)  # no mix at guidance 1: one runner whatever phi
-        key = (len(prompts), tuple(timesteps.tolist()), float(guidance), rescale, height, width,
-               negative_prompt, prior)
+        interval = used_guidance_interval(interval, guidance)  # ... and whatever interval
+        guided_steps = tuple(guidance_steps(len(timesteps) - 1, interval))  # intervals that guide the same steps
+        key = (len(prompts), tuple(timesteps.tolist()), float(guidance), rescale, guided_steps, height, width,
+               negative_prompt, prior)  # share a runner
         runner = self.runners.pop(key, None)
         if runner is None:
             while len(self.runners) >= MAX_RUNNERS:
                 self.runners.popitem(last=False)
             runner = Runner(pipe, self.options, batch=len(prompts), timesteps=timesteps, guidance=guidance,
-                            height=height, width=width, negative_prompt=negative_prompt, prior=prior, rescale=rescale)
+                            height=height, width=width, negative_prompt=negative_prompt, prior=prior, rescale=rescale,
+                            interval=interval)
         self.runners[key] = runner
         images = runner(prompts, seeds, timings)
         self.graphed = sorted(k for k, g in runner.stages.items() if g is not None)  # what the last call replayed
@@ -242,7 +246,8 @@ class Runner:
     first call (warm-up, compilation), captured as CUDA graphs on the second, replayed from then on."""
 
     def __init__(self, pipe, options: FastOptions, *, batch: int, timesteps: torch.Tensor, guidance: float,
-                 height: int, width: int, negative_prompt: str = "", prior: bool = False, rescale: float = 0.0):
+                 height: int, width: int, negative_prompt: str = "", prior: bool = False, rescale: float = 0.0,
+                 interval: tuple[float, float] = (0.0, 1.0)):
         dev = pipe.device
         self.pipe, self.options, self.batch, self.prior = pipe, options, batch, prior
         self.graphed = options.graph and dev.type == "cuda"
@@ -250,6 +255,7 @@ class Runner:
         self.schedule = _on_device(pipe.schedule, dev)
         self.scale = None if guidance == 1.0 else float(guidance)
         self.rescale = float(rescale)  # the guidance rescale phi (two-call models; 0: plain guidance)
+        self.interval = interval  # the fractions of the steps that mix guidance (two-call models)
         self.embedded = pipe.embeds_guidance
         check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embedded, model=pipe.config.name)
         down = pipe.decoder.config.downscale
@@ -282,14 +288,16 @@ class Runner:
                                 net.config.prediction_type, input_dtype=pipe.dtype)
             return lambda z, t: denoiser(z, t, cond)
         denoiser = Denoiser(net, self.schedule, net.config.prediction_type, input_dtype=pipe.dtype)
-        if self.scale is None or self.options.cfg == "batch2":
-            return guided(denoiser, cond, uncond, self.scale, self.rescale)
-
-        def split(z, t):  # two batch-B calls instead of one batch-2B call
-            raw_c = denoiser.raw(z, t, cond)
-            raw_u = denoiser.raw(z, t, uncond.expand(z.shape[0], *uncond.shape[1:]))
-            return denoiser.to_prediction(cfg_mix(raw_c, raw_u, self.scale, self.rescale), z, t)
-        return split
+        if self.scale is None:
+            return guided(denoiser, cond)
+        if self.options.cfg == "batch2":
+            mixed = guided(denoiser, cond, uncond, self.scale, self.rescale)
+        else:
+            def mixed(z, t):  # two batch-B calls instead of one batch-2B call
+                raw_c = denoiser.raw(z, t, cond)
+                raw_u = denoiser.raw(z, t, uncond.expand(z.shape[0], *uncond.shape[1:]))
+                return denoiser.to_prediction(cfg_mix(raw_c, raw_u, self.scale, self.rescale), z, t)
+        return with_guidance_interval(mixed, guided(denoiser, cond), len(self.timesteps) - 1, self.interval)
 
     def _loop(self, cond, uncond):
         return sample_ddim(self._model_fn(cond, uncond), self.z, self.timesteps, self.schedule)

@@ -29,7 +29,8 @@ from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, sa
 from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.prior import LayoutPrior, start_shift
-from snapfusion.sampling import Denoiser, ModelFn, Scale, guided, initial_noise, sample_ddim, sample_dpmpp_2m
+from snapfusion.sampling import (Denoiser, ModelFn, Scale, guidance_steps, guided, initial_noise, sample_ddim,
+                                 sample_dpmpp_2m, with_guidance_interval)
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, dpm_timesteps
 from snapfusion.validation import MAX_PROMPT_CHARS  # noqa: F401  (re-exported)
 
@@ -47,6 +48,8 @@ class PipelineConfig:
     steps: int = 50
     guidance: float = 7.5             # classifier-free guidance scale; 1.0 = no uncond pass
     guidance_rescale: float = 0.0     # phi of sampling.rescale_guidance in [0, 1]; 0 = plain guidance
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # fractions of the steps that mix guidance
+    #                                   (sampling.guidance_steps); (0, 1) = every step
     sampler: Sampler = "ddim"
     timestep_spacing: Spacing = "leading"   # SD-v1.5's DDIM config; step-distilled students use "trailing"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -76,8 +79,8 @@ class GenerationResult:
     images: list[Image.Image]
     prompts: list[str]                # the prompt of each image
     seeds: list[int]                  # the seed of each image: the same seed gives the same image in any batch
-    settings: dict                    # steps, guidance, guidance_rescale, sampler, height, width, negative_prompt,
-    #                                   model, prior
+    settings: dict                    # steps, guidance, guidance_rescale, guidance_interval, sampler, height,
+    #                                   width, negative_prompt, model, prior
     timings: Timings
 
 
@@ -113,10 +116,10 @@ class Pipeline:
         self.text_encoder, self.unet, self.decoder, self.encoder = text_encoder, unet, decoder, encoder
         self.prior = prior  # fp32 whatever the pipeline's dtype; None: sampling starts from N(0, I)
         self.tokenizer = tokenizer or Tokenizer()
-        if getattr(unet.config, "guidance_embed", False) and config.guidance_rescale:
-            # one call per step, no conditional output to rescale to: a default copied from a two-call teacher's
-            # config does not apply (a call that asks for a rescale is still refused)
-            config = dataclasses.replace(config, guidance_rescale=0.0)
+        if getattr(unet.config, "guidance_embed", False):
+            # one call per step, no conditional output to rescale to or fall back to: defaults copied from a
+            # two-call teacher's config do not apply (a call that asks for a rescale or an interval is still refused)
+            config = dataclasses.replace(config, guidance_rescale=0.0, guidance_interval=(0.0, 1.0))
         self.config = config
         self.schedule = NoiseSchedule(config.schedule)
         self.fast = None  # snapfusion.fast.accelerate: DDIM generation through CUDA graphs over static buffers
@@ -245,6 +248,16 @@ class Pipeline:
         phi = validation.resolve_guidance_rescale(phi, self.config.guidance_rescale)
         return validation.check_rescale_fits(phi, embeds_guidance=self.embeds_guidance, model=self.config.name)
 
+    def resolve_guidance_interval(self, interval, *, steps: int, guidance: float) -> tuple[float, float]:
+        """The guidance interval a call samples with: ``interval``, or the model's default when None, checked
+        (``InputError``): 0 <= start < end <= 1, at least one of the ``steps`` steps guided at a ``guidance`` other
+        than 1, and the whole range for a guidance-embedded UNet."""
+        default = interval is None
+        interval = validation.resolve_guidance_interval(interval, self.config.guidance_interval)
+        return validation.check_interval_fits(interval, guided=guidance_steps(steps, interval), guidance=guidance,
+                                              embeds_guidance=self.embeds_guidance, model=self.config.name,
+                                              default=default)
+
     def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Scale, skip=None,
                  rescale: float | None = None) -> ModelFn:
         """The sampler's model function at guidance ``guidance`` (a scalar or (B,)): classifier-free guidance over
@@ -287,11 +300,14 @@ class Pipeline:
                  width: int | None = None, negative_prompt: str = "", skip=None,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None,
                  timings: Timings | None = None, use_prior: bool = True,
-                 guidance_rescale: float | None = None) -> torch.Tensor:
+                 guidance_rescale: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
         """Generate images in [0, 1] (B, 3, H, W); image i depends only on (prompt_i, seed_i) and the settings.
         ``use_prior``: with a layout prior, start from the noise plus the prompt's predicted coarse layout at the
         first timestep's noise level (``snapfusion.prior``); False, or no prior: from the noise alone.
-        ``guidance_rescale``: phi of ``sampling.rescale_guidance`` (default: the model's; two-call models only)."""
+        ``guidance_rescale``: phi of ``sampling.rescale_guidance`` (default: the model's; two-call models only).
+        ``guidance_interval``: (start, end), the fractions of the steps that mix guidance, the others running the
+        conditional pass alone (``sampling.guidance_steps``; default: the model's; two-call models only)."""
         cfg = self.config
         prompts = check_prompts(prompts)
         validation.check_negative_prompt_fits(negative_prompt, embeds_guidance=self.embeds_guidance, model=cfg.name)
@@ -307,11 +323,12 @@ class Pipeline:
         validation.check_guidance(guidance)
         rescale = self.resolve_guidance_rescale(guidance_rescale)
         validation.check_steps(steps)
+        interval = self.resolve_guidance_interval(guidance_interval, steps=steps, guidance=guidance)
         timesteps = self.timesteps(steps, sampler)
         timings = timings if timings is not None else Timings()
         if self.fast is not None and self.fast.accepts(sampler=sampler, skip=skip):
             return self.fast.generate(self, prompts, seeds, timesteps, guidance=guidance, rescale=rescale,
-                                      height=height, width=width,
+                                      interval=interval, height=height, width=width,
                                       negative_prompt=negative_prompt, use_prior=use_prior, timings=timings,
                                       callback=callback)
         dev = self.device
@@ -328,6 +345,8 @@ class Pipeline:
             abar = float(self.schedule.alphas_cumprod[int(timesteps[0])])
             z = z + start_shift(self.prior, cond, shape[1:], abar).to(z)
         model_fn = self.model_fn(cond, uncond, guidance, skip, rescale)
+        if plain_cfg:  # outside the guidance interval: the conditional pass alone
+            model_fn = with_guidance_interval(model_fn, self.model_fn(cond, None, 1.0, skip), steps, interval)
         run = sample_ddim if sampler == "ddim" else sample_dpmpp_2m
         latents = run(model_fn, z, timesteps, self.schedule, callback=callback)
         _sync(dev)
@@ -351,7 +370,8 @@ class Pipeline:
                  num_images: int = 1, steps: int | None = None, guidance: float | None = None,
                  height: int | None = None, width: int | None = None, *, sampler: Sampler | None = None,
                  use_prior: bool = True, callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                 guidance_rescale: float | None = None) -> GenerationResult:
+                 guidance_rescale: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None) -> GenerationResult:
         """Text -> PIL images, one per prompt x ``num_images`` (prompt-major). Image k gets seed ``seed + k``
         (mod 2**64), drawn at random when ``seed`` is None; the same seed gives the same image whatever the batch."""
         prompts = validation.check_prompts(prompt)
@@ -362,6 +382,7 @@ class Pipeline:
         steps = _default(validation.check_steps(steps), self.config.steps)
         guidance = _default(validation.check_guidance(guidance), self.config.guidance)
         rescale = self.resolve_guidance_rescale(guidance_rescale)
+        interval = self.resolve_guidance_interval(guidance_interval, steps=steps, guidance=guidance)
         sampler = _default(validation.check_sampler(sampler), self.config.sampler)
         height = _default(validation.check_side(height, name="height"), self.config.resolution)
         width = _default(validation.check_side(width, name="width"), self.config.resolution)
@@ -373,9 +394,10 @@ class Pipeline:
         timings = Timings()
         images = self.generate(all_prompts, seeds, steps=steps, guidance=guidance, sampler=sampler, height=height,
                                width=width, negative_prompt=negative_prompt, callback=callback, timings=timings,
-                               use_prior=use_prior, guidance_rescale=rescale)
+                               use_prior=use_prior, guidance_rescale=rescale, guidance_interval=interval)
         settings = {"steps": steps, "guidance": guidance,
                     "guidance_rescale": validation.used_guidance_rescale(rescale, guidance),
+                    "guidance_interval": list(validation.used_guidance_interval(interval, guidance)),
                     "sampler": sampler, "height": height, "width": width,
                     "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": self.config.name,
                     "prior": bool(use_prior and self.prior is not None)}

@@ -32,7 +32,10 @@ def _int(value, name: str) -> int:
 def _real(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InputError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float (JSON allows any number of digits)
+        raise InputError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, got {value}")
     return value
@@ -185,6 +188,51 @@ def check_rescale_fits(phi: float, *, embeds_guidance: bool, model: str) -> floa
     return phi
 
 
+def check_guidance_interval(interval, *, name: str = "guidance_interval") -> tuple[float, float] | None:
+    """None (the model's default) or the guidance interval (start, end): two finite numbers, 0 <= start < end <= 1,
+    fractions of the sampling steps that mix guidance (``sampling.guidance_steps``); (0, 1) is every step."""
+    if interval is None:
+        return None
+    if isinstance(interval, (str, bytes)) or not isinstance(interval, Sequence) or len(interval) != 2:
+        raise InputError(f"{name} must be two numbers [start, end], got {interval!r}")
+    start, end = (_real(x, name) + 0.0 for x in interval)  # + 0.0: -0 is 0
+    if not 0.0 <= start < end <= 1.0:
+        raise InputError(f"{name} must satisfy 0 <= start < end <= 1, got [{start:g}, {end:g}]")
+    return start, end
+
+
+def resolve_guidance_interval(interval, default) -> tuple[float, float]:
+    """``interval`` (a call's value) or, when None, ``default`` (the model's stored one), checked; the error names
+    which."""
+    if interval is None:
+        return check_guidance_interval(default, name="guidance_interval (the model's default)")
+    return check_guidance_interval(interval)
+
+
+def check_interval_fits(interval: tuple[float, float], *, guided: Sequence[bool], guidance: float,
+                        embeds_guidance: bool, model: str, default: bool = False) -> tuple[float, float]:
+    """``interval``, unless it limits guidance on a model whose UNet embeds the guidance scale (one call per step,
+    no conditional pass to fall back to) or, at a guidance other than 1, guides none of the steps (``guided``: one
+    flag per step, ``sampling.guidance_steps``) (``InputError``; ``default``: the interval is the model's)."""
+    if tuple(interval) == (0.0, 1.0):
+        return interval
+    if embeds_guidance:
+        raise InputError(f"a guidance interval needs two UNet calls per step; {model} embeds the guidance scale (one "
+                         "call) and cannot use one")
+    if guidance != 1.0 and not any(guided):
+        start, end, n = interval[0], interval[1], len(guided)
+        whose = f"{model}'s default " if default else ""
+        raise InputError(f"guidance interval {whose}[{start:g}, {end:g}] guides none of the {n} steps (step i is "
+                         f"guided when {start:g} <= i/{n} < {end:g}); pass another interval")
+    return interval
+
+
+def used_guidance_interval(interval: tuple[float, float], guidance: float) -> tuple[float, float]:
+    """The guidance interval as the sampler uses it: every step at guidance 1 (no mix to limit), for settings and
+    metadata."""
+    return (0.0, 1.0) if guidance == 1.0 else (float(interval[0]), float(interval[1]))
+
+
 def check_negative_prompt_fits(negative_prompt: str | None, *, embeds_guidance: bool, model: str) -> str:
     """The negative prompt, unless ``model``'s UNet embeds the guidance scale: it runs one call per step and has no
     unconditional pass for a negative prompt to replace (``InputError``)."""
@@ -298,6 +346,16 @@ def parse_guidance_sweep(text, *, name: str = "--guidance-sweep") -> list[float]
     if len(parts) > MAX_SWEEP:
         raise InputError(f"{name} has {len(parts)} scales; the limit is {MAX_SWEEP}")
     return [check_guidance(parse_float(p, name=f"{name} value"), name=f"{name} value") for p in parts]
+
+
+def parse_guidance_interval(text, *, name: str = "--guidance-interval") -> tuple[float, float]:
+    """'0,0.5' -> (0.0, 0.5), checked as ``check_guidance_interval`` checks it."""
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be text like '0,0.5', got {text!r}")
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise InputError(f"{name} must be two comma-separated numbers START,END like '0,0.5', got {text!r}")
+    return check_guidance_interval([parse_float(p, name=name) for p in parts], name=name)
 
 
 def check_opset(value, *, name: str = "--opset") -> int:

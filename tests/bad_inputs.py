@@ -50,6 +50,11 @@ def _generate() -> list[Case]:
         ("guidance-rescale-negative", g + ["--guidance-rescale=-0.1"], "--guidance-rescale"),
         ("guidance-rescale-nan", g + ["--guidance-rescale", "nan"], "--guidance-rescale"),
         ("guidance-rescale-text", g + ["--guidance-rescale", "strong"], "--guidance-rescale"),
+        ("guidance-interval-one-number", g + ["--guidance-interval", "0.5"], "--guidance-interval"),
+        ("guidance-interval-reversed", g + ["--guidance-interval", "0.6,0.2"], "--guidance-interval"),
+        ("guidance-interval-above-1", g + ["--guidance-interval", "0,1.5"], "--guidance-interval"),
+        ("guidance-interval-nan", g + ["--guidance-interval", "nan,1"], "--guidance-interval"),
+        ("guidance-interval-text", g + ["--guidance-interval", "early"], "--guidance-interval"),
         ("size-0", g + ["--size", "0"], "--size"),
         ("size-100", g + ["--size", "100"], "--size"),
         ("size-huge", g + ["--size", "100000"], "--size"),
@@ -88,6 +93,7 @@ def _generate() -> list[Case]:
         # the default model embeds the guidance scale: known once its config is read, refused before any image
         ("negative-with-guidance-embedded-default", g + ["--negative-prompt", "a dog"], "negative prompt"),
         ("rescale-with-guidance-embedded-default", g + ["--guidance-rescale", "0.7"], "guidance rescale"),
+        ("interval-with-guidance-embedded-default", g + ["--guidance-interval", "0,0.5"], "guidance interval"),
     ]
     return ([Case(f"generate/{i}", a, e) for i, a, e in rows]
             + [Case(f"generate/{i}", a, e, loads=True) for i, a, e in loads])
@@ -101,6 +107,8 @@ def _eval() -> list[Case]:
         ("guidance-1e30", e + ["--guidance", "1e30"], "--guidance"),
         ("guidance-nan", e + ["--guidance", "nan"], "--guidance"),
         ("guidance-rescale-2", e + ["--guidance-rescale", "2"], "--guidance-rescale"),
+        ("guidance-interval-empty", e + ["--guidance-interval", "0,"], "--guidance-interval"),
+        ("guidance-interval-three", e + ["--guidance-interval", "0,0.5,1"], "--guidance-interval"),
         ("sweep-inf", e + ["--guidance-sweep", "1,inf"], "--guidance-sweep"),
         ("sweep-nan", e + ["--guidance-sweep", "nan,2"], "--guidance-sweep"),
         ("sweep-negative", e + ["--guidance-sweep=-1,2"], "--guidance-sweep"),
@@ -127,6 +135,7 @@ def _eval() -> list[Case]:
     ]
     loads = [  # the default model embeds the guidance scale: known once its config is read, refused before any image
         ("rescale-with-guidance-embedded-default", e + ["--guidance-rescale", "0.7"], "guidance rescale"),
+        ("interval-with-guidance-embedded-default", e + ["--guidance-interval", "0,0.5"], "guidance interval"),
     ]
     return [Case(f"eval/{i}", a, x) for i, a, x in rows] + [Case(f"eval/{i}", a, x, loads=True) for i, a, x in loads]
 

@@ -54,6 +54,27 @@ def test_cli_table_and_one_line_errors(tmp_path):
         assert bad.returncode != 0 and message in bad.stderr and bad.stderr.count("\n") == 1
 
 
+def test_pooled_halves_compare_as_the_whole_set(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "compare_evals.py")]
+    whole_a = _run(tmp_path / "a.json", ["p", "q", "r", "s"], [1, 2, 3, 4], "1101")
+    whole_b = _run(tmp_path / "b.json", ["p", "q", "r", "s"], [1, 2, 3, 4], "0101")
+    a1, a2 = _run(tmp_path / "a1.json", ["p", "q"], [1, 2], "11"), _run(tmp_path / "a2.json", ["r", "s"], [3, 4], "01")
+    b1, b2 = _run(tmp_path / "b1.json", ["p", "q"], [1, 2], "01"), _run(tmp_path / "b2.json", ["r", "s"], [3, 4], "01")
+    whole = subprocess.run(script + [whole_a, whole_b], capture_output=True, text=True)
+    halves = subprocess.run(script + [f"{a1}+{a2}", f"{b1}+{b2}"], capture_output=True, text=True)
+    assert whole.returncode == halves.returncode == 0 and "+25.00" in whole.stdout
+    assert halves.stdout == whole.stdout
+    # the halves in another order are other images: refused as unpaired
+    swapped = subprocess.run(script + [f"{a2}+{a1}", f"{b1}+{b2}"], capture_output=True, text=True)
+    assert swapped.returncode != 0 and "differ in prompts or seeds" in swapped.stderr
+    two_seeds = _run(tmp_path / "k.json", ["p", "q"] * 2, [1, 2, 3, 4], "1101", k=2)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        compare_evals.pool([json.loads(open(two_seeds).read())] * 2)
+    no_seeds = {k: v for k, v in json.loads(open(a1).read()).items() if k != "seeds"}
+    with pytest.raises(ValueError, match="per-image seeds"):
+        compare_evals.pool([no_seeds, json.loads(open(a2).read())])
+
+
 def test_a_docs_copy_without_its_prompt_list_pairs_by_seeds(tmp_path):
     """results/ copies drop the prompts (prompts_note): the per-image seeds still pair the images, and other
     seeds or other prompts are still refused."""

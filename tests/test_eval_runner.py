@@ -63,15 +63,17 @@ def test_evaluate_writes_protocol_grid_and_curve(tmp_path):
         assert a["domain_fid"] == pytest.approx(b["domain_fid"], rel=1e-6)
 
 
-def test_the_report_records_the_guidance_rescale(tmp_path):
+def test_the_report_records_the_guidance_rescale_and_interval(tmp_path):
     records = make_prompt_set("test", 3, seed=5)
     gen, by_prompt = _renderer([])
     by_prompt.update({r["prompt"]: r["scene"] for r in records})
     kw = dict(guidance_scales=(3.0,), steps=8, sampler="ddim", num_images=3, batch_size=3,
               evaluators=_tiny_evaluators(tmp_path), progress=False)
-    assert evaluate(gen, records, out_dir=tmp_path / "a", **kw)["guidance_rescale"] == 0.0
-    evaluate(gen, records, out_dir=tmp_path / "b", guidance_rescale=0.7, **kw)
-    assert json.loads((tmp_path / "b" / "eval.json").read_text())["guidance_rescale"] == 0.7
+    plain = evaluate(gen, records, out_dir=tmp_path / "a", **kw)
+    assert plain["guidance_rescale"] == 0.0 and plain["guidance_interval"] == [0.0, 1.0]
+    evaluate(gen, records, out_dir=tmp_path / "b", guidance_rescale=0.7, guidance_interval=(0.0, 0.5), **kw)
+    report = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert report["guidance_rescale"] == 0.7 and report["guidance_interval"] == [0.0, 0.5]
 
 
 def test_fid_vs_renders_is_zero_for_the_prompts_own_renders(tmp_path):

@@ -144,6 +144,26 @@ def test_guidance_rescale_matches_diffusers_and_a_models_default_travels(exporte
     assert _psnr(_theirs(custom, guidance_rescale=0.0, guidance_scale=w), plain) >= max(35, effect + 20)
 
 
+@pytest.mark.parametrize("kind", ["sd", "snap"])
+def test_a_models_guidance_interval_travels_through_the_custom_pipeline(exported, tmp_path, kind):
+    # an SD-shaped model with a stored interval is no plain StableDiffusionPipeline (it guides every step)
+    src = exported[kind][0]
+    pipe = Pipeline(src.text_encoder, src.unet, src.decoder,
+                    dataclasses.replace(src.config, guidance=GUIDANCE, guidance_interval=(0.0, 0.5)),
+                    encoder=src.encoder, prior=src.prior).eval()
+    report = export_diffusers(pipe, tmp_path / kind)
+    assert report.pipeline_class == "SnapFusionPipeline" and report.limited and "guidance interval" in report.summary()
+    assert json.loads((tmp_path / kind / "model_index.json").read_text())["default_guidance_interval"] == [0.0, 0.5]
+    assert "guidance interval 0-0.5" in (tmp_path / kind / "README.md").read_text()
+    custom = diffusers.DiffusionPipeline.from_pretrained(tmp_path / kind, trust_remote_code=True)
+    custom.set_progress_bar_config(disable=True)
+    ours = pipe.generate([PROMPT], [SEED], steps=STEPS, height=64, width=64)
+    full = pipe.generate([PROMPT], [SEED], steps=STEPS, height=64, width=64, guidance_interval=(0, 1))
+    effect = _psnr(ours, full)
+    assert _psnr(_theirs(custom), ours) >= max(35, effect + 20)  # the stored default
+    assert _psnr(_theirs(custom, guidance_interval=(0, 1)), full) >= max(35, effect + 20)  # a call's value
+
+
 def test_exported_tokenizer_matches_ours(exported):
     from transformers import CLIPTokenizer
 

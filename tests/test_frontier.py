@@ -15,11 +15,14 @@ from bench_frontier_cpu import parse_row  # noqa: E402
 
 def test_row_specs():
     assert parse_row("sf=snapfusion") == {"label": "sf", "model": "snapfusion", "steps": None, "sampler": None,
-                                          "runs": None}
-    assert parse_row("b=base:50:ddim:2") == {"label": "b", "model": "base", "steps": 50, "sampler": "ddim", "runs": 2}
+                                          "runs": None, "guidance_interval": None}
+    assert parse_row("b=base:50:ddim:2") == {"label": "b", "model": "base", "steps": 50, "sampler": "ddim", "runs": 2,
+                                             "guidance_interval": None}
     assert parse_row("h=snapfusion-cfg:4")["steps"] == 4
-    with pytest.raises(SystemExit):
-        parse_row("no-label")
+    assert parse_row("c=snapfusion-cfg::::0,0.5")["guidance_interval"] == (0.0, 0.5)
+    for bad in ("no-label", "c=snapfusion-cfg::::0.5", "c=snapfusion-cfg::::0.5,0.2"):
+        with pytest.raises(SystemExit):
+            parse_row(bad)
 
 
 def _eval(path, right: str, seeds=(0, 1, 2, 3), steps=8, w=7.5):

@@ -125,6 +125,36 @@ def test_a_two_call_student_teaches_its_one_call_copy_step_for_step(source):
     assert bool((loss(5.0) > 1e-4).all())
 
 
+def test_teacher_guidance_rescale_changes_the_one_call_target_above_w_1(source, tmp_path, capsys):
+    """--teacher-guidance-rescale: the teacher's guided steps are rescaled (Lin et al. 2024), so the copy's loss
+    changes at w 5 and stays zero at w 1, where the rescale is the identity; refused without --guidance-embed."""
+    unet = source.unet_folder()
+    own = dataclasses.replace(source, teacher_unet=str(unet))
+
+    def loss(w, phi):
+        task = DistillTask(DistillConfig(source=own, student_unet=str(unet), student_steps=2, teacher_ratio=1,
+                                         image_size=64, guidance_embed=True, guidance_range=(w, w),
+                                         teacher_guidance_rescale=phi))
+        batch = task.collate([task.dataset()[i] for i in range(2)])
+        with torch.no_grad():
+            per_sample, _ = task.loss(task.build(), batch, torch.Generator().manual_seed(0))
+        return per_sample
+
+    assert float(loss(1.0, 0.7).abs().max()) < 1e-8
+    plain, rescaled = loss(5.0, 0.0), loss(5.0, 0.7)
+    assert float((plain - rescaled).abs().max()) > 1e-3 * float(plain.abs().max())
+    with pytest.raises(ConfigError, match="--teacher-guidance-rescale needs --guidance-embed"):
+        DistillConfig(source=source, teacher_guidance_rescale=0.7)
+    needs_embed = "--teacher-guidance-rescale needs --guidance-embed"
+    for extra, message in ((["--teacher-guidance-rescale", "0.7"], needs_embed),
+                           (["--guidance-embed", "--teacher-guidance-rescale", "1.5"],
+                            "--teacher-guidance-rescale must be between 0 and 1")):
+        argv = ["distill", "--run-dir", str(tmp_path / "r"), "--model", source.pipeline, *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not (tmp_path / "r").exists()
+
+
 def test_ratio_1_is_refused_without_guidance_embed(source):
     """One teacher step per student step reduces no steps: only the one-call copy may ask for it."""
     with pytest.raises(ConfigError, match="--teacher-ratio 1 needs --guidance-embed"):

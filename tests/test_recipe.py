@@ -271,17 +271,21 @@ def test_a_given_architecture_decoder_and_prior_and_a_frontier_student(run, teac
     stages = _manifest(run_dir)["stages"]
     assert stages["assemble"]["inputs"]["unet"]["path"].endswith("distill-guidance/final")
     assert stages["eval"]["metrics"]["student"]["steps"] == 8
-    assert stages["distill-guidance"]["settings"]["teacher_ratio"] == 4  # the preset's: the v teacher's 32 -> 8
-    # the two-call student as its one-call copy's teacher, one guided step per step: the stage reruns afresh
-    assert main(_args(teacher, run_dir, *given, "--ship", "distill-guidance", "--guidance-teacher", "student",
-                      "--stages", "distill-guidance")) == 0
-    assert "not in the paper)): fresh" in capsys.readouterr().out
+    # the preset's teacher: the two-call student, its one-call copy, one guided step per step
     task = json.loads((run_dir / "distill-guidance/run_config.json").read_text())["task"]
     assert task["source"]["teacher_unet"].endswith("distill/final") and task["teacher_ratio"] == 1
     assert task["teacher_grid"] == task["student_grid"] and task["guidance_embed"]
-    stage = _manifest(run_dir)["stages"]["distill-guidance"]
+    stage = stages["distill-guidance"]
     assert stage["inputs"]["teacher_unet"]["path"].endswith("distill/final")
     assert (stage["settings"]["guidance_teacher"], stage["settings"]["teacher_ratio"]) == ("student", 1)
+    # the v teacher's --teacher-ratio guided steps instead: the stage reruns afresh
+    assert main(_args(teacher, run_dir, *given, "--ship", "distill-guidance", "--guidance-teacher", "v-teacher",
+                      "--stages", "distill-guidance")) == 0
+    assert "not in the paper)): fresh" in capsys.readouterr().out
+    task = json.loads((run_dir / "distill-guidance/run_config.json").read_text())["task"]
+    assert task["source"]["teacher_unet"].endswith("v-teacher/final") and task["teacher_ratio"] == 4
+    settings = _manifest(run_dir)["stages"]["distill-guidance"]["settings"]
+    assert settings["teacher_ratio"] == 4 and "guidance_teacher" not in settings  # as run folders from before it
     for extra, message in ((["--architecture", str(tmp_path / "nope.jsonl")], "no such evolution log"),
                            (["--decoder", str(tmp_path)], "no config.json there"),
                            (["--ship", "bogus"], "invalid choice"),

@@ -68,7 +68,8 @@ def test_generation_returns_png_with_seed_timings_and_metadata(client):
     assert image.text["prompt"] == "a red apple" and image.text["seed"] == "7" and image.text["steps"] == "4"
     assert image.text["model"] == "tiny"
     assert body["settings"] == {"model": "tiny", "steps": 4, "guidance": 3.0, "guidance_rescale": 0.0,
-                                "sampler": "ddim", "height": 64, "width": 64, "negative_prompt": ""}
+                                "guidance_interval": [0.0, 1.0], "sampler": "ddim", "height": 64, "width": 64,
+                                "negative_prompt": ""}
     t = body["timings"]
     assert set(t) == {"text_encoder", "unet", "decoder", "total", "queue_wait", "batch_images"}
     assert t["total"] > 0 and t["unet"] > 0 and t["total"] >= t["unet"] and t["batch_images"] == 1
@@ -82,7 +83,7 @@ def test_n_images_get_consecutive_seeds_and_settings_apply(client):
     assert [d["seed"] for d in body["data"]] == [10, 11, 12]
     assert [decode(d).size for d in body["data"]] == [(128, 64)] * 3  # width x height
     assert body["settings"] == {"model": "other", "steps": 2, "guidance": 1.0, "guidance_rescale": 0.0,
-                                "sampler": "dpmpp_2m", "height": 64, "width": 128,
+                                "guidance_interval": [0.0, 1.0], "sampler": "dpmpp_2m", "height": 64, "width": 128,
                                 "negative_prompt": ""}  # guidance 1: no unconditional pass
     pixels = [np.asarray(decode(d)) for d in body["data"]]
     assert not np.array_equal(pixels[0], pixels[1])
@@ -360,7 +361,8 @@ def test_page_is_self_contained_with_labelled_controls(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    for control in ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "size", "model", "n"):
+    for control in ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale", "guided", "size",
+                    "model", "n"):
         assert f'<label for="{control}"' in html and f'id="{control}"' in html
     assert 'id="dice"' in html and "<progress" in html and "download" in html and "localStorage" in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from elsewhere

@@ -23,6 +23,8 @@ VALIDATORS = [
     (lambda x: v.check_steps(x), "steps", lambda r: r is None or 1 <= r <= v.MAX_STEPS),
     (lambda x: v.check_guidance(x), "guidance", lambda r: r is None or 0 <= r <= v.MAX_GUIDANCE),
     (lambda x: v.check_guidance_rescale(x), "guidance_rescale", lambda r: r is None or 0 <= r <= 1),
+    (lambda x: v.check_guidance_interval(x), "guidance_interval", lambda r: r is None or 0 <= r[0] < r[1] <= 1),
+    (lambda x: v.parse_guidance_interval(x), "--guidance-interval", lambda r: 0 <= r[0] < r[1] <= 1),
     (lambda x: v.check_side(x), "height", lambda r: r is None or (0 < r <= v.MAX_SIDE and r % 8 == 0)),
     (lambda x: v.check_num_images(x), "num_images", lambda r: 1 <= r <= v.MAX_IMAGES),
     (lambda x: v.check_sampler(x), "sampler", lambda r: r is None or r in v.SAMPLERS),

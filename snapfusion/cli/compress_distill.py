@@ -79,7 +79,8 @@ def cmd_distill(a: argparse.Namespace) -> None:
                         ori_weight=a.ori_weight, image_size=a.image_size, data=options.scene_config(a),
                         sample_guidance=a.sample_guidance, offset_noise=a.offset_noise, latent_pool=a.latent_pool,
                         pool_workers=max(1, a.num_workers), feature_weight=a.feature_weight,
-                        guidance_embed=a.guidance_embed, embedding_only=a.embedding_only)
+                        guidance_embed=a.guidance_embed, embedding_only=a.embedding_only,
+                        teacher_guidance_rescale=a.teacher_guidance_rescale)
     final = distill_steps(options.loop_config(a), cfg, resume=a.resume)
     print(f"{a.student_steps}-step student UNet: {final}")
 
@@ -147,4 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-only", action="store_true",
                    help="with --guidance-embed: train only the guidance embedding, every other weight frozen (the "
                    "student then keeps its start's output wherever the embedding of w is zero)")
+    p.add_argument("--teacher-guidance-rescale", type=types.guidance_rescale("--teacher-guidance-rescale"),
+                   default=0.0, help="with --guidance-embed: the teacher's guided steps use guidance rescale phi in "
+                   "[0, 1] (Lin et al. 2024; docs/sampling.md), so the one-call student learns the rescaled "
+                   "guidance at each w (default %(default)s: plain guidance)")
     p.set_defaults(func=cmd_distill, check=check_distill)

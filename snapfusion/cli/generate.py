@@ -10,11 +10,14 @@ from snapfusion.cli import options, types
 from snapfusion.errors import InputError, SnapFusionError
 from snapfusion.loading import check_decoder, check_model, check_unet_folder, resolve_model, swap_decoder, swap_unet
 from snapfusion.validation import (MAX_EVAL_BATCH, MAX_SEED, check_negative_prompt_fits, truncation_warning,
-                                   used_guidance_rescale, used_negative_prompt)
+                                   used_guidance_interval, used_guidance_rescale, used_negative_prompt)
 
 RESCALE_HELP = ("guidance rescale phi in [0, 1] (Lin et al. 2024): the guided output is scaled toward the spread of "
                 "the conditional one; keeps high guidance from over-saturating (two-call models; default: the "
                 "model's, 0 for most)")
+INTERVAL_HELP = ("START,END: guide only the steps i (of n) with START <= i/n < END, the others run the conditional "
+                 "pass alone (one UNet call instead of two), e.g. 0,0.5 guides the first half (two-call models; "
+                 "default: the model's, 0,1: every step)")
 
 
 def _ort_pipeline(model: str | None, device: str):
@@ -78,29 +81,37 @@ def cmd_generate(a: argparse.Namespace) -> None:
     seeds = [(a.seed + i) % (MAX_SEED + 1) for i in range(a.num_images)]
     steps = options.first(a.steps, pipe.config.steps)
     guidance = options.first(a.guidance, pipe.config.guidance)
+    interval = pipe.resolve_guidance_interval(a.guidance_interval, steps=steps, guidance=guidance)
     timings = Timings()
     with tqdm(total=steps, desc="denoising", disable=a.quiet) as bar:
         images = pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=a.sampler,
                                height=options.first(a.height, a.size), width=options.first(a.width, a.size),
                                negative_prompt=a.negative_prompt, callback=lambda *_: bar.update(1),
-                               timings=timings, use_prior=not a.no_prior, guidance_rescale=rescale)
+                               timings=timings, use_prior=not a.no_prior, guidance_rescale=rescale,
+                               guidance_interval=interval)
     pics = to_pil(images)
     rescale = used_guidance_rescale(rescale, guidance)
+    interval = used_guidance_interval(interval, guidance)
+    limited = interval != (0.0, 1.0)
     from snapfusion.metadata import a1111_parameters  # the text AUTOMATIC1111-style tools read
 
     sampler = a.sampler or pipe.config.sampler
     parameters = a1111_parameters(
         a.prompt, negative_prompt=used_negative_prompt(a.negative_prompt, guidance), steps=steps, sampler=sampler,
         guidance=guidance, seed=seeds[0], width=pics[0].width, height=pics[0].height,
-        model=a.model or pipe.config.name, extra={"Guidance rescale": rescale or None, "Decoder": a.decoder,
-                                                  "Layout prior": "off" if a.no_prior else None})
+        model=a.model or pipe.config.name,
+        extra={"Guidance rescale": rescale or None,
+               "Guidance interval": f"{interval[0]:g}-{interval[1]:g}" if limited else None, "Decoder": a.decoder,
+               "Layout prior": "off" if a.no_prior else None})
     meta = image_metadata(prompt=a.prompt, negative_prompt=a.negative_prompt, seeds=seeds, steps=steps,
                           guidance=guidance, sampler=sampler, model=a.model or pipe.config.name,
                           decoder=a.decoder or "model's", parameters=parameters,
-                          **({"guidance_rescale": rescale} if rescale else {}))
+                          **({"guidance_rescale": rescale} if rescale else {}),
+                          **({"guidance_interval": list(interval)} if limited else {}))
     out = save_image(pics[0] if len(pics) == 1 else image_grid(pics), a.out, meta)
     t = timings.as_dict()
-    phi = f", guidance rescale {rescale:g}" if rescale else ""
+    phi = (f", guidance rescale {rescale:g}" if rescale else "") + (
+        f", guidance interval {interval[0]:g}-{interval[1]:g}" if limited else "")
     print(f"wrote {out} ({pipe.config.name}, {steps} steps, guidance {guidance}{phi}, seed {a.seed}) in "
           f"{t['total']:.2f} s: "
           f"text encoder {t['text_encoder']:.2f} s, UNet {t['unet_total']:.2f} s "
@@ -143,12 +154,16 @@ def cmd_eval(a: argparse.Namespace) -> None:
     sampler = a.sampler or pipe.config.sampler
 
     rescale = pipe.resolve_guidance_rescale(a.guidance_rescale)
+    guidance = a.guidance if a.guidance is not None or a.guidance_sweep else pipe.config.guidance
+    # the interval must guide some step at every scale other than 1 (at 1 nothing is guided): check it at one
+    guided_w = next((w for w in (a.guidance_sweep or [guidance]) if w != 1.0), 1.0)
+    interval = pipe.resolve_guidance_interval(a.guidance_interval, steps=steps, guidance=guided_w)
 
     def generate_fn(prompts, seeds, guidance):
         return to_pil(pipe.generate(prompts, seeds, steps=steps, guidance=guidance, sampler=sampler,
-                                    height=a.size, width=a.size, use_prior=not a.no_prior, guidance_rescale=rescale))
+                                    height=a.size, width=a.size, use_prior=not a.no_prior, guidance_rescale=rescale,
+                                    guidance_interval=interval))
 
-    guidance = a.guidance if a.guidance is not None or a.guidance_sweep else pipe.config.guidance
     result = run_eval_command(generate_fn, prompts=a.prompts, steps=steps, sampler=sampler, guidance=guidance,
                               guidance_sweep=a.guidance_sweep, num_images=a.num_images, batch_size=a.batch_size,
                               out_dir=a.out, device=device,
@@ -156,9 +171,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
                               + (f" + unet {a.unet}" if a.unet else "")
                               + (f" ({a.dtype})" if a.dtype != "fp32" else "")
                               + (f" (guidance rescale {rescale:g})" if rescale else "")
+                              + (f" (guidance interval {interval[0]:g}-{interval[1]:g})"
+                                 if interval != (0.0, 1.0) else "")
                               + (" (no prior)" if a.no_prior and pipe.prior is not None else ""),
                               num_emoji=a.num_emoji, seeds_per_prompt=a.seeds_per_prompt,
-                              guidance_rescale=rescale)
+                              guidance_rescale=rescale, guidance_interval=interval)
     rows = [{k: v for k, v in r.items() if k != "all_per_image"} for r in result.get("results", [])]
     print(json.dumps(rows or result, indent=1)[:4000])
 
@@ -181,6 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance", type=types.guidance(), default=None,
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--guidance-rescale", type=types.guidance_rescale(), default=None, help=RESCALE_HELP)
+    g.add_argument("--guidance-interval", type=types.guidance_interval(), default=None, help=INTERVAL_HELP)
     options.add_sampler(g)
     g.add_argument("--size", type=types.side("--size"), default=None,
                    help="square image side in pixels (default: the model's)")
@@ -214,6 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--guidance-sweep", type=types.guidance_sweep(), default=None,
                    help="comma-separated guidance scales, e.g. 1,2,4,7.5")
     e.add_argument("--guidance-rescale", type=types.guidance_rescale(), default=None, help=RESCALE_HELP)
+    e.add_argument("--guidance-interval", type=types.guidance_interval(), default=None, help=INTERVAL_HELP)
     options.add_sampler(e)
     e.add_argument("--num-images", type=int, default=None,
                    help="use the first N prompts of the set (default: all; with --seeds-per-prompt K: N x K images)")

@@ -72,6 +72,11 @@ def guidance_rescale(name: str = "--guidance-rescale") -> Callable[[str], float]
     return _named(lambda text: v.check_guidance_rescale(v.parse_float(text, name=name), name=name), "number")
 
 
+def guidance_interval(name: str = "--guidance-interval") -> Callable[[str], tuple[float, float]]:
+    """'START,END': the fractions of the sampling steps that mix guidance, 0 <= START < END <= 1."""
+    return _named(lambda text: v.parse_guidance_interval(text, name=name), "interval")
+
+
 def side(name: str, *, multiple: int = v.SIDE_MULTIPLE, zero: bool = False) -> Callable[[str], int]:
     """An image side: a positive multiple of ``multiple`` up to MAX_SIDE (``zero``: 0 too, meaning the default)."""
     def parse(text: str) -> int:

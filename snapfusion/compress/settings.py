@@ -111,12 +111,14 @@ class Scale:
     v_student: Train = field(default_factory=lambda: Train(steps=1048, batch=64, lr=1e-4, warmup=200, ema=0.999))
     distill: Train = field(default_factory=lambda: Train(steps=600, batch=32, lr=1e-4, warmup=200, ema=0.995,
                                                          latent_pool=8192))
-    guidance_student: Train = field(default_factory=lambda: Train(steps=500, batch=32, lr=1e-4, warmup=100,
-                                                                  ema=0.995, latent_pool=8192))
-    guidance_range: tuple[float, float] = (1.0, 14.0)   # the guidance-embedded student's w ~ U[1, 14]
-    guidance_teacher: str = "v-teacher"  # distill-guidance's teacher: "v-teacher" (teacher_ratio guided steps of the v
-                                         # teacher per step) or "student" (one guided step of the two-call student,
-                                         # Meng et al. 2023's first stage; docs/step_distillation.md)
+    # the guidance-embedded student: the shipped snapfusion's copy run (3,656 steps x 32 in 9 H100 minutes at lr 2e-5,
+    # EMA 0.999, w ~ U[1, 8]; docs/step_distillation.md)
+    guidance_student: Train = field(default_factory=lambda: Train(steps=3600, batch=32, lr=2e-5, warmup=20,
+                                                                  ema=0.999, latent_pool=8192))
+    guidance_range: tuple[float, float] = (1.0, 8.0)    # the guidance-embedded student's w ~ U[1, 8]
+    guidance_teacher: str = "student"  # distill-guidance's teacher: "student" (one guided step of the two-call student
+                                       # per step, its one-call copy: Meng et al. 2023's first stage) or "v-teacher"
+                                       # (teacher_ratio guided steps of the v teacher per step)
     half: Train = field(default_factory=lambda: Train(steps=400, batch=32, lr=1e-4, warmup=100, ema=0.995,
                                                       latent_pool=8192))
     student_steps: int = 8          # the teacher runs teacher_ratio x as many

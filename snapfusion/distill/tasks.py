@@ -114,6 +114,8 @@ class DistillConfig:
                                        # per step; every iteration CFG-aware, no L_ori (docs/step_distillation.md)
     embedding_only: bool = False       # with guidance_embed: train the guidance embedding alone, the rest frozen (the
                                        # student's output at w = 1 can then move only through the embedding of 1)
+    teacher_guidance_rescale: float = 0.0  # with guidance_embed: the teacher's guided steps use guidance rescale phi
+                                       # (sampling.rescale_guidance), which the one-call student then learns at w
 
     def __post_init__(self) -> None:
         low, high = self.guidance_range
@@ -133,6 +135,12 @@ class DistillConfig:
         if self.embedding_only and not self.guidance_embed:
             raise ConfigError("--embedding-only needs --guidance-embed: only a guidance-embedded student has a "
                               "guidance embedding to train")
+        phi = self.teacher_guidance_rescale
+        if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0.0 <= phi <= 1.0:
+            raise ConfigError(f"--teacher-guidance-rescale must be a number in [0, 1], got {phi!r}")
+        if phi and not self.guidance_embed:
+            raise ConfigError("--teacher-guidance-rescale needs --guidance-embed: a two-call student mixes its own "
+                              "guidance at sampling time, where --guidance-rescale applies")
         if self.guidance_embed and self.feature_weight > 0:
             raise ConfigError("--feature-weight with --guidance-embed: the teacher's conditional stage outputs are "
                               "not the target of a guided student")
@@ -365,13 +373,13 @@ class DistillTask:
 
     def _embedded_loss(self, model, teacher, z, levels, cond, uncond, generator):
         """L_cfg of a guidance-embedded student: w ~ U[guidance_range] per sample; the teacher's r guided DDIM
-        steps (cond and uncond) against ONE student call on the cond batch with w as its input. No L_ori: the
-        student's output at w is the guided prediction, not the data's v."""
+        steps (cond and uncond, rescaled by ``teacher_guidance_rescale``) against ONE student call on the cond batch
+        with w as its input. No L_ori: the student's output at w is the guided prediction, not the data's v."""
         w = guidance_scales(z.shape[0], *self.cfg.guidance_range, generator).to(z.device)  # (B,)
         student = Denoiser(lambda zz, tt, ctx: model(zz, tt, ctx, guidance=w), self.schedule,
                            self.student_config.prediction_type)
-        l_dstl = distill_loss(lambda zz, tt: student(zz, tt, cond), guided(teacher, cond, uncond, w), z, levels,
-                              self.schedule)
+        target = guided(teacher, cond, uncond, w, self.cfg.teacher_guidance_rescale)
+        l_dstl = distill_loss(lambda zz, tt: student(zz, tt, cond), target, z, levels, self.schedule)
         return l_dstl, {"cfg_aware": 1.0, "l_dstl": l_dstl.mean().item()}
 
     def sample_grid(self, model, path: Path) -> None:

@@ -146,9 +146,11 @@ def prompt_reference(ev: Evaluators, records: Sequence[dict], size: int, *, chun
 def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scales: Sequence[float], steps: int,
              sampler: str, num_images: int, batch_size: int, out_dir: str | os.PathLike,
              evaluators: Evaluators | None = None, device: str | torch.device = "cpu", model: str = "",
-             progress: bool = True, seeds_per_prompt: int = 1, guidance_rescale: float = 0.0) -> dict[str, Any]:
+             progress: bool = True, seeds_per_prompt: int = 1, guidance_rescale: float = 0.0,
+             guidance_interval: Sequence[float] = (0.0, 1.0)) -> dict[str, Any]:
     """Generate and score ``num_images`` records at each guidance scale; write eval.json, grids and the curve.
-    ``guidance_rescale`` is the phi ``generate_fn`` samples with, recorded in the report.
+    ``guidance_rescale`` and ``guidance_interval`` are the phi and the guided fraction of the steps ``generate_fn``
+    samples with, recorded in the report.
 
     ``seeds_per_prompt`` only goes into the report: K > 1 says that the records are K copies of num_images / K
     prompts (``with_seeds_per_prompt``), which paired comparisons use to group an image with its prompt."""
@@ -174,7 +176,7 @@ def evaluate(generate_fn: GenerateFn, records: Sequence[dict], *, guidance_scale
                         "resolution": list(images.shape[-2:])})
     report = {
         "model": model, "sampler": sampler, "steps": steps, "guidance_scales": [float(w) for w in guidance_scales],
-        "guidance_rescale": float(guidance_rescale),
+        "guidance_rescale": float(guidance_rescale), "guidance_interval": [float(x) for x in guidance_interval],
         "num_images": num_images, "seeds_per_prompt": seeds_per_prompt, "batch_size": batch_size,
         "prompts": [r["prompt"] for r in chosen], "seeds": [int(r["seed"]) for r in chosen],
         "evaluator_version": ev.version, "evaluator_folder": str(ev.folder),
@@ -200,7 +202,7 @@ def run_eval_command(generate_fn: GenerateFn, *, prompts: str = "test", steps: i
                      batch_size: int = 16, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                      evaluators_dir: str | None = None, model: str = "",
                      num_emoji: int | None = None, seeds_per_prompt: int = 1,
-                     guidance_rescale: float = 0.0) -> dict[str, Any]:
+                     guidance_rescale: float = 0.0, guidance_interval: Sequence[float] = (0.0, 1.0)) -> dict[str, Any]:
     """What ``snapfusion eval`` calls: resolve --prompts / --guidance / --guidance-sweep, then ``evaluate``.
 
     ``num_images`` counts prompts: the first N of the set (default: all), each with ``seeds_per_prompt`` seeds, so
@@ -216,4 +218,5 @@ def run_eval_command(generate_fn: GenerateFn, *, prompts: str = "test", steps: i
     ev = load_evaluators(evaluators_dir, device=device)
     return evaluate(generate_fn, records, guidance_scales=scales, steps=steps, sampler=sampler,
                     num_images=len(records), batch_size=batch_size, out_dir=out_dir, evaluators=ev, device=device,
-                    model=model, seeds_per_prompt=seeds_per_prompt, guidance_rescale=guidance_rescale)
+                    model=model, seeds_per_prompt=seeds_per_prompt, guidance_rescale=guidance_rescale,
+                    guidance_interval=guidance_interval)

@@ -43,11 +43,14 @@ class DiffusersExport:
     pipeline_class: str
     custom: tuple[str, ...]  # of unet, vae
     prior: bool
+    limited: bool = False  # a stored guidance interval, which only the custom pipeline class applies
 
     def summary(self) -> str:
-        if self.custom:
-            return (f"wrote {self.folder} (diffusers SnapFusionPipeline; custom code for {', '.join(self.custom)}"
-                    f"{' and the layout prior' if self.prior else ''}): load with "
+        if self.custom or self.limited:
+            what = list(self.custom) + (["the layout prior"] if self.prior else []) + (
+                ["the guidance interval"] if self.limited else [])
+            listed = ", ".join(what[:-1]) + (" and " if len(what) > 1 else "") + what[-1]
+            return (f"wrote {self.folder} (diffusers SnapFusionPipeline; custom code for {listed}): load with "
                     "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)")
         with_prior = ("; with the layout prior: DiffusionPipeline.from_pretrained(folder, custom_pipeline="
                       f"folder + '/{CODE.name}', trust_remote_code=True)") if self.prior else ""
@@ -212,32 +215,36 @@ def export_diffusers(pipe, out: str | Path, *, dtype: torch.dtype | None = None)
     scheduler = _scheduler(pipe)
     _write_json(scheduler, out / "scheduler" / "scheduler_config.json")
     custom = tuple(n for n, c in (("unet", unet_custom), ("vae", vae_custom)) if c)
+    # StableDiffusionPipeline guides every step: a stored guidance interval needs the custom pipeline class too
+    limited = tuple(pipe.config.guidance_interval) != (0.0, 1.0)
     index = {"_diffusers_version": DIFFUSERS_VERSION, "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": unet_entry, "vae": vae_entry,
              "scheduler": ["diffusers", scheduler["_class_name"]]}
     if pipe.prior is not None:  # custom code in every case
         prior_cfg = {"_class_name": "LayoutPrior", **to_dict(pipe.prior.config)}
         _write_part(out / "layout_prior", prior_cfg, pipe.prior.state_dict(), torch.float32, True)
-        if custom:  # a plain StableDiffusionPipeline folder does not name it (diffusers would warn on every load):
+        if custom or limited:  # a plain StableDiffusionPipeline folder does not name it (diffusers would warn on
+            # every load):
             index["layout_prior"] = [MODULE, "LayoutPrior"]  # SnapFusionPipeline finds layout_prior/ by itself
     shutil.copyfile(CODE, out / CODE.name)  # the custom pipeline, also usable over a plain SD folder
-    if custom:
+    if custom or limited:
         cls = "SnapFusionPipeline"
         index = {"_class_name": [MODULE, cls], **index, "default_steps": pipe.config.steps,
                  "default_guidance": pipe.config.guidance, "resolution": pipe.config.resolution,
-                 "default_guidance_rescale": pipe.config.guidance_rescale}
+                 "default_guidance_rescale": pipe.config.guidance_rescale,
+                 "default_guidance_interval": list(pipe.config.guidance_interval)}
     else:
         cls = "StableDiffusionPipeline"
         index = {"_class_name": cls, **index, "safety_checker": [None, None], "feature_extractor": [None, None],
                  "image_encoder": [None, None], "requires_safety_checker": False}
     _write_json(index, out / "model_index.json")
     (out / "README.md").write_text(_readme(pipe, cls, custom))
-    return DiffusersExport(out, cls, custom, pipe.prior is not None)
+    return DiffusersExport(out, cls, custom, pipe.prior is not None, limited)
 
 
 def _readme(pipe, cls: str, custom: tuple[str, ...]) -> str:
     name, steps, guidance, phi = pipe.config.name, pipe.config.steps, pipe.config.guidance, pipe.config.guidance_rescale
-    if not custom:
+    if cls == "StableDiffusionPipeline":
         rescale = f", guidance_rescale={phi}" if phi else ""  # StableDiffusionPipeline's own argument
         load = ("from diffusers import StableDiffusionPipeline\n"
                 "pipe = StableDiffusionPipeline.from_pretrained(FOLDER)\n"
@@ -257,7 +264,9 @@ def _readme(pipe, cls: str, custom: tuple[str, ...]) -> str:
     parts = list(custom) + (["layout_prior"] if pipe.prior is not None else [])
     code = ("The custom code (" + ", ".join(parts) + ", and the pipeline `SnapFusionPipeline`) is "
             "`snapfusion_diffusers.py`; it" if parts else "`snapfusion_diffusers.py` (the pipeline `SnapFusionPipeline`)")
-    defaults = f"{steps} steps, guidance {guidance}" + (f", guidance rescale {phi}" if phi else "")
+    start, end = pipe.config.guidance_interval
+    defaults = (f"{steps} steps, guidance {guidance}" + (f", guidance rescale {phi}" if phi else "")
+                + (f", guidance interval {start:g}-{end:g} of the steps" if (start, end) != (0.0, 1.0) else ""))
     return (f"# {name} (diffusers)\n\nWritten by `snapfusion export --format diffusers`: a diffusers `{cls}` "
             f"folder (defaults: {defaults}).\n\n```python\n{load}```\n{prior}\n"
             f"{code} needs torch, diffusers and transformers, not snapfusion. Given the same seed (or starting "

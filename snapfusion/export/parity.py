@@ -12,6 +12,7 @@ import torch
 from snapfusion.config import save_json, to_dict
 from snapfusion.errors import SnapFusionError
 from snapfusion.export.components import ExportConfig, graphs
+from snapfusion.sampling import guidance_steps
 
 PARITY_PROMPT = "a red apple to the left of a cat on a blue background"
 REPORT = "parity.json"
@@ -91,9 +92,11 @@ def check_parity(pipe, exported, cfg: ExportConfig, out: str | Path | None = Non
 
     components = compare_components(pipe, run, resolution=resolution)
     steps = cfg.parity_steps or min(pipe.config.steps, 8)  # the distilled model's step count
+    interval = pipe.config.guidance_interval  # the stored default, unless it guides none of these steps
+    interval = interval if any(guidance_steps(steps, interval)) else (0.0, 1.0)
     settings = dict(prompt=PARITY_PROMPT, seed=0, steps=steps, guidance=pipe.config.guidance,
-                    guidance_rescale=pipe.config.guidance_rescale, size=resolution)
-    kw = dict(steps=steps, height=resolution, width=resolution)
+                    guidance_rescale=pipe.config.guidance_rescale, guidance_interval=list(interval), size=resolution)
+    kw = dict(steps=steps, height=resolution, width=resolution, guidance_interval=interval)
     ref = pipe.generate([PARITY_PROMPT], [0], **kw).cpu()
     got = exported.generate([PARITY_PROMPT], [0], **kw).cpu()
     min_psnr, max_rel = cfg.thresholds()

@@ -27,7 +27,7 @@ from snapfusion.serve.engine import Cancelled, Engine, QueueFull, Request
 
 PAGE = Path(__file__).parent / "page" / "index.html"
 FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance", "guidance_rescale",
-          "sampler", "model", "user")  # user: OpenAI's end-user id, accepted and ignored
+          "guidance_interval", "sampler", "model", "user")  # user: OpenAI's end-user id, accepted and ignored
 POLL_SECONDS = 0.1  # how often a waiting request checks its deadline and its client
 log = logging.getLogger("snapfusion.serve")
 
@@ -82,6 +82,7 @@ def parse_generation(body: bytes) -> Request:
                    negative_prompt=negative, steps=_field(data, "steps", validation.check_steps),
                    guidance=_field(data, "guidance", validation.check_guidance),
                    guidance_rescale=_field(data, "guidance_rescale", validation.check_guidance_rescale),
+                   guidance_interval=_field(data, "guidance_interval", validation.check_guidance_interval),
                    sampler=_field(data, "sampler", validation.check_sampler), height=height, width=width, model=model)
 
 
@@ -158,12 +159,14 @@ def create_app(engine: Engine, token: str | None = None, *, timeout: float = 120
 
 def _param(err: InputError) -> str:
     """The request field a model-dependent ``InputError`` is about: the model, a negative prompt, the guidance
-    rescale, else the size."""
+    rescale or interval, else the size."""
     text = str(err)
     if text.startswith("model "):
         return "model"
     if text.startswith("negative "):
         return "negative_prompt"
+    if text.startswith(("guidance interval ", "guidance_interval ", "a guidance interval ")):
+        return "guidance_interval"
     return "guidance_rescale" if text.startswith(("guidance rescale ", "guidance_rescale ")) else "size"
 
 

@@ -33,6 +33,7 @@ class Request:
     steps: int | None = None
     guidance: float | None = None
     guidance_rescale: float | None = None
+    guidance_interval: tuple[float, float] | None = None
     sampler: str | None = None
     height: int | None = None
     width: int | None = None
@@ -84,8 +85,11 @@ def resolve_settings(request: Request, pipe) -> dict:
     guidance = float(pick(request.guidance, cfg.guidance))
     validation.check_negative_prompt_fits(request.negative_prompt, embeds_guidance=pipe.embeds_guidance, model=cfg.name)
     rescale = pipe.resolve_guidance_rescale(request.guidance_rescale)
-    return {"steps": pick(request.steps, cfg.steps), "guidance": guidance,
+    steps = pick(request.steps, cfg.steps)
+    interval = pipe.resolve_guidance_interval(request.guidance_interval, steps=steps, guidance=guidance)
+    return {"steps": steps, "guidance": guidance,
             "guidance_rescale": validation.used_guidance_rescale(rescale, guidance),
+            "guidance_interval": list(validation.used_guidance_interval(interval, guidance)),
             "sampler": pick(request.sampler, cfg.sampler),
             "height": height, "width": width, "negative_prompt": request.negative_prompt if guidance != 1.0 else ""}
 

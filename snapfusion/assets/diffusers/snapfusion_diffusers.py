@@ -238,6 +238,20 @@ def prior_latents(pipe, prior: LayoutPrior, prompt: str | list[str], num_inferen
     return latents + prior.start_shift(context, shape[2:], abar).to(latents)
 
 
+def _guidance_interval(interval, steps: int, guidance: float) -> tuple[float, float]:
+    """(start, end), checked: two numbers with 0 <= start < end <= 1 that guide at least one of ``steps`` steps
+    (step i is guided when start <= i / steps < end); ``ValueError`` in one line otherwise."""
+    try:
+        start, end = (float(x) for x in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two numbers (start, end), got {interval!r}") from None
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= start < end <= 1, got ({start:g}, {end:g})")
+    if guidance != 1.0 and not any(start <= i / steps < end for i in range(steps)):
+        raise ValueError(f"guidance_interval ({start:g}, {end:g}) guides none of the {steps} steps")
+    return start, end
+
+
 class SnapFusionPipeline(DiffusionPipeline):
     """Text -> image with a SnapFusion model: CLIP text tower, UNet (efficient or SD's), DDIM (or DPM-Solver++)
     with classifier-free guidance, the layout prior on the starting noise, and the (channel-halved) decoder."""
@@ -246,12 +260,14 @@ class SnapFusionPipeline(DiffusionPipeline):
     _optional_components = ["layout_prior"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, layout_prior=None, default_steps: int = 50,
-                 default_guidance: float = 7.5, resolution: int = 512, default_guidance_rescale: float = 0.0):
+                 default_guidance: float = 7.5, resolution: int = 512, default_guidance_rescale: float = 0.0,
+                 default_guidance_interval: tuple = (0.0, 1.0)):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler, layout_prior=layout_prior)
         self.register_to_config(default_steps=default_steps, default_guidance=default_guidance,
-                                resolution=resolution, default_guidance_rescale=default_guidance_rescale)
+                                resolution=resolution, default_guidance_rescale=default_guidance_rescale,
+                                default_guidance_interval=list(default_guidance_interval))
 
     def _layout_prior(self):
         """The layout prior: the component, or (a plain StableDiffusionPipeline folder, whose model_index.json does
@@ -273,11 +289,16 @@ class SnapFusionPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], negative_prompt: str = "", num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  generator=None, latents: torch.Tensor | None = None, use_prior: bool = True,
-                 output_type: str = "pil", return_dict: bool = True, guidance_rescale: float | None = None):
+                 output_type: str = "pil", return_dict: bool = True, guidance_rescale: float | None = None,
+                 guidance_interval: tuple | None = None):
+        """``guidance_interval`` (start, end): guide only the steps i of n with start <= i / n < end, the others
+        run the conditional pass alone (default: the model's, (0, 1): every step)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = num_inference_steps or self.config.default_steps
         guidance = self.config.default_guidance if guidance_scale is None else guidance_scale
         phi = getattr(self.config, "default_guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
+        start, end = _guidance_interval(getattr(self.config, "default_guidance_interval", (0.0, 1.0))
+                                        if guidance_interval is None else guidance_interval, steps, guidance)
         height, width = height or self.config.resolution, width or self.config.resolution
         device, dtype = self._execution_device, self.unet.dtype
         cond = self.encode_prompt(prompts)  # (B, 77, D)
@@ -293,12 +314,14 @@ class SnapFusionPipeline(DiffusionPipeline):
             abar = float(self.scheduler.alphas_cumprod[int(self.scheduler.timesteps[0])])
             latents = latents + prior.start_shift(cond, shape[2:], abar).to(latents)
         latents = latents * self.scheduler.init_noise_sigma
-        context = cond if uncond is None else torch.cat([cond, uncond])
-        for t in self.progress_bar(self.scheduler.timesteps):
-            z = latents if uncond is None else torch.cat([latents, latents])
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            guided = uncond is not None and start <= i / steps < end
+            z = torch.cat([latents, latents]) if guided else latents
+            context = torch.cat([cond, uncond]) if guided else cond
             z = self.scheduler.scale_model_input(z, t)
             out = self.unet(z.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
-            if uncond is not None:
+            if guided:
                 out_cond, out_uncond = out.chunk(2)
                 out = out_uncond + guidance * (out_cond - out_uncond)
                 if phi:  # guidance rescale (Lin et al. 2024): towards the conditional output's per-sample spread
