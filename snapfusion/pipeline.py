@@ -29,8 +29,8 @@ from snapfusion.models.autoencoder import Decoder, Encoder, load_autoencoder, sa
 from snapfusion.models.text import TextEncoder, Tokenizer, load_text_encoder, save_text_encoder
 from snapfusion.models.unet import UNet
 from snapfusion.prior import LayoutPrior, start_shift
-from snapfusion.sampling import (Denoiser, ModelFn, Scale, guidance_steps, guided, initial_noise, sample_ddim,
-                                 sample_dpmpp_2m, with_guidance_interval)
+from snapfusion.sampling import (Denoiser, ModelFn, Scale, StepFns, guidance_steps, guided, initial_noise,
+                                 sample_ddim, sample_dpmpp_2m, with_guidance_interval)
 from snapfusion.schedule import NoiseSchedule, ScheduleConfig, ddim_timesteps, dpm_timesteps
 from snapfusion.validation import MAX_PROMPT_CHARS  # noqa: F401  (re-exported)
 
@@ -270,6 +270,17 @@ class Pipeline:
             return lambda z, t: denoiser(z, t, cond)
         return guided(self.denoiser(skip), cond, uncond, guidance, rescale)
 
+    def step_fns(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Scale, steps: int, skip=None,
+                 rescale: float | None = None, interval: tuple[float, float] | None = None) -> StepFns:
+        """The samplers' model functions for ``steps`` steps: ``model_fn``'s, and, for a two-call model with an
+        ``uncond``, the conditional pass alone at the steps outside the guidance interval (``interval``, already
+        resolved; None: the model's stored one)."""
+        model_fn = self.model_fn(cond, uncond, guidance, skip, rescale)
+        if self.embeds_guidance or uncond is None:
+            return model_fn
+        interval = self.config.guidance_interval if interval is None else interval
+        return with_guidance_interval(model_fn, self.model_fn(cond, None, 1.0, skip), steps, interval)
+
     def timesteps(self, steps: int, sampler: Sampler) -> torch.Tensor:
         T = self.schedule.num_train_timesteps
         spacing, offset = self.config.timestep_spacing, self.config.steps_offset
@@ -344,11 +355,9 @@ class Pipeline:
         if use_prior and self.prior is not None:  # the forward process's share of the prompt's coarse layout
             abar = float(self.schedule.alphas_cumprod[int(timesteps[0])])
             z = z + start_shift(self.prior, cond, shape[1:], abar).to(z)
-        model_fn = self.model_fn(cond, uncond, guidance, skip, rescale)
-        if plain_cfg:  # outside the guidance interval: the conditional pass alone
-            model_fn = with_guidance_interval(model_fn, self.model_fn(cond, None, 1.0, skip), steps, interval)
+        model_fns = self.step_fns(cond, uncond, guidance, steps, skip, rescale, interval)
         run = sample_ddim if sampler == "ddim" else sample_dpmpp_2m
-        latents = run(model_fn, z, timesteps, self.schedule, callback=callback)
+        latents = run(model_fns, z, timesteps, self.schedule, callback=callback)
         _sync(dev)
         t2 = time.perf_counter()
         if not torch.isfinite(latents).all():

@@ -174,9 +174,7 @@ def check_guidance_rescale(phi, *, name: str = "guidance_rescale") -> float | No
 
 def resolve_guidance_rescale(phi, default) -> float:
     """``phi`` (a call's value) or, when None, ``default`` (the model's stored one), checked; the error names which."""
-    if phi is None:
-        return check_guidance_rescale(default, name="guidance_rescale (the model's default)")
-    return check_guidance_rescale(phi)
+    return _call_or_default(phi, default, check_guidance_rescale, "guidance_rescale")
 
 
 def check_rescale_fits(phi: float, *, embeds_guidance: bool, model: str) -> float:
@@ -204,9 +202,14 @@ def check_guidance_interval(interval, *, name: str = "guidance_interval") -> tup
 def resolve_guidance_interval(interval, default) -> tuple[float, float]:
     """``interval`` (a call's value) or, when None, ``default`` (the model's stored one), checked; the error names
     which."""
-    if interval is None:
-        return check_guidance_interval(default, name="guidance_interval (the model's default)")
-    return check_guidance_interval(interval)
+    return _call_or_default(interval, default, check_guidance_interval, "guidance_interval")
+
+
+def _call_or_default(value, default, check, name: str):
+    # a call's value, or the model's stored default when None, through ``check``; the error names which it was
+    if value is None:
+        return check(default, name=f"{name} (the model's default)")
+    return check(value, name=name)
 
 
 def check_interval_fits(interval: tuple[float, float], *, guided: Sequence[bool], guidance: float,

@@ -73,3 +73,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def two_and_one_call_client(tiny_pipeline, ge_pipeline):
+    """A server client over the tiny two-call pipeline ("two", the default model) and its guidance-embedded
+    sibling ("one"), both loaded; the engine stops after the test."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from snapfusion.serve.app import create_app
+    from snapfusion.serve.engine import Engine
+
+    engine = Engine({"two": lambda: tiny_pipeline, "one": lambda: ge_pipeline}, "two")
+    engine.load("two")
+    engine.load("one")
+    engine.start()
+    try:
+        yield TestClient(create_app(engine, timeout=30))
+    finally:
+        engine.stop()
+
+
+@pytest.fixture()
+def assemble_student(tiny_pipeline, ge_pipeline, tmp_path):
+    """``run(unet, out, *flags)``: scripts/assemble_student.py over the tiny pipeline saved as the base (fp16, no
+    prior), ``unet`` "two" (the base's own UNet) or "one" (a guidance-embedded UNet), the folder written at
+    tmp_path / out; returns the finished process."""
+    import subprocess
+    import sys
+
+    tiny_pipeline.save(tmp_path / "base", dtype=None)
+    ge_pipeline.unet.save(tmp_path / "ge_unet")
+    unets = {"two": tmp_path / "base" / "unet", "one": tmp_path / "ge_unet"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_student.py"
+
+    def run(unet: str, out: str, *flags: str):
+        return subprocess.run([sys.executable, str(script), "--unet", str(unets[unet]),
+                               "--base", str(tmp_path / "base"), "--decoder", str(tmp_path / "base" / "vae_decoder"),
+                               "--prior", "none", "--out", str(tmp_path / out), "--fp16", *flags],
+                              capture_output=True, text=True, timeout=300)
+    return run

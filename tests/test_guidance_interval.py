@@ -195,58 +195,28 @@ def test_cli_generate_records_it_and_refuses_bad_ones_in_one_line(tiny_pipeline,
         assert message in err and "\n" not in err and "Traceback" not in err and not out.exists()
 
 
-def test_server_applies_reports_and_refuses_it(tiny_pipeline, ge_pipeline):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("httpx")
-    from fastapi.testclient import TestClient
-
-    from snapfusion.serve.app import create_app
-    from snapfusion.serve.engine import Engine
-
-    engine = Engine({"two": lambda: tiny_pipeline, "one": lambda: ge_pipeline}, "two")
-    engine.load("two")
-    engine.load("one")
-    engine.start()
-    try:
-        client = TestClient(create_app(engine, timeout=30))
-        url = "/v1/images/generations"
-        r = client.post(url, json={"prompt": "a cat", "steps": 4, "seed": 3, "guidance_interval": [0, 0.5]})
-        assert r.status_code == 200, r.text
-        assert r.json()["settings"]["guidance_interval"] == [0.0, 0.5]
-        plain = client.post(url, json={"prompt": "a cat", "steps": 4, "seed": 3}).json()
-        assert plain["settings"]["guidance_interval"] == [0.0, 1.0]
-        assert plain["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
-        for body in ({"guidance_interval": [0.5, 0.2]}, {"guidance_interval": "0,0.5"}, {"guidance_interval": [0]},
-                     {"guidance_interval": [0.9, 1]}, {"guidance_interval": [0, 0.5], "model": "one"}):
-            r = client.post(url, json={"prompt": "a cat", "steps": 4, **body})
-            assert r.status_code == 400, r.text
-            assert r.json()["error"]["param"] == "guidance_interval"
-        assert r.json()["error"]["message"].startswith(REFUSAL)
-    finally:
-        engine.stop()
+def test_server_applies_reports_and_refuses_it(two_and_one_call_client):
+    client, url = two_and_one_call_client, "/v1/images/generations"
+    r = client.post(url, json={"prompt": "a cat", "steps": 4, "seed": 3, "guidance_interval": [0, 0.5]})
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"]["guidance_interval"] == [0.0, 0.5]
+    plain = client.post(url, json={"prompt": "a cat", "steps": 4, "seed": 3}).json()
+    assert plain["settings"]["guidance_interval"] == [0.0, 1.0]
+    assert plain["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
+    for body in ({"guidance_interval": [0.5, 0.2]}, {"guidance_interval": "0,0.5"}, {"guidance_interval": [0]},
+                 {"guidance_interval": [0.9, 1]}, {"guidance_interval": [0, 0.5], "model": "one"}):
+        r = client.post(url, json={"prompt": "a cat", "steps": 4, **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "guidance_interval"
+    assert r.json()["error"]["message"].startswith(REFUSAL)
 
 
-def test_assemble_student_stores_a_default_and_refuses_bad_ones(tiny_pipeline, ge_pipeline, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tiny_pipeline.save(tmp_path / "base", dtype=None)
-    ge_pipeline.unet.save(tmp_path / "ge_unet")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_student.py"
-
-    def run(unet, interval, out):
-        return subprocess.run([sys.executable, str(script), "--unet", str(unet), "--base", str(tmp_path / "base"),
-                               "--decoder", str(tmp_path / "base" / "vae_decoder"), "--prior", "none",
-                               "--out", str(tmp_path / out), "--fp16", "--guidance-interval", interval],
-                              capture_output=True, text=True, timeout=300)
-
-    ok = run(tmp_path / "base" / "unet", "0,0.5", "two")
+def test_assemble_student_stores_a_default_and_refuses_bad_ones(assemble_student, tmp_path):
+    ok = assemble_student("two", "two", "--guidance-interval", "0,0.5")
     assert ok.returncode == 0, ok.stderr
     assert Pipeline.load(tmp_path / "two").config.guidance_interval == (0.0, 0.5)
-    for unet, interval, message in ((tmp_path / "base" / "unet", "0.5,0.5", "--guidance-interval must satisfy"),
-                                    (tmp_path / "ge_unet", "0,0.5", REFUSAL)):
-        bad = run(unet, interval, "bad")
+    for unet, interval, message in (("two", "0.5,0.5", "--guidance-interval must satisfy"), ("one", "0,0.5", REFUSAL)):
+        bad = assemble_student(unet, "bad", "--guidance-interval", interval)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad").exists()
 

@@ -101,57 +101,26 @@ def test_cli_generate_records_it_and_refuses_it_for_a_one_call_model(tiny_pipeli
     assert REFUSAL in err and "\n" not in err and not out.exists()
 
 
-def test_server_applies_reports_and_refuses_it(tiny_pipeline, ge_pipeline):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("httpx")
-    from fastapi.testclient import TestClient
-
-    from snapfusion.serve.app import create_app
-    from snapfusion.serve.engine import Engine
-
-    engine = Engine({"two": lambda: tiny_pipeline, "one": lambda: ge_pipeline}, "two")
-    engine.load("two")
-    engine.load("one")
-    engine.start()
-    try:
-        client = TestClient(create_app(engine, timeout=30))
-        url = "/v1/images/generations"
-        r = client.post(url, json={"prompt": "a cat", "steps": 2, "seed": 3, "guidance_rescale": 0.7})
-        assert r.status_code == 200, r.text
-        assert r.json()["settings"]["guidance_rescale"] == 0.7
-        plain = client.post(url, json={"prompt": "a cat", "steps": 2, "seed": 3}).json()
-        assert plain["settings"]["guidance_rescale"] == 0.0
-        assert plain["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
-        for body in ({"guidance_rescale": 2}, {"guidance_rescale": "x"}, {"guidance_rescale": 0.5, "model": "one"}):
-            r = client.post(url, json={"prompt": "a cat", "steps": 2, **body})
-            assert r.status_code == 400, r.text
-            assert r.json()["error"]["param"] == "guidance_rescale"
-        assert r.json()["error"]["message"].startswith(REFUSAL)
-    finally:
-        engine.stop()
+def test_server_applies_reports_and_refuses_it(two_and_one_call_client):
+    client, url = two_and_one_call_client, "/v1/images/generations"
+    r = client.post(url, json={"prompt": "a cat", "steps": 2, "seed": 3, "guidance_rescale": 0.7})
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"]["guidance_rescale"] == 0.7
+    plain = client.post(url, json={"prompt": "a cat", "steps": 2, "seed": 3}).json()
+    assert plain["settings"]["guidance_rescale"] == 0.0
+    assert plain["data"][0]["b64_json"] != r.json()["data"][0]["b64_json"]
+    for body in ({"guidance_rescale": 2}, {"guidance_rescale": "x"}, {"guidance_rescale": 0.5, "model": "one"}):
+        r = client.post(url, json={"prompt": "a cat", "steps": 2, **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "guidance_rescale"
+    assert r.json()["error"]["message"].startswith(REFUSAL)
 
 
-
-def test_assemble_student_stores_a_default_and_refuses_bad_ones(tiny_pipeline, ge_pipeline, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tiny_pipeline.save(tmp_path / "base", dtype=None)
-    ge_pipeline.unet.save(tmp_path / "ge_unet")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "assemble_student.py"
-
-    def run(unet, phi, out):
-        return subprocess.run([sys.executable, str(script), "--unet", str(unet), "--base", str(tmp_path / "base"),
-                               "--decoder", str(tmp_path / "base" / "vae_decoder"), "--prior", "none",
-                               "--out", str(tmp_path / out), "--fp16", "--guidance-rescale", phi],
-                              capture_output=True, text=True, timeout=300)
-
-    ok = run(tmp_path / "base" / "unet", "0.7", "two")
+def test_assemble_student_stores_a_default_and_refuses_bad_ones(assemble_student, tmp_path):
+    ok = assemble_student("two", "two", "--guidance-rescale", "0.7")
     assert ok.returncode == 0, ok.stderr
     assert Pipeline.load(tmp_path / "two").config.guidance_rescale == 0.7
-    for unet, phi, message in ((tmp_path / "base" / "unet", "1.7", "--guidance-rescale must be between 0 and 1"),
-                               (tmp_path / "ge_unet", "0.7", REFUSAL)):
-        bad = run(unet, phi, "bad")
+    for unet, phi, message in (("two", "1.7", "--guidance-rescale must be between 0 and 1"), ("one", "0.7", REFUSAL)):
+        bad = assemble_student(unet, "bad", "--guidance-rescale", phi)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad").exists()

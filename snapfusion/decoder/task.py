@@ -31,7 +31,7 @@ from snapfusion.decoder.io import load_decoder, save_decoder
 from snapfusion.decoder.reduce import InitMethod, reduce_decoder, reduced_config
 from snapfusion.decoder.tiny import TinyDecoder, TinyDecoderConfig
 from snapfusion.pipeline import Pipeline
-from snapfusion.sampling import initial_noise, sample_ddim, sample_dpmpp_2m, with_guidance_interval
+from snapfusion.sampling import initial_noise, sample_ddim, sample_dpmpp_2m
 from snapfusion.train.data import STREAM_LENGTH
 from snapfusion.weights import load_into, load_safetensors, resolve_weights, save_safetensors, WEIGHTS_STEM
 
@@ -127,12 +127,10 @@ def teacher_latents(pipe: Pipeline, prompts: list[str], seeds: list[int], guidan
     cond = pipe.encode_text(prompts)  # (B, 77, D)
     uncond = pipe.encode_text([""])  # (1, 77, D)
     z = initial_noise((pipe.unet.config.in_channels, size // down, size // down), seeds, pipe.device)
-    model_fn = pipe.model_fn(cond, uncond, guidance.to(pipe.device, torch.float32))  # CFG, or w as the UNet's input
-    if not pipe.embeds_guidance:  # the teacher's stored guidance interval, as its generate() applies it
-        model_fn = with_guidance_interval(model_fn, pipe.model_fn(cond, None, 1.0), src.steps,
-                                          pipe.config.guidance_interval)
+    # CFG (limited to the teacher's stored guidance interval, as its generate() applies it), or w as the UNet's input
+    model_fns = pipe.step_fns(cond, uncond, guidance.to(pipe.device, torch.float32), src.steps)
     run = sample_ddim if src.sampler == "ddim" else sample_dpmpp_2m
-    return run(model_fn, z, pipe.timesteps(src.steps, src.sampler), pipe.schedule)
+    return run(model_fns, z, pipe.timesteps(src.steps, src.sampler), pipe.schedule)
 
 
 def load_teacher(name: str) -> Pipeline:
